@@ -1,0 +1,116 @@
+"""Backbone registry: one contract for every pretrained feature extractor.
+
+The training code never special-cases an architecture. It asks the registry for a
+:class:`BackboneSpec` by name and uses only what the spec says: how to build the
+network, what input size and normalisation its weights expect, and how wide its
+pooled features are.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw RGB pixels become the network's input. Travels with every export.
+
+    Images are decoded to RGB uint8, resized (aspect ratio not kept, like
+    retrain.py) to ``input_size`` x ``input_size`` with ``resample``, then
+    normalised per channel as ``(pixel - mean) / std`` with pixels in 0..255.
+    """
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resample": self.resample,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(
+            input_size=int(d["input_size"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+            resample=str(d.get("resample", "bilinear")),
+        )
+
+
+class FeatureNet(nn.Module):
+    """What every backbone's ``build`` returns.
+
+    ``forward(x)`` takes a normalised float tensor (N, 3, H, W) and returns pooled
+    features (N, feature_dim). ``blocks`` lists the network's stages from input to
+    output, so fine-tuning can unfreeze "the top k blocks" without knowing the
+    architecture.
+    """
+
+    feature_dim: int
+    blocks: nn.ModuleList
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    feature_dim: int
+    preprocessing: Preprocessing
+    # Builds the network with its pretrained ImageNet weights loaded.
+    build: Callable[[], FeatureNet] = field(compare=False, repr=False)
+    description: str = ""
+    # Giga multiply-adds per image at input_size, for the benchmark's compute floor.
+    gmacs: float = 0.0
+    # Identifies the exact weights, e.g. "efficientnet-lite0-57934424"; part of cache keys.
+    weights_id: str = ""
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+# Names retrain.py users may type, with what to say about them.
+_LEGACY_NAMES = ("inception_v3", "mobilenet_", "nasnet", "pnasnet", "http://", "https://")
+
+
+class UnknownBackboneError(ValueError):
+    pass
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def available_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    key = name.strip().lower().replace("-", "_")
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    names = ", ".join(available_backbones())
+    if any(key.startswith(p) for p in _LEGACY_NAMES) or "tfhub.dev" in key:
+        raise UnknownBackboneError(
+            f"backbone {name!r} is a TensorFlow Hub / retrain.py model, which this tool cannot load "
+            f"(it runs offline on PyTorch weights shipped as Python packages). "
+            f"Available backbones: {names}. The default, efficientnet_lite0, is more accurate than "
+            f"mobilenet_v1/v2 and about as fast."
+        )
+    close = difflib.get_close_matches(key, available_backbones(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownBackboneError(f"unknown backbone {name!r}.{hint} Available backbones: {names}.")

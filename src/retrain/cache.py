@@ -1,0 +1,167 @@
+"""The bottleneck cache: one feature vector per image content, in a few binary shards.
+
+Layout: ``<bottleneck_dir>/<namespace>/shard-*.npz``, where the namespace is derived
+from everything that decides a feature's value (backbone, weights, preprocessing,
+decoder version, format version). Entries are keyed by the SHA-1 of the image file's
+bytes, so a renamed or moved image is still a hit and an edited image is a miss.
+
+Safe to interrupt and to share: every shard is written to a temporary name and
+renamed into place, so a reader sees whole shards or nothing; concurrent writers
+write different shards; compaction merges shards under a lock and tolerates shards
+that vanish underneath a reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+KEY_BYTES = 20  # SHA-1 digest
+
+log = logging.getLogger("retrain")
+
+
+def content_key(data: bytes) -> bytes:
+    return hashlib.sha1(data).digest()
+
+
+def namespace_for(**identity: object) -> str:
+    """A folder name for one feature definition, e.g. ``efficientnet_lite0-3f9a1c2b7d10``."""
+    blob = json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True, default=str)
+    name = str(identity.get("backbone", "features"))
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class BottleneckStore:
+    """Maps content keys (20-byte SHA-1 digests) to float32 feature vectors of one width."""
+
+    def __init__(self, directory: str | os.PathLike, feature_dim: int, *, flush_every: int = 256):
+        self.directory = Path(directory)
+        self.feature_dim = feature_dim
+        self.flush_every = flush_every
+        self._index: dict[bytes, np.ndarray] = {}
+        self._pending_keys: list[bytes] = []
+        self._pending_rows: list[np.ndarray] = []
+        self._loaded_shards: set[str] = set()
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    # -- reading ---------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Load shards written since the last look (by this or another process)."""
+        for shard in sorted(self.directory.glob("shard-*.npz")):
+            if shard.name in self._loaded_shards:
+                continue
+            try:
+                with np.load(shard, allow_pickle=False) as z:
+                    keys, feats = z["keys"], z["features"]
+            except FileNotFoundError:  # compacted away by another process; its rows live on elsewhere
+                continue
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+                log.warning("ignoring unreadable cache shard %s (%s); its images will be recomputed", shard, exc)
+                self._loaded_shards.add(shard.name)
+                continue
+            if feats.ndim != 2 or feats.shape[1] != self.feature_dim or len(keys) != len(feats):
+                log.warning("ignoring cache shard %s with unexpected shape %s", shard, feats.shape)
+                self._loaded_shards.add(shard.name)
+                continue
+            for k, row in zip(keys, feats):
+                self._index[bytes(k)] = row
+            self._loaded_shards.add(shard.name)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._index
+
+    def get_many(self, keys: Sequence[bytes]) -> np.ndarray:
+        """(N, feature_dim) float32 for keys that are all present."""
+        out = np.empty((len(keys), self.feature_dim), dtype=np.float32)
+        for i, k in enumerate(keys):
+            out[i] = self._index[k]
+        return out
+
+    # -- writing ---------------------------------------------------------------------------
+    def put_many(self, keys: Iterable[bytes], features: np.ndarray) -> None:
+        features = np.asarray(features, dtype=np.float32)
+        for k, row in zip(keys, features):
+            self._index[k] = row
+            self._pending_keys.append(k)
+            self._pending_rows.append(row)
+        if len(self._pending_keys) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Persist pending entries as one new shard (atomic)."""
+        if not self._pending_keys:
+            return
+        keys = np.frombuffer(b"".join(self._pending_keys), dtype=np.uint8).reshape(-1, KEY_BYTES)
+        feats = np.stack(self._pending_rows)
+        name = f"shard-{uuid.uuid4().hex}.npz"
+        self._write_shard(self.directory / name, keys, feats)
+        self._loaded_shards.add(name)
+        self._pending_keys, self._pending_rows = [], []
+
+    @staticmethod
+    def _write_shard(path: Path, keys: np.ndarray, feats: np.ndarray) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, keys=keys, features=feats)
+        atomic_write_bytes(path, buf.getvalue())
+
+    def compact(self, min_shards: int = 8) -> None:
+        """Merge many small shards into one, so a later run loads the cache in one read."""
+        self.flush()
+        shards = sorted(self.directory.glob("shard-*.npz"))
+        if len(shards) < min_shards:
+            return
+        lock_path = self.directory / ".compact.lock"
+        try:
+            import fcntl
+        except ImportError:  # Windows: skip compaction, many shards still work
+            return
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # another process is compacting; leave it to them
+                return
+            self.refresh()
+            merged_from = [s for s in sorted(self.directory.glob("shard-*.npz")) if s.name in self._loaded_shards]
+            if len(merged_from) < min_shards:
+                return
+            keys = np.frombuffer(b"".join(self._index), dtype=np.uint8).reshape(-1, KEY_BYTES)
+            feats = np.stack(list(self._index.values())) if self._index else np.empty((0, self.feature_dim))
+            name = f"shard-{uuid.uuid4().hex}.npz"
+            self._write_shard(self.directory / name, keys, feats.astype(np.float32))
+            self._loaded_shards.add(name)
+            for s in merged_from:
+                with contextlib.suppress(OSError):
+                    s.unlink()

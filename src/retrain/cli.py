@@ -1,0 +1,261 @@
+"""Command-line shells over the library: ``retrain`` (train, serve, export) and ``label_image``.
+
+Every command parses flags and calls one public function; no logic lives here.
+Flag names are retrain.py's and label_image.py's; ``--image-dir`` works as well as
+``--image_dir``; an unknown flag is an error that suggests the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from retrain.config import TrainConfig
+from retrain.errors import RetrainError
+
+log = logging.getLogger("retrain")
+
+# Sub-commands of `retrain`, each a module with main(argv) -> int.
+SUBCOMMANDS = {"serve": "retrain.serve", "export": "retrain.convert"}
+
+EXIT_CODES = """exit codes: 0 success; 1 internal error (a bug: please report it); 2 bad input or usage
+(message says what to fix); 3 some files could not be used (--strict, or label_image images that could not be read);
+130 interrupted."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix guessing, with "did you mean" for unknown flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        ns, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flags = [s for a in self._actions for s in a.option_strings]
+            bad = unknown[0].split("=", 1)[0]
+            close = difflib.get_close_matches(bad, flags, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; see {self.prog} --help"
+            self.error(f"unrecognized argument {unknown[0]!r}{hint}")
+        return ns
+
+
+
+def _add(parser, name: str, **kwargs) -> argparse.Action:
+    """Add ``--name`` with its dashed twin ``--na-me``."""
+    flags = [f"--{name}"]
+    if "_" in name:
+        flags.append(f"--{name.replace('_', '-')}")
+    return parser.add_argument(*flags, dest=name, **kwargs)
+
+
+def _training_parser() -> _Parser:
+    from retrain.backbones import available_backbones
+
+    d = TrainConfig()
+    p = _Parser(
+        prog="retrain",
+        description="Retrain an image classifier for new categories. Point --image_dir at a folder with one "
+        "sub-folder of images per class. Also: `retrain serve --graph MODEL` and `retrain export --graph MODEL "
+        "--to FORMAT` (see their --help).",
+        epilog=EXIT_CODES,
+    )
+    g = p.add_argument_group("data")
+    _add(g, "image_dir", default=d.image_dir, help="folder of class sub-folders (default: bundled sample photos)")
+    _add(g, "testing_percentage", type=float, default=d.testing_percentage, help="percent of images used as test set")
+    _add(g, "validation_percentage", type=float, default=d.validation_percentage, help="percent used as validation set")
+    g = p.add_argument_group("backbone")
+    _add(g, "architecture", default=d.architecture, help=f"pretrained backbone: {', '.join(available_backbones())}")
+    _add(g, "tfhub_module", default=d.tfhub_module, help="retrain.py's way to pick a backbone; give a name as for "
+          "--architecture (TF Hub URLs cannot be loaded)")
+    _add(g, "model_dir", default=d.model_dir, help="where the exported backbone is cached (default ~/.cache/retrain/models)")
+    _add(g, "bottleneck_dir", default=d.bottleneck_dir, help="bottleneck cache folder, safe to share between runs "
+          "(default ~/.cache/retrain/bottlenecks)")
+    _add(g, "device", default=d.device, choices=["auto", "cpu", "cuda"], help="where the network runs")
+    _add(g, "batch_size", type=int, default=d.batch_size, help="images per forward pass when computing bottlenecks")
+    _add(g, "num_workers", type=int, default=d.num_workers, help="image decoding threads (0 = automatic)")
+    g = p.add_argument_group("training the new layer")
+    _add(g, "how_many_training_steps", type=int, default=d.how_many_training_steps, help="training steps")
+    _add(g, "learning_rate", type=float, default=d.learning_rate, help="learning rate of the new layer")
+    _add(g, "optimizer", default=d.optimizer, choices=["adam", "sgd", "momentum"],
+          help="update rule (retrain.py used plain sgd)")
+    _add(g, "weight_decay", type=float, default=d.weight_decay, help="L2 penalty on the new layer's weights")
+    _add(g, "train_batch_size", type=int, default=d.train_batch_size, help="images per training step")
+    _add(g, "eval_step_interval", type=int, default=d.eval_step_interval, help="report every N steps")
+    _add(g, "validation_batch_size", type=int, default=d.validation_batch_size,
+          help="validation images per report (-1 = all)")
+    _add(g, "test_batch_size", type=int, default=d.test_batch_size, help="test images for the final score (-1 = all)")
+    _add(g, "class_balance", default=d.class_balance, choices=["sample", "weight", "none"],
+          help="sample: draw classes uniformly (retrain.py); weight: weight the loss by inverse class frequency; "
+          "none: draw images uniformly")
+    _add(g, "seed", type=int, default=d.seed, help="random seed; the same seed gives the same model bit for bit "
+          "(default: random, printed in metrics.json)")
+    _add(g, "resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    g = p.add_argument_group("distortions (training images only)")
+    _add(g, "flip_left_right", action="store_true", help="randomly mirror images horizontally")
+    _add(g, "random_crop", type=float, default=d.random_crop, help="percent margin to randomly crop off")
+    _add(g, "random_scale", type=float, default=d.random_scale, help="percent to randomly scale up")
+    _add(g, "random_brightness", type=float, default=d.random_brightness, help="percent to randomly vary brightness")
+    _add(g, "distorted_copies", type=int, default=d.distorted_copies,
+          help="distorted variants cached per training image (0 = automatic)")
+    g = p.add_argument_group("fine-tuning")
+    _add(g, "fine_tune", action="store_true", help="after the new layer, also train the top of the backbone")
+    _add(g, "fine_tune_blocks", default=d.fine_tune_blocks, help="backbone blocks to unfreeze, or 'all'")
+    _add(g, "fine_tune_epochs", type=int, default=d.fine_tune_epochs, help="maximum fine-tuning epochs")
+    _add(g, "fine_tune_learning_rate", type=float, default=d.fine_tune_learning_rate, help="backbone learning rate")
+    _add(g, "fine_tune_patience", type=int, default=d.fine_tune_patience,
+          help="stop after this many epochs without validation improvement")
+    g = p.add_argument_group("outputs")
+    _add(g, "output_dir", default=d.output_dir, help="folder for this run's outputs (default ./retrain_runs/<time>)")
+    _add(g, "output_graph", default=d.output_graph, help="model file to write (ONNX; default <output_dir>/output_graph.onnx)")
+    _add(g, "output_labels", default=d.output_labels, help="labels file (default <output_dir>/output_labels.txt)")
+    _add(g, "summaries_dir", default=d.summaries_dir, help="TensorBoard logs (default <output_dir>/summaries)")
+    _add(g, "checkpoint_path", default=d.checkpoint_path, help="training checkpoint (default <output_dir>/checkpoint.npz)")
+    _add(g, "intermediate_output_graphs_dir", default=d.intermediate_output_graphs_dir,
+          help="where intermediate models go (default <output_dir>/intermediate)")
+    _add(g, "intermediate_store_frequency", type=int, default=d.intermediate_store_frequency,
+          help="save an intermediate model every N steps (0 = never)")
+    _add(g, "saved_model_dir", default=d.saved_model_dir, help="also write a serving folder (model, labels, manifest)")
+    _add(g, "final_tensor_name", default=d.final_tensor_name, help="name of the model's output")
+    _add(g, "quantize", default=d.quantize, choices=["", "int8", "fp16"], help="also write a quantized model")
+    _add(g, "print_misclassified_test_images", action="store_true", help="list misclassified test images")
+    g = p.add_argument_group("messages")
+    _add(g, "strict", action="store_true", help="fail if any file cannot be used, instead of skipping it")
+    _add(g, "quiet", action="store_true", help="no progress bar")
+    _add(g, "logging_verbosity", default=d.logging_verbosity, choices=["DEBUG", "INFO", "WARN", "ERROR", "FATAL"],
+          help="how much to print")
+    return p
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"{record.levelname}: {msg}"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Plain lines on stdout for the retrain logger (used by the command-line tools only)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel({"WARN": "WARNING", "FATAL": "CRITICAL"}.get(level, level))
+
+
+def _run(fn, *args) -> int:
+    """Run a command: user errors become one clear line and an exit code, never a traceback."""
+    try:
+        result = fn(*args)
+        return int(result or 0)
+    except RetrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; finished cache entries are kept, run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence
+        if os.environ.get("RETRAIN_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc}\n(set RETRAIN_DEBUG=1 to see the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 1
+
+
+def retrain_main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]])
+        return _run(module.main, argv[1:])
+    ns = _training_parser().parse_args(argv)
+    setup_logging(ns.logging_verbosity)
+    config = TrainConfig(**{k: v for k, v in vars(ns).items() if k in TrainConfig.field_names()})
+
+    def go() -> int:
+        from retrain.train import train
+
+        result = train(config=config)
+        log.info("Done. Classify images with: label_image --graph %s --image PATH", result.output_graph)
+        return 0
+
+    return _run(go)
+
+
+# -- label_image --------------------------------------------------------------------------------
+def _label_image_parser() -> _Parser:
+    p = _Parser(
+        prog="label_image",
+        description="Classify images with a model written by retrain. Preprocessing, input size and labels are "
+        "read from the model; the tutorial's layer/mean/std flags are accepted and checked against it.",
+        epilog=EXIT_CODES,
+    )
+    _add(p, "graph", default="", help="model file (default: the latest run's retrain_runs/latest/output_graph.onnx)")
+    _add(p, "labels", default="", help="labels file; checked against the labels stored in the model")
+    _add(p, "image", nargs="+", default=[], help="image files or folders (searched recursively)")
+    _add(p, "json", action="store_true", help="one JSON object per image per line")
+    _add(p, "top_k", type=int, default=5, help="how many labels to print per image")
+    _add(p, "num_top_predictions", type=int, default=None, help="same as --top_k (old label_image name)")
+    _add(p, "num_threads", type=int, default=0, help="inference threads (0 = automatic)")
+    _add(p, "input_layer", default=None, help="accepted for compatibility; the model knows its input")
+    _add(p, "output_layer", default=None, help="accepted for compatibility; the model knows its output")
+    _add(p, "input_height", type=int, default=None, help="accepted; the model's input size is used")
+    _add(p, "input_width", type=int, default=None, help="accepted; the model's input size is used")
+    _add(p, "input_mean", type=float, default=None, help="accepted; the model's normalisation is used")
+    _add(p, "input_std", type=float, default=None, help="accepted; the model's normalisation is used")
+    return p
+
+
+def label_image_main(argv: Sequence[str] | None = None) -> int:
+    ns = _label_image_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    return _run(classify_command, ns)
+
+
+def classify_command(ns: argparse.Namespace) -> int:
+    from retrain.predict import check_legacy_flags, expand_image_paths, load, read_labels_file
+
+    graph = ns.graph or _latest_graph()
+    clf = load(graph, threads=ns.num_threads or None)
+    for note in check_legacy_flags(clf, vars(ns)):
+        print(f"note: {note}", file=sys.stderr)
+    if ns.labels:
+        clf.labels = read_labels_file(ns.labels, clf)
+    top_k = ns.num_top_predictions or ns.top_k
+    paths = expand_image_paths(ns.image)
+    failed = 0
+    single = len(paths) == 1 and not ns.json
+    for path, preds, reason in clf.classify_files(paths, top_k=top_k):
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        if preds is None:
+            failed += 1
+            if ns.json:
+                print(json.dumps({"image": shown, "error": reason}, ensure_ascii=False), flush=True)
+            else:
+                print(f"error: {shown}: {reason}", file=sys.stderr)
+            continue
+        if ns.json:
+            obj = {"image": shown, "predictions": [{"label": p.label, "score": round(p.score, 6)} for p in preds]}
+            print(json.dumps(obj, ensure_ascii=False), flush=True)
+        else:
+            if not single:
+                print(shown)
+            for p in preds:
+                print(f"{p.label} {p.score:.5f}")
+            if not single:
+                print()
+    return 3 if failed else 0
+
+
+def _latest_graph() -> str:
+    path = Path("retrain_runs") / "latest" / "output_graph.onnx"
+    if not path.exists():
+        raise RetrainError("no --graph given and no retrain_runs/latest/output_graph.onnx here; "
+                           "pass --graph PATH (the file written by retrain --output_graph)")
+    return str(path)

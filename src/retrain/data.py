@@ -1,0 +1,226 @@
+"""Stage 1: find the images, name the classes, split them into training, validation and testing.
+
+Each sub-folder of the image folder is one class, named exactly as the folder is
+named; files anywhere below it belong to it. The split is retrain.py's stable hash
+split, computed from the path *relative to the image folder*, so moving or renaming
+the dataset root never moves an image between sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from retrain.errors import DatasetError
+from retrain.images import is_image_file_name
+
+TRAINING, VALIDATION, TESTING = "training", "validation", "testing"
+SPLITS = (TRAINING, VALIDATION, TESTING)
+
+# retrain.py's constant: the hash is taken modulo this + 1, so adding images never moves old ones.
+MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
+_NOHASH = re.compile(r"_nohash_.*$")
+
+
+def printable(text: str) -> str:
+    """A path that can always be printed: undecodable bytes of non-UTF-8 names become escapes."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: str  # as found on disk, usable with open()
+    rel_path: str  # "class/sub/file.jpg", "/"-separated, relative to the image folder
+    label_index: int
+    split: str = TRAINING
+
+
+@dataclass
+class Dataset:
+    image_dir: Path
+    labels: list[str]
+    records: list[ImageRecord]
+    notices: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> list[ImageRecord]:
+        return [r for r in self.records if r.split == name]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per class, the number of images in each split."""
+        table = {label: dict.fromkeys(SPLITS, 0) for label in self.labels}
+        for r in self.records:
+            table[self.labels[r.label_index]][r.split] += 1
+        return table
+
+
+def _walk_files(top: str) -> Iterable[str]:
+    """Every file path below ``top``, following directory symlinks but never looping."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            yield os.path.join(dirpath, name)
+
+
+def discover(image_dir: str | os.PathLike) -> Dataset:
+    """List the classes and their image files. Splits are assigned later by :func:`assign_splits`."""
+    root = Path(image_dir)
+    if not root.exists():
+        raise DatasetError(f"image folder {printable(str(root))!r} does not exist. Pass --image_dir PATH.")
+    if not root.is_dir():
+        raise DatasetError(f"--image_dir {printable(str(root))!r} is a file; it must be a folder of class folders.")
+    notices: list[str] = []
+    entries = sorted(os.listdir(root))
+    top_files = [e for e in entries if (root / e).is_file() and not e.startswith(".")]
+    if top_files:
+        notices.append(
+            f"ignored {len(top_files)} file(s) at the top level of {printable(str(root))} "
+            f"(images must be inside one sub-folder per class), e.g. {printable(top_files[0])}"
+        )
+    class_dirs = [e for e in entries if not e.startswith(".") and (root / e).is_dir()]
+    labels: list[str] = []
+    records: list[ImageRecord] = []
+    for name in class_dirs:
+        files, other = [], 0
+        for path in _walk_files(str(root / name)):
+            base = os.path.basename(path)
+            if is_image_file_name(base):
+                files.append(path)
+            elif not base.startswith(".") and base not in ("Thumbs.db", "desktop.ini"):
+                other += 1
+        if other:
+            notices.append(f"class {printable(name)!r}: ignored {other} file(s) without an image extension")
+        if not files:
+            notices.append(f"class {printable(name)!r} has no images; it is left out")
+            continue
+        index = len(labels)
+        labels.append(name)
+        for path in files:
+            rel = Path(os.path.relpath(path, root)).as_posix()
+            records.append(ImageRecord(path=path, rel_path=rel, label_index=index))
+    _check_case_collisions(labels, notices)
+    dataset = Dataset(image_dir=root, labels=labels, records=records, notices=notices)
+    require_classes(dataset)
+    return dataset
+
+
+def _check_case_collisions(labels: Sequence[str], notices: list[str]) -> None:
+    by_fold = Counter(label.casefold() for label in labels)
+    clashes = sorted(label for label in labels if by_fold[label.casefold()] > 1)
+    if clashes:
+        notices.append(
+            "class names that differ only in case are kept as separate classes: " + ", ".join(map(repr, clashes))
+        )
+
+
+def require_classes(dataset: Dataset) -> None:
+    present = sorted({r.label_index for r in dataset.records})
+    if len(present) < 2:
+        found = ", ".join(repr(printable(dataset.labels[i])) for i in present) or "none"
+        raise DatasetError(
+            f"need images in at least 2 class folders under {printable(str(dataset.image_dir))}, "
+            f"found {len(present)} ({found}). Put each class's images in its own sub-folder, e.g. "
+            f"{printable(str(dataset.image_dir))}/cats/*.jpg and {printable(str(dataset.image_dir))}/dogs/*.jpg."
+        )
+
+
+def hash_percentage(rel_path: str) -> float:
+    """retrain.py's split hash, in [0, 100], of a path relative to the image folder.
+
+    Everything from ``_nohash_`` on is dropped from the name first, so near-duplicates
+    such as ``leaf1_nohash_a.jpg`` and ``leaf1_nohash_b.jpg`` always land in the same set.
+    """
+    name = _NOHASH.sub("", rel_path)
+    digest = hashlib.sha1(os.fsencode(name)).hexdigest()
+    return (int(digest, 16) % (MAX_NUM_IMAGES_PER_CLASS + 1)) * (100.0 / MAX_NUM_IMAGES_PER_CLASS)
+
+
+def which_split(rel_path: str, validation_percentage: float, testing_percentage: float) -> str:
+    p = hash_percentage(rel_path)
+    if p < validation_percentage:
+        return VALIDATION
+    if p < validation_percentage + testing_percentage:
+        return TESTING
+    return TRAINING
+
+
+def assign_splits(
+    dataset: Dataset, *, validation_percentage: float = 10, testing_percentage: float = 10
+) -> Dataset:
+    """Return a copy of ``dataset`` with every record's split set.
+
+    A class with three or more images always gets at least one validation and one
+    testing image (when those percentages are above zero): the training images with
+    the lowest hashes move over, so the choice is as stable as the split itself.
+    Classes with one or two images train on all of them and are reported as untested.
+    """
+    for name, value in (("validation_percentage", validation_percentage), ("testing_percentage", testing_percentage)):
+        if not 0 <= value < 100:
+            raise DatasetError(f"--{name} must be between 0 and 100, got {value}")
+    if validation_percentage + testing_percentage >= 100:
+        raise DatasetError(
+            f"--validation_percentage ({validation_percentage}) + --testing_percentage ({testing_percentage}) "
+            "must leave some images for training (sum below 100)"
+        )
+    by_class: dict[int, list[ImageRecord]] = {}
+    for r in dataset.records:
+        split = which_split(r.rel_path, validation_percentage, testing_percentage)
+        by_class.setdefault(r.label_index, []).append(replace(r, split=split))
+    records: list[ImageRecord] = []
+    notices = list(dataset.notices)
+    for index, items in sorted(by_class.items()):
+        label = printable(dataset.labels[index])
+        if len(items) < 3:
+            items = [replace(r, split=TRAINING) for r in items]
+            notices.append(
+                f"class {label!r} has only {len(items)} image(s): all are used for training, "
+                "none for validation or testing, so its accuracy is not measured (add images to fix)"
+            )
+        else:
+            for split, pct in ((VALIDATION, validation_percentage), (TESTING, testing_percentage)):
+                if pct > 0 and not any(r.split == split for r in items):
+                    items = _move_one(items, split)
+        records.extend(items)
+    return Dataset(dataset.image_dir, dataset.labels, records, notices)
+
+
+def _move_one(items: list[ImageRecord], split: str) -> list[ImageRecord]:
+    train = [r for r in items if r.split == TRAINING]
+    if len(train) < 2:
+        return items
+    chosen = min(train, key=lambda r: hash_percentage(r.rel_path))
+    return [replace(r, split=split) if r is chosen else r for r in items]
+
+
+def drop_records(dataset: Dataset, bad_paths: set[str]) -> Dataset:
+    """A copy of ``dataset`` without the given (unreadable) files; classes left empty are dropped from use."""
+    kept = [r for r in dataset.records if r.path not in bad_paths]
+    emptied = sorted({r.label_index for r in dataset.records} - {r.label_index for r in kept})
+    notices = list(dataset.notices)
+    for i in emptied:
+        notices.append(f"class {printable(dataset.labels[i])!r} has no readable images; it is left out")
+    if emptied:
+        # Keep label order stable but renumber so labels only lists trained classes.
+        keep = [i for i in range(len(dataset.labels)) if i not in emptied]
+        new_index = {old: new for new, old in enumerate(keep)}
+        labels = [dataset.labels[i] for i in keep]
+        kept = [replace(r, label_index=new_index[r.label_index]) for r in kept]
+    else:
+        labels = list(dataset.labels)
+    out = Dataset(dataset.image_dir, labels, kept, notices)
+    require_classes(out)
+    return out

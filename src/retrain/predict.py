@@ -1,0 +1,191 @@
+"""Stage 5: classify images with an exported model, from Python or the command line.
+
+    >>> clf = retrain.load("output_graph.onnx")
+    >>> clf.classify(["daisy.jpg"])[0][0]
+    Prediction(label='daisy', score=0.97)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrain.backbones import Preprocessing
+from retrain.errors import ModelFileError
+from retrain.images import ImageError, decode_image, read_image_bytes
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+
+
+ImageInput = str | os.PathLike | bytes | np.ndarray
+
+
+class Classifier:
+    """A loaded model: labels, preprocessing and an ONNX Runtime session."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        import onnx
+
+        from retrain.export import get_manifest
+        from retrain.features import OnnxEngine
+
+        path = Path(path)
+        if path.is_dir():  # a --saved_model_dir folder
+            path = path / "model.onnx"
+        try:
+            model = onnx.load(os.fspath(path), load_external_data=False)
+        except FileNotFoundError:
+            raise ModelFileError(f"model file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ModelFileError(f"{str(path)!r} is a folder without model.onnx") from None
+        except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and friends
+            raise ModelFileError(
+                f"{str(path)!r} is not an ONNX model written by retrain ({type(exc).__name__}). "
+                "Pass the file written by `retrain --output_graph`."
+            ) from None
+        self.path = path
+        self.manifest = get_manifest(model, str(path))
+        self.labels: list[str] = list(self.manifest["labels"])
+        self.preprocessing = Preprocessing.from_dict(self.manifest["preprocessing"])
+        self.input_size = self.preprocessing.input_size
+        self._engine = OnnxEngine(model.SerializeToString(), threads=threads)
+
+    def __repr__(self) -> str:
+        return f"Classifier({str(self.path)!r}, labels={self.labels!r})"
+
+    def to_pixels(self, image: ImageInput) -> np.ndarray:
+        """One image -> (H, W, 3) uint8 at the model's input size, decoded as in training."""
+        size, resample = self.input_size, self.preprocessing.resample
+        if isinstance(image, np.ndarray):
+            if image.shape == (size, size, 3) and image.dtype == np.uint8:
+                return image
+            raise ValueError(
+                f"array input must be uint8 RGB of shape ({size}, {size}, 3), got {image.dtype} {image.shape}; "
+                "pass a file path or encoded bytes to have it resized"
+            )
+        data = image if isinstance(image, bytes) else read_image_bytes(image)
+        return decode_image(data, size, resample=resample)
+
+    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, n_classes) probabilities."""
+        return self._engine(np.ascontiguousarray(pixels, dtype=np.uint8))
+
+    def rank(self, probs: np.ndarray, top_k: int | None = 5) -> list[Prediction]:
+        order = np.argsort(-probs, kind="stable")[: top_k or len(probs)]
+        return [Prediction(self.labels[i], float(probs[i])) for i in order]
+
+    def classify(
+        self, images: ImageInput | Sequence[ImageInput], *, top_k: int | None = 5, batch_size: int = 32
+    ) -> list[list[Prediction]]:
+        """Ranked predictions (best first) for each image. Unreadable images raise ImageError."""
+        if isinstance(images, (str, bytes, os.PathLike, np.ndarray)):
+            images = [images]
+        out: list[list[Prediction]] = []
+        for start in range(0, len(images), batch_size):
+            chunk = [self.to_pixels(im) for im in images[start : start + batch_size]]
+            for probs in self.predict_proba(np.stack(chunk)):
+                out.append(self.rank(probs, top_k))
+        return out
+
+    def classify_files(
+        self, paths: Iterable[str], *, top_k: int | None = 5, batch_size: int = 32
+    ) -> Iterable[tuple[str, list[Prediction] | None, str | None]]:
+        """Yield ``(path, predictions, None)`` or ``(path, None, reason)`` per file, never stopping on a bad one."""
+        batch: list[tuple[str, np.ndarray]] = []
+
+        def flush():
+            probs = self.predict_proba(np.stack([px for _, px in batch]))
+            for (p, _), row in zip(batch, probs):
+                yield p, self.rank(row, top_k), None
+            batch.clear()
+
+        for path in paths:
+            try:
+                batch.append((path, self.to_pixels(path)))
+            except ImageError as exc:
+                if batch:
+                    yield from flush()
+                yield path, None, exc.reason
+                continue
+            if len(batch) == batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
+
+
+def load(path: str | os.PathLike, *, threads: int | None = None) -> Classifier:
+    """Load a model written by ``retrain`` (an ``.onnx`` file or a ``--saved_model_dir`` folder)."""
+    return Classifier(path, threads=threads)
+
+
+def expand_image_paths(items: Iterable[str]) -> list[str]:
+    """Files as given; folders are searched recursively for image files (sorted)."""
+    from retrain.images import is_image_file_name
+
+    out: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            for dirpath, dirnames, filenames in os.walk(item):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file_name(f))
+        else:
+            out.append(item)
+    return out
+
+
+def read_labels_file(path: str | os.PathLike, clf: Classifier) -> list[str]:
+    """Labels from a file, which must have one line per model output."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", "surrogateescape")
+    except OSError as exc:
+        raise ModelFileError(f"cannot read labels file {str(path)!r}: {exc.strerror or exc}") from None
+    labels = [line.rstrip("\r") for line in text.split("\n")]
+    while labels and labels[-1] == "":
+        labels.pop()
+    if len(labels) != len(clf.labels):
+        raise ModelFileError(
+            f"labels file {str(path)!r} has {len(labels)} line(s), but the model has {len(clf.labels)} outputs "
+            f"({', '.join(clf.labels[:5])}{', ...' if len(clf.labels) > 5 else ''}). Use the labels file written "
+            "with this model, or leave --labels out: the model carries its labels."
+        )
+    return labels
+
+
+# Names the tutorial's commands use for a retrained graph's input and output.
+_LEGACY_INPUT_NAMES = {"Placeholder", "input", "Mul", "DecodeJpeg/contents"}
+
+
+def check_legacy_flags(clf: Classifier, flags: dict) -> list[str]:
+    """Notes for label_image flags that contradict the model; the model's values are always used."""
+    notes = []
+    size = clf.input_size
+    for name in ("input_height", "input_width"):
+        value = flags.get(name)
+        if value is not None and value != size:
+            notes.append(f"--{name} {value} ignored: this model takes {size}x{size} images (images are resized to it)")
+    prep = clf.preprocessing
+    mean, std = flags.get("input_mean"), flags.get("input_std")
+    if (mean is not None and any(abs(mean - m) > 1e-6 for m in prep.mean)) or (
+        std is not None and any(abs(std - s) > 1e-6 for s in prep.std)
+    ):
+        notes.append(
+            f"--input_mean/--input_std ignored: this model normalises pixels itself as (x - {prep.mean[0]:g}) / "
+            f"{prep.std[0]:g}; passing other values would only make predictions wrong"
+        )
+    layer = flags.get("input_layer")
+    input_name = clf.manifest["input"]["name"]
+    if layer and layer.split(":")[0] not in _LEGACY_INPUT_NAMES | {input_name}:
+        notes.append(f"--input_layer {layer} ignored: the model's input is {input_name!r}")
+    layer = flags.get("output_layer")
+    output_name = clf.manifest["output"]["name"]
+    if layer and layer.split(":")[0] not in {output_name, "final_result"}:
+        notes.append(f"--output_layer {layer} ignored: the model's output is {output_name!r}")
+    return notes
