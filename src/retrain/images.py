@@ -244,7 +244,7 @@ def _to_l_or_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode in ("I", "F") or mode.startswith("I;16"):
         return Image.fromarray(_to_uint8(np.asarray(img), mode))
-    if "A" in mode or "a" in mode or "transparency" in img.info:
+    if mode.endswith(("A", "a")) or "transparency" in img.info:  # RGBA LA PA RGBa La, tRNS
         rgba = img.convert("RGBA")  # also applies palette / tRNS transparency
         white = Image.new("RGB", rgba.size, (255, 255, 255))
         white.paste(rgba, mask=rgba)
