@@ -10,7 +10,10 @@ __version__ = "0.1.0"
 
 from retrain.config import TrainConfig as TrainConfig  # noqa: E402
 from retrain.errors import RetrainError as RetrainError  # noqa: E402
-from retrain.predict import Classifier as Classifier, Prediction as Prediction, load as load  # noqa: E402
-from retrain.train import TrainResult as TrainResult, train as train  # noqa: E402
+from retrain.predict import Classifier as Classifier  # noqa: E402
+from retrain.predict import Prediction as Prediction
+from retrain.predict import load as load
+from retrain.train import TrainResult as TrainResult  # noqa: E402
+from retrain.train import train as train
 
 __all__ = ["Classifier", "Prediction", "RetrainError", "TrainConfig", "TrainResult", "load", "train", "__version__"]

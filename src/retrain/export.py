@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,7 +67,10 @@ def backbone_onnx_bytes(spec: BackboneSpec, net=None) -> bytes:
     size = spec.preprocessing.input_size
     dummy = torch.zeros(1, size, size, 3, dtype=torch.uint8)
     buf = io.BytesIO()
-    with torch.no_grad():
+    # The legacy TorchScript exporter handles our static-shape nets without extra packages (the dynamo
+    # exporter needs onnxscript); its deprecation and constant-folding notes mean nothing to a user.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             (dummy,),

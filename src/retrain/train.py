@@ -20,7 +20,16 @@ import numpy as np
 from retrain.backbones import BackboneSpec, get_backbone
 from retrain.cache import BottleneckStore, atomic_write_bytes
 from retrain.config import TrainConfig, default_cache_dir
-from retrain.data import TESTING, TRAINING, VALIDATION, Dataset, assign_splits, discover, drop_records, printable
+from retrain.data import (
+    TESTING,
+    TRAINING,
+    VALIDATION,
+    Dataset,
+    assign_splits,
+    discover,
+    drop_records,
+    printable,
+)
 from retrain.errors import RetrainError, SkippedFilesError
 from retrain.features import FeatureTable, cache_namespace, compute_features, make_engine
 from retrain.head import SoftmaxHead, StepReport

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from retrain.errors import RetrainError
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -84,8 +86,8 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 _LEGACY_NAMES = ("inception_v3", "mobilenet_", "nasnet", "pnasnet", "http://", "https://")
 
 
-class UnknownBackboneError(ValueError):
-    pass
+class UnknownBackboneError(RetrainError, ValueError):
+    """The backbone name is not in the registry."""
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
