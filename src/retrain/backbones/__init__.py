@@ -1,11 +1,8 @@
-"""Pretrained feature extractors, looked up by name."""
+"""Pretrained feature extractors, looked up by name. Importing this does not import PyTorch."""
 
-from retrain.backbones import efficientnet_lite as _efficientnet_lite  # noqa: F401  (registers specs)
+from retrain.backbones import catalog as _catalog  # noqa: F401  (registers the built-in backbones)
 from retrain.backbones.registry import (
     BackboneSpec as BackboneSpec,
-)
-from retrain.backbones.registry import (
-    FeatureNet as FeatureNet,
 )
 from retrain.backbones.registry import (
     Preprocessing as Preprocessing,
@@ -24,3 +21,12 @@ from retrain.backbones.registry import (
 )
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def __getattr__(name: str):
+    # FeatureNet subclasses torch.nn.Module: resolve it only when asked for.
+    if name == "FeatureNet":
+        from retrain.backbones.base import FeatureNet
+
+        return FeatureNet
+    raise AttributeError(f"module 'retrain.backbones' has no attribute {name!r}")

@@ -3,7 +3,8 @@
 The training code never special-cases an architecture. It asks the registry for a
 :class:`BackboneSpec` by name and uses only what the spec says: how to build the
 network, what input size and normalisation its weights expect, and how wide its
-pooled features are.
+pooled features are. This module does not import PyTorch: a warm retrain (all
+features cached) never needs it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
-from torch import nn
+from typing import Any
 
 from retrain.errors import RetrainError
 
@@ -50,29 +49,14 @@ class Preprocessing:
         )
 
 
-class FeatureNet(nn.Module):
-    """What every backbone's ``build`` returns.
-
-    ``forward(x)`` takes a normalised float tensor (N, 3, H, W) and returns pooled
-    features (N, feature_dim). ``blocks`` lists the network's stages from input to
-    output, so fine-tuning can unfreeze "the top k blocks" without knowing the
-    architecture.
-    """
-
-    feature_dim: int
-    blocks: nn.ModuleList
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
     feature_dim: int
     preprocessing: Preprocessing
-    # Builds the network with its pretrained ImageNet weights loaded.
-    build: Callable[[], FeatureNet] = field(compare=False, repr=False)
+    # Builds the network (a retrain.backbones.FeatureNet) with its pretrained ImageNet weights loaded.
+    # Only this imports PyTorch, so looking specs up stays cheap.
+    build: Callable[..., Any] = field(compare=False, repr=False)
     description: str = ""
     # Giga multiply-adds per image at input_size, for the benchmark's compute floor.
     gmacs: float = 0.0
