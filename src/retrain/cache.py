@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import uuid
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -28,6 +29,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 KEY_BYTES = 20  # SHA-1 digest
+STALE_TEMP_SECONDS = 3600  # a temporary file this old was left by a crashed writer
 
 log = logging.getLogger("retrain")
 
@@ -62,10 +64,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class BottleneckStore:
     """Maps content keys (20-byte SHA-1 digests) to float32 feature vectors of one width."""
 
-    def __init__(self, directory: str | os.PathLike, feature_dim: int, *, flush_every: int = 256):
+    def __init__(
+        self, directory: str | os.PathLike, feature_dim: int, *, flush_every: int = 256, flush_seconds: float = 5.0
+    ):
         self.directory = Path(directory)
         self.feature_dim = feature_dim
+        # A shard is written every flush_every entries or flush_seconds, whichever comes first,
+        # so a crash or kill -9 loses at most a few seconds of extraction.
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self._last_flush = time.monotonic()
         self._index: dict[bytes, np.ndarray] = {}
         self._pending_keys: list[bytes] = []
         self._pending_rows: list[np.ndarray] = []
@@ -87,7 +95,8 @@ class BottleneckStore:
                 log.warning("ignoring unreadable cache shard %s (%s); its images will be recomputed", shard, exc)
                 self._loaded_shards.add(shard.name)
                 continue
-            if feats.ndim != 2 or feats.shape[1] != self.feature_dim or len(keys) != len(feats):
+            if (feats.ndim != 2 or feats.shape[1] != self.feature_dim or keys.shape != (len(feats), KEY_BYTES)
+                    or keys.dtype != np.uint8):
                 log.warning("ignoring cache shard %s with unexpected shape %s", shard, feats.shape)
                 self._loaded_shards.add(shard.name)
                 continue
@@ -115,11 +124,12 @@ class BottleneckStore:
             self._index[k] = row
             self._pending_keys.append(k)
             self._pending_rows.append(row)
-        if len(self._pending_keys) >= self.flush_every:
+        if len(self._pending_keys) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
         """Persist pending entries as one new shard (atomic)."""
+        self._last_flush = time.monotonic()
         if not self._pending_keys:
             return
         keys = np.frombuffer(b"".join(self._pending_keys), dtype=np.uint8).reshape(-1, KEY_BYTES)
@@ -140,6 +150,7 @@ class BottleneckStore:
     def compact(self, min_shards: int = 8) -> None:
         """Merge many small shards into one, so a later run loads the cache in one read."""
         self.flush()
+        self._remove_stale_temporaries()
         shards = sorted(self.directory.glob("shard-*.npz"))
         if len(shards) < min_shards:
             return
@@ -165,3 +176,11 @@ class BottleneckStore:
             for s in merged_from:
                 with contextlib.suppress(OSError):
                     s.unlink()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete half-written shards left by a crashed or killed writer (never read; only disk space)."""
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        for tmp in self.directory.glob(".shard-*.tmp"):
+            with contextlib.suppress(OSError):  # another process may remove or finish it first
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib
 import json
 import logging
@@ -25,9 +26,12 @@ log = logging.getLogger("retrain")
 # Sub-commands of `retrain`, each a module with main(argv) -> int.
 SUBCOMMANDS = {"serve": "retrain.serve", "export": "retrain.convert"}
 
-EXIT_CODES = """exit codes: 0 success; 1 internal error (a bug: please report it); 2 bad input or usage
-(message says what to fix); 3 some files could not be used (--strict, or label_image images that could not be read);
-130 interrupted."""
+EXIT_CODES = """exit codes: 0 success; 1 internal error (a bug: please report it); 2 bad input, usage or
+environment (message says what to fix: unreadable folder, unwritable output, full disk...); 3 some files could not be
+used (--strict, or label_image images that could not be read); 130 interrupted; 141 output pipe closed (e.g. | head)."""
+
+# OSErrors that describe the machine, not a bug: reported as one line with exit code 2.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -142,9 +146,39 @@ class _Formatter(logging.Formatter):
         return msg if record.levelno < logging.WARNING else f"{record.levelname}: {msg}"
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A closed pipe (``retrain ... | head``) silences the log instead of printing a traceback per line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            _silence_stdout()
+            return
+        super().handleError(record)
+
+
+def _silence_stdout() -> None:
+    """Send further output to /dev/null, so the final flush at exit cannot fail either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (e.g. captured output): nothing to protect
+        pass
+
+
+def _safe_streams() -> None:
+    """Never fail on printing a name the terminal's encoding cannot show: escape it instead."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # replaced by something that is not a TextIOWrapper
+            pass
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Plain lines on stdout for the retrain logger (used by the command-line tools only)."""
-    handler = logging.StreamHandler(sys.stdout)
+    _safe_streams()
+    handler = _StdoutHandler(sys.stdout)
     handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.propagate = False
@@ -162,9 +196,18 @@ def _run(fn, *args) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished cache entries are kept, run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
     except Exception as exc:  # noqa: BLE001 - last line of defence
         if os.environ.get("RETRAIN_DEBUG"):
             raise
+        if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:  # full disk, read-only, ...
+            where = f" ({os.fsencode(exc.filename).decode('utf-8', 'backslashreplace')})" if exc.filename else ""
+            print(f"error: {exc.strerror or exc}{where}. Free some space, fix the permissions or choose another "
+                  "location; finished cache entries are kept, so running the same command again resumes.",
+                  file=sys.stderr)
+            return 2
         print(f"internal error: {type(exc).__name__}: {exc}\n(set RETRAIN_DEBUG=1 to see the traceback, "
               "and please report it)", file=sys.stderr)
         return 1
@@ -214,6 +257,7 @@ def _label_image_parser() -> _Parser:
 
 
 def label_image_main(argv: Sequence[str] | None = None) -> int:
+    _safe_streams()
     ns = _label_image_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     return _run(classify_command, ns)
 

@@ -84,7 +84,10 @@ def discover(image_dir: str | os.PathLike) -> Dataset:
     if not root.is_dir():
         raise DatasetError(f"--image_dir {printable(str(root))!r} is a file; it must be a folder of class folders.")
     notices: list[str] = []
-    entries = sorted(os.listdir(root))
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError as exc:
+        raise DatasetError(f"cannot list image folder {printable(str(root))!r}: {exc.strerror or exc}") from None
     top_files = [e for e in entries if (root / e).is_file() and not e.startswith(".")]
     if top_files:
         notices.append(
@@ -108,7 +111,7 @@ def discover(image_dir: str | os.PathLike) -> Dataset:
             notices.append(f"class {printable(name)!r} has no images; it is left out")
             continue
         index = len(labels)
-        labels.append(name)
+        labels.append(_label_for(name, notices))
         for path in files:
             rel = Path(os.path.relpath(path, root)).as_posix()
             records.append(ImageRecord(path=path, rel_path=rel, label_index=index))
@@ -116,6 +119,17 @@ def discover(image_dir: str | os.PathLike) -> Dataset:
     dataset = Dataset(image_dir=root, labels=labels, records=records, notices=notices)
     require_classes(dataset)
     return dataset
+
+
+def _label_for(folder: str, notices: list[str]) -> str:
+    """The folder name, unless it cannot be one line of UTF-8 (the labels file and the model's metadata)."""
+    label = printable(folder).replace("\r", "\\r").replace("\n", "\\n")
+    if label != folder:
+        notices.append(
+            f"class folder '{label}': its name is not valid UTF-8 or holds a line break, so its label is "
+            "written with the escapes shown (rename the folder to choose another label)"
+        )
+    return label
 
 
 def _check_case_collisions(labels: Sequence[str], notices: list[str]) -> None:

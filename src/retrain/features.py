@@ -184,7 +184,10 @@ def compute_features(
             def decode(item: tuple[bytes, str]):
                 key, path = item
                 try:
-                    return key, path, decode_image(read_image_bytes(path), size, resample=resample), None
+                    data = read_image_bytes(path)
+                    if content_key(data) != key:  # edited since it was hashed: never cache under the old key
+                        raise ImageError("file changed while retrain was reading it")
+                    return key, path, decode_image(data, size, resample=resample), None
                 except ImageError as exc:
                     return key, path, None, exc.reason
 

@@ -41,7 +41,13 @@ class Classifier:
         if path.is_dir():  # a --saved_model_dir folder
             path = path / "model.onnx"
         try:
+            if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO would block onnx.load
+                raise ModelFileError(f"{str(path)!r} is not a regular file; pass the model file itself")
+            if path.is_file() and path.stat().st_size == 0:
+                raise ModelFileError(f"model file {str(path)!r} is empty (0 bytes); was it fully written?")
             model = onnx.load(os.fspath(path), load_external_data=False)
+        except ModelFileError:
+            raise
         except FileNotFoundError:
             raise ModelFileError(f"model file {str(path)!r} does not exist") from None
         except IsADirectoryError:
@@ -52,11 +58,29 @@ class Classifier:
                 "Pass the file written by `retrain --output_graph`."
             ) from None
         self.path = path
-        self.manifest = get_manifest(model, str(path))
-        self.labels: list[str] = list(self.manifest["labels"])
-        self.preprocessing = Preprocessing.from_dict(self.manifest["preprocessing"])
+        try:
+            self.manifest = get_manifest(model, str(path))
+            self.labels: list[str] = [str(label) for label in self.manifest["labels"]]
+            self.preprocessing = Preprocessing.from_dict(self.manifest["preprocessing"])
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ModelFileError(
+                f"{str(path)!r} has a damaged retrain manifest ({type(exc).__name__}: {exc}); "
+                "re-export the model with retrain"
+            ) from None
+        dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] if model.graph.output else []
+        if len(dims) == 2 and dims[1] and dims[1] != len(self.labels):
+            raise ModelFileError(
+                f"{str(path)!r} has {dims[1]} outputs but its manifest lists {len(self.labels)} labels; "
+                "the file was edited: re-export the model with retrain"
+            )
         self.input_size = self.preprocessing.input_size
-        self._engine = OnnxEngine(model.SerializeToString(), threads=threads)
+        try:
+            self._engine = OnnxEngine(model.SerializeToString(), threads=threads)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ModelFileError(
+                f"{str(path)!r} cannot be run by ONNX Runtime ({type(exc).__name__}: {str(exc)[:200]}); "
+                "the file is damaged or was edited: re-export the model with retrain"
+            ) from None
 
     def __repr__(self) -> str:
         return f"Classifier({str(self.path)!r}, labels={self.labels!r})"

@@ -93,14 +93,16 @@ def resolve_backbone(cfg: TrainConfig) -> BackboneSpec:
     return get_backbone(name)
 
 
-def _resolve_paths(cfg: TrainConfig) -> RunPaths:
+def _resolve_paths(cfg: TrainConfig, *, reserve: bool = False) -> RunPaths:
+    """Where each output goes; ``reserve`` creates the default run folder, so that two runs
+    started in the same second can never pick the same one."""
     if cfg.output_dir:
         run_dir = Path(cfg.output_dir)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("retrain_runs") / stamp
         n = 1
-        while run_dir.exists():
+        while _taken(run_dir, reserve):
             n += 1
             run_dir = Path("retrain_runs") / f"{stamp}-{n}"
 
@@ -116,6 +118,18 @@ def _resolve_paths(cfg: TrainConfig) -> RunPaths:
         intermediate_dir=pick(cfg.intermediate_output_graphs_dir, run_dir / "intermediate"),
         saved_model_dir=Path(cfg.saved_model_dir) if cfg.saved_model_dir else None,
     )
+
+
+def _taken(run_dir: Path, reserve: bool) -> bool:
+    if not reserve:
+        return run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True)  # atomic: fails if another run took the name first
+    except FileExistsError:
+        return True
+    except OSError:
+        pass  # unwritable: _check_writable says so, with the fix
+    return False
 
 
 def _check_writable(paths: RunPaths, cfg: TrainConfig) -> None:
@@ -151,6 +165,8 @@ class _Run:
     def run(self) -> TrainResult:
         cfg, t_start = self.cfg, time.perf_counter()
         dataset = self._discover()
+        if not cfg.output_dir:
+            self.paths = _resolve_paths(cfg, reserve=True)
         _check_writable(self.paths, cfg)
         table, store = self._features(dataset)
         dataset = drop_records(dataset, set(table.skipped))
