@@ -215,10 +215,10 @@ def compute_features(
             store.flush()
             bar.close()
     # A file whose content failed to decode is bad wherever it appears (duplicates included).
-    bad_keys = {table.keys[p] for p in table.skipped if p in table.keys}
+    bad_keys = {table.keys[p]: table.skipped[p] for p in table.skipped if p in table.keys}
     for path, key in list(table.keys.items()):
         if key in bad_keys:
-            table.skipped.setdefault(path, "could not be decoded")
+            table.skipped.setdefault(path, bad_keys[key])  # the copy that was decoded says why
             del table.keys[path]
     table.seconds = time.perf_counter() - t0
     return table
