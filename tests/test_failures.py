@@ -1,0 +1,290 @@
+"""Failures a run must survive: kill -9 mid-extraction, two runs sharing a cache, a full disk or a crash while
+writing, an output location that cannot be written. Nothing half-written is ever left behind or read back.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import retrain
+import retrain.cache
+from conftest import TINY, make_image_folder
+from retrain.cache import BottleneckStore, content_key
+from retrain.cli import retrain_main
+
+TESTS = Path(__file__).resolve().parent
+RUNNER = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
+          "from retrain.cli import retrain_main; sys.exit(retrain_main())")
+
+
+@pytest.fixture(autouse=True)
+def _log_to_caplog():
+    """An in-process retrain_main() points the "retrain" logger at stdout only; undo that around each test."""
+    log = logging.getLogger("retrain")
+    saved = log.handlers[:], log.propagate, log.level
+    log.handlers[:], log.propagate = [], True
+    yield
+    log.handlers[:], log.propagate, log.level = saved
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    """``retrain ARGS`` in a fresh interpreter (the tiny test backbone is registered there too)."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.Popen([sys.executable, "-c", RUNNER, *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=600)
+    assert "Traceback" not in out + err, out + err
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def bottleneck_counts(stdout: str) -> tuple[int, int]:
+    m = re.search(r"^Bottlenecks: (\d+) computed .*, (\d+) reused", stdout, re.M)
+    assert m, stdout
+    return int(m[1]), int(m[2])
+
+
+def final_accuracy(stdout: str) -> float:
+    return float(re.search(r"^Final test accuracy = ([\d.]+)%", stdout, re.M)[1])
+
+
+def head_weights(model_path: Path) -> np.ndarray:
+    model = onnx.load(str(model_path))
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "final_retrain_ops/weights")
+
+
+def shards(bottleneck_dir: Path) -> list[Path]:
+    return sorted(bottleneck_dir.glob("*/shard-*.npz"))
+
+
+def all_load(paths: list[Path]) -> bool:
+    for p in paths:
+        with np.load(p, allow_pickle=False) as z:
+            z["keys"], z["features"]
+    return True
+
+
+# -- kill -9 and resume -----------------------------------------------------------------------------------
+
+
+def test_kill_9_during_extraction_then_the_same_command_resumes_to_the_same_model(tmp_path: Path):
+    images = make_image_folder(tmp_path / "images", per_class=100, size=32)  # 300 images
+    common = ["--image_dir", str(images), "--how_many_training_steps", "200", "--seed", "5", "--batch_size", "8",
+              "--quiet"]
+    reference = finish(start(*common, "--bottleneck_dir", str(tmp_path / "bn_ref"),
+                             "--output_dir", str(tmp_path / "out_ref"), cwd=tmp_path))
+    assert reference.returncode == 0, reference.stderr
+    assert bottleneck_counts(reference.stdout) == (300, 0)
+
+    args = [*common, "--bottleneck_dir", str(tmp_path / "bn"), "--output_dir", str(tmp_path / "out")]
+    victim = start(*args, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not shards(tmp_path / "bn") and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "out" / "output_graph.onnx").exists()
+    left = shards(tmp_path / "bn")
+    assert left and all_load(left)  # whole shards only; a write cut short stays a hidden .tmp file
+
+    resumed = finish(start(*args, cwd=tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    computed, reused = bottleneck_counts(resumed.stdout)
+    assert reused > 0 and computed + reused == 300 and computed < 300
+    assert "ignoring" not in resumed.stdout  # no shard was unreadable
+    assert final_accuracy(resumed.stdout) == final_accuracy(reference.stdout)
+    assert (tmp_path / "out" / "output_labels.txt").read_text() == (tmp_path / "out_ref" / "output_labels.txt").read_text()
+    # Resumed batches line up with the uninterrupted run's, so even the floating point is the same.
+    np.testing.assert_array_equal(head_weights(tmp_path / "out" / "output_graph.onnx"),
+                                  head_weights(tmp_path / "out_ref" / "output_graph.onnx"))
+    probe = sorted(images.rglob("*.jpg"))[::25]
+    got = [p.score for r in retrain.load(tmp_path / "out" / "output_graph.onnx").classify(probe) for p in r]
+    want = [p.score for r in retrain.load(tmp_path / "out_ref" / "output_graph.onnx").classify(probe) for p in r]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_torn_or_bit_flipped_cache_shards_are_never_read(tmp_path: Path, colour_dir: Path, fast_config, caplog):
+    first = retrain.train(colour_dir, **fast_config)
+    (shard,) = shards(tmp_path / "bottlenecks")
+    data = shard.read_bytes()
+    (shard.parent / "shard-torn.npz").write_bytes(data[: len(data) // 2])  # what a non-atomic writer leaves
+    with np.load(shard) as z:
+        row = z["features"][3].tobytes()
+    flipped = bytearray(data)
+    flipped[data.index(row) + 5] ^= 0x10  # a bit rotted on disk, inside a feature row
+    shard.write_bytes(bytes(flipped))
+    again = retrain.train(colour_dir, **fast_config)
+    assert "ignoring unreadable cache shard" in caplog.text and "shard-torn.npz" in caplog.text
+    assert "Bad CRC-32" in caplog.text
+    assert again.test_accuracy == first.test_accuracy
+    assert np.array_equal(head_weights(again.output_graph), head_weights(first.output_graph))
+
+
+# -- two runs at once -------------------------------------------------------------------------------------
+
+
+def test_two_runs_at_once_share_a_bottleneck_dir_and_never_share_an_output_folder(tmp_path: Path):
+    images = make_image_folder(tmp_path / "images", per_class=30, size=32)  # 90 images
+    args = ["--image_dir", str(images), "--bottleneck_dir", str(tmp_path / "bn"), "--how_many_training_steps",
+            "200", "--seed", "7", "--batch_size", "8", "--quiet"]
+    # No --output_dir: both pick ./retrain_runs/<time>, very likely in the same second.
+    runs = [finish(p) for p in [start(*args, cwd=tmp_path), start(*args, cwd=tmp_path)]]
+    for run in runs:
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert sum(bottleneck_counts(run.stdout)) == 90
+        assert final_accuracy(run.stdout) == 100.0
+    run_dirs = sorted(p for p in (tmp_path / "retrain_runs").iterdir() if p.name != "latest" and p.name[0] != ".")
+    assert len(run_dirs) == 2
+    for d in run_dirs:
+        assert (d / "output_labels.txt").read_text().split() == ["blue", "green", "red"]
+        assert json.loads((d / "metrics.json").read_text())["test_accuracy"] == 1.0
+    assert np.array_equal(head_weights(run_dirs[0] / "output_graph.onnx"), head_weights(run_dirs[1] / "output_graph.onnx"))
+    # The shared cache is whole: a third run computes nothing.
+    assert all_load(shards(tmp_path / "bn"))
+    third = finish(start(*args, "--output_dir", str(tmp_path / "third"), cwd=tmp_path))
+    assert bottleneck_counts(third.stdout) == (0, 90)
+
+
+def _writer(directory: str, worker: int, n: int) -> None:
+    store = BottleneckStore(directory, 4, flush_every=3)
+    for i in range(n):
+        key = content_key(f"{worker}-{i}".encode())
+        store.put_many([key], np.full((1, 4), worker * 1000 + i, np.float32))
+        if i % 7 == 0:
+            store.compact(min_shards=2)  # merges and deletes shards other writers just wrote
+            store.refresh()
+    store.compact(min_shards=2)
+
+
+def test_cache_stays_whole_when_writers_compact_each_other(tmp_path: Path):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 60)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = BottleneckStore(tmp_path, 4)
+    store.refresh()
+    for w in range(4):
+        keys = [content_key(f"{w}-{i}".encode()) for i in range(60)]
+        assert np.array_equal(store.get_many(keys)[:, 0], w * 1000 + np.arange(60))
+
+
+# -- a crash or a full disk while writing -----------------------------------------------------------------
+
+
+class _HalfWriter:
+    """A file whose write() stores half the bytes and then fails, as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _fail_writes_to(monkeypatch, name: str | None, how: str) -> None:
+    """Make atomic writes of files called ``name`` (None: any) fail half-way through the data, or at the rename."""
+    real_fdopen, real_replace = os.fdopen, os.replace
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        temporary = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))  # ".NAME.RANDOM.tmp"
+        hit = name is None or temporary.startswith(f".{name}.")
+        return _HalfWriter(f) if how == "write" and hit else f
+
+    def replace(src, dst, *args, **kwargs):
+        if how == "replace" and os.path.basename(os.fsdecode(dst)) in (name, None):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(retrain.cache.os, "fdopen", fdopen)
+    monkeypatch.setattr(retrain.cache.os, "replace", replace)
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob(".*.tmp"))
+
+
+@pytest.mark.parametrize("how", ["write", "replace"])
+@pytest.mark.parametrize("name", ["output_graph.onnx", "output_labels.txt"])
+def test_failed_output_write_keeps_the_previous_file_whole(tmp_path, colour_dir, fast_config, monkeypatch, how, name):
+    out = Path(fast_config["output_dir"])
+    retrain.train(colour_dir, **fast_config)
+    before = {p.name: p.read_bytes() for p in (out / "output_graph.onnx", out / "output_labels.txt")}
+    make_image_folder(colour_dir, classes={"purple": (150, 40, 160)}, seed=3)  # next model: new bytes in both
+    _fail_writes_to(monkeypatch, name, how)
+    with pytest.raises(OSError):
+        retrain.train(colour_dir, **fast_config)
+    assert (out / name).read_bytes() == before[name]  # the old file, whole
+    assert _temporaries(out) == []  # and no half-written leftovers
+    assert retrain.load(out / "output_graph.onnx").labels in (["blue", "green", "red"],
+                                                              ["blue", "green", "purple", "red"])
+
+
+def test_full_disk_while_caching_leaves_no_partial_entry_and_a_clear_error(tmp_path, colour_dir, fast_config,
+                                                                            monkeypatch, capsys):
+    _fail_writes_to(monkeypatch, None, "write")  # every atomic write: the first is a cache shard
+    args = [f"--{k}={v}" for k, v in fast_config.items() if not isinstance(v, bool)] + ["--quiet"]
+    code = retrain_main(["--image_dir", str(colour_dir), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "No space left on device" in err and "Traceback" not in err and "internal error" not in err
+    bn = Path(fast_config["bottleneck_dir"])
+    assert shards(bn) == [] and _temporaries(bn) == []
+    monkeypatch.undo()
+    again = retrain.train(colour_dir, **fast_config)  # space freed: the same command works
+    assert again.test_accuracy is not None and len(shards(bn)) >= 1
+
+
+# -- an output location that cannot be written --------------------------------------------------------------
+
+
+def test_unwritable_output_fails_before_extraction(tmp_path: Path):
+    images = make_image_folder(tmp_path / "images", per_class=4, size=32)
+    (tmp_path / "a_file").write_text("not a folder")
+    base = ["--image_dir", str(images), "--architecture", TINY, "--model_dir", str(tmp_path / "m"), "--quiet"]
+    cases = {
+        "output_dir": ["--output_dir", str(tmp_path / "a_file" / "run")],
+        "output_graph": ["--output_dir", str(tmp_path / "ok"), "--output_graph", "/proc/retrain-test/model.onnx"],
+        "output_labels": ["--output_dir", str(tmp_path / "ok"), "--output_labels", str(tmp_path / "a_file" / "l.txt")],
+        "summaries_dir": ["--output_dir", str(tmp_path / "ok"), "--summaries_dir", str(tmp_path / "a_file" / "s")],
+    }
+    procs = {name: start(*base, "--bottleneck_dir", str(tmp_path / f"bn_{name}"), *extra, cwd=tmp_path)
+             for name, extra in cases.items()}
+    for name, proc in procs.items():
+        run = finish(proc)
+        assert run.returncode == 2, (name, run.stdout, run.stderr)
+        assert re.search(r"^error: cannot write to '.*' \(.+\)\. Choose a writable location", run.stderr), run.stderr
+        assert "Bottlenecks:" not in run.stdout  # it stopped before the long work
+        assert not (tmp_path / f"bn_{name}").exists()
