@@ -452,6 +452,15 @@ def test_label_image_reports_bad_models_and_bad_images(tmp_path: Path, colour_di
         assert re.fullmatch(reason, errors[name]), (name, errors[name])
     ok = [r for r in rows if "predictions" in r]
     assert len(ok) == 2 and all(r["predictions"][0]["label"] == "red" for r in ok)
+    # `label_image ... | head -1` where head has already gone: exit 141, quietly.
+    code = "import sys; from retrain.cli import label_image_main; sys.exit(label_image_main())"
+    for flags in ([], ["--json"]):
+        proc = subprocess.Popen([sys.executable, "-c", code, "--graph", str(model), *flags, "--image", str(good),
+                                 str(good)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 141, err
+        assert err == "", err
 
 
 def test_unprintable_names_and_closed_pipes_never_show_a_traceback(tmp_path: Path):

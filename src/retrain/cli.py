@@ -294,6 +294,7 @@ def classify_command(ns: argparse.Namespace) -> int:
                 print(f"{p.label} {p.score:.5f}")
             if not single:
                 print()
+    sys.stdout.flush()  # a reader that went away shows up here, inside _run, rather than at exit
     return 3 if failed else 0
 
 
