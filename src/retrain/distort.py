@@ -313,7 +313,7 @@ def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
     t0 = time.perf_counter()
     identity = d.identity()
     with ThreadPoolExecutor(cfg.num_workers or min(8, (os.cpu_count() or 2) + 2)) as pool:
-        keys = list(pool.map(_content_key_of, train.paths))
+        keys = list(pool.map(file_content_key, train.paths))
     store = variant_store(run)
     store.refresh()
     vkeys = [[variant_key(k, identity, c) for c in range(copies)] for k in keys]
@@ -342,7 +342,8 @@ def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
-def _content_key_of(path: str) -> bytes:
+def file_content_key(path: str) -> bytes:
+    """The cache's content key of a file that was readable when the run started."""
     try:
         return content_key(read_image_bytes(path))
     except ImageError as exc:

@@ -98,6 +98,8 @@ def _resolve_paths(cfg: TrainConfig, *, reserve: bool = False) -> RunPaths:
     started in the same second can never pick the same one."""
     if cfg.output_dir:
         run_dir = Path(cfg.output_dir)
+    elif cfg.resume and not cfg.checkpoint_path and (last := _last_checkpointed_run(Path("retrain_runs"))):
+        run_dir = last  # --resume alone continues the interrupted run instead of starting a new folder
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("retrain_runs") / stamp
@@ -118,6 +120,16 @@ def _resolve_paths(cfg: TrainConfig, *, reserve: bool = False) -> RunPaths:
         intermediate_dir=pick(cfg.intermediate_output_graphs_dir, run_dir / "intermediate"),
         saved_model_dir=Path(cfg.saved_model_dir) if cfg.saved_model_dir else None,
     )
+
+
+def _last_checkpointed_run(root: Path) -> Path | None:
+    """The run folder under ``root`` whose checkpoint was written last: the one an interruption left.
+
+    (``root/latest`` moves only when a run finishes, so it cannot name an interrupted run.)
+    """
+    found = [(f.stat().st_mtime, f.parent) for pattern in ("*/checkpoint.npz", "*/checkpoint-finetune.pt")
+             for f in root.glob(pattern) if not f.parent.is_symlink()]
+    return max(found)[1] if found else None
 
 
 def _taken(run_dir: Path, reserve: bool) -> bool:
