@@ -411,8 +411,9 @@ def bars(r: Report) -> list[tuple[str, str, bool | None]]:
     p = r.plain
     out.append(("cold end to end <= 0.25x plain PyTorch",
                 _ratio(r.cold.seconds, p and p.seconds), (r.cold.seconds / p.seconds <= 0.25) if p else None))
+    ratio = r.cold.ms_per_image / r.floor_ms if r.floor_ms else float("nan")
     out.append(("extraction <= 1.5x compute floor", _ratio(r.cold.ms_per_image, r.floor_ms),
-                r.cold.ms_per_image / r.floor_ms <= 1.5))
+                bool(ratio <= 1.5) if np.isfinite(ratio) else None))
     out.append(("warm end to end <= 10% of cold", f"{100 * r.warm.seconds / r.cold.seconds:.1f}%",
                 r.warm.seconds / r.cold.seconds <= 0.10))
     big = r.big

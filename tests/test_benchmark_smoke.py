@@ -1,0 +1,63 @@
+"""The benchmark's building blocks on 20 photos with the tiny stand-in backbone: no timing assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conftest import SAMPLE_PHOTOS, TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("benchmark", ROOT / "benchmarks" / "benchmark.py")
+benchmark = importlib.util.module_from_spec(_spec)
+sys.modules["benchmark"] = benchmark  # dataclasses look their module up while the file runs
+_spec.loader.exec_module(benchmark)
+
+# `retrain` in a subprocess that also knows the tiny test backbone (registered by conftest).
+RETRAIN_WITH_TINY = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                     "import conftest; from retrain.cli import retrain_main; sys.exit(retrain_main())"]
+
+
+def test_photo_set_is_distinct_real_variants_in_two_classes(tmp_path: Path):
+    photos = benchmark.build_photo_set(tmp_path / "photos", 20, source_dir=SAMPLE_PHOTOS)
+    files = sorted(photos.rglob("*.jpg"))
+    assert len(files) == 20 == benchmark.count_images(photos)
+    assert sorted(p.name for p in photos.iterdir() if p.is_dir()) == ["animals", "man_made"]
+    assert len({f.read_bytes() for f in files}) == 20  # distinct content: the cache cannot dedupe them
+    assert all("_nohash_" in f.name for f in files)  # variants of one photo share a split
+    assert Image.open(files[0]).size == (300, 300)
+    again = benchmark.build_photo_set(tmp_path / "photos", 20, source_dir=SAMPLE_PHOTOS)  # reused, not rebuilt
+    assert [f.stat().st_mtime_ns for f in sorted(again.rglob("*.jpg"))] == [f.stat().st_mtime_ns for f in files]
+
+
+def test_table_from_real_runs(tmp_path: Path):
+    photos = benchmark.build_photo_set(tmp_path / "photos", 20, source_dir=SAMPLE_PHOTOS)
+    args = ["--architecture", TINY, "--model_dir", str(tmp_path / "models"), "--how_many_training_steps", "30",
+            "--seed", "0"]
+    bn = tmp_path / "bn"
+    cold = benchmark.run_retrain(photos, bn, tmp_path / "cold", extra_args=args, command=RETRAIN_WITH_TINY)
+    warm = benchmark.run_retrain(photos, bn, tmp_path / "warm", extra_args=args, command=RETRAIN_WITH_TINY)
+    assert (cold.computed, cold.cached) == (20, 0)
+    assert (warm.computed, warm.cached) == (0, 20)
+    assert cold.seconds > 0 and cold.peak_rss_mb > 10
+    load_s, entries = benchmark.store_load_seconds(bn, TINY)
+    assert entries == 20 and load_s >= 0
+    plain = benchmark.plain_pytorch_pipeline(photos, architecture=TINY, head_steps=5)
+    assert plain["images"] == 20 and plain["extraction_seconds"] > 0
+    gflops = benchmark.matmul_gflops(n=128, repeats=1)
+    assert gflops > 0
+    report = benchmark.Report(
+        str(photos), 20, TINY, gflops, 0.05, cold, warm,
+        plain=benchmark.PlainRun(cold.seconds * 4, 500.0, plain["extraction_seconds"], 20, plain["test_accuracy"]),
+        big_images=20, big=cold, store_load_seconds=load_s, store_entries=entries, machine="test",
+    )
+    table = benchmark.make_table(report)
+    assert "| end to end, warm, s |" in table and "| bar | measured | |" in table
+    assert "cold end to end <= 0.25x plain PyTorch | 0.25x | met" in table
+    verdicts = {name: ok for name, _, ok in benchmark.bars(report)}
+    assert verdicts["cold end to end <= 0.25x plain PyTorch"] is True
+    assert np.isclose(benchmark.floor_ms_per_image(0.5, 100.0), 10.0)

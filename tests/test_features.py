@@ -1,0 +1,95 @@
+"""Feature extraction plumbing with a stand-in engine: the stat memo, parallel workers, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retrain.features as features
+from conftest import TINY, make_image_folder
+from retrain.backbones import get_backbone
+from retrain.cache import BottleneckStore, content_key
+
+
+def _engine(pixels: np.ndarray) -> np.ndarray:
+    return np.repeat(pixels.mean(axis=(1, 2)), 16 // 3 + 1, axis=1)[:, :16].astype(np.float32)  # (N, 16)
+
+
+class _Parallel:
+    concurrency = 2
+
+    def __call__(self, pixels):
+        return _engine(pixels)
+
+
+def _run(paths, store, factory=lambda: _engine, **kw):
+    return features.compute_features(paths, get_backbone(TINY), store, engine_factory=factory, progress=False, **kw)
+
+
+@pytest.fixture
+def counted_hashing(monkeypatch):
+    calls: list[str] = []
+    real = features._hash_file
+    monkeypatch.setattr(features, "_hash_file", lambda p: (calls.append(p), real(p))[1])
+    monkeypatch.setattr(features.FileKeyMemo, "RACY_SECONDS", -60.0)  # trust files written just now
+    return calls
+
+
+def test_warm_run_reads_no_image_and_an_edit_is_noticed(tmp_path: Path, counted_hashing):
+    paths = sorted(str(p) for p in make_image_folder(tmp_path / "img", per_class=4).rglob("*.jpg"))
+    store = BottleneckStore(tmp_path / "bn", 16)
+    first = _run(paths, store, _Parallel, batch_size=5)
+    assert first.computed == 12 and len(counted_hashing) == 12
+    counted_hashing.clear()
+    second = _run(paths, BottleneckStore(tmp_path / "bn", 16))
+    assert (second.computed, second.cached, counted_hashing) == (0, 12, [])
+    assert second.keys == first.keys and list(second.keys) == paths
+    edited = Path(paths[3])
+    edited.write_bytes(Path(paths[0]).read_bytes())
+    third = _run(paths, BottleneckStore(tmp_path / "bn", 16))
+    assert counted_hashing == [paths[3]]
+    assert third.keys[paths[3]] == content_key(edited.read_bytes()) == first.keys[paths[0]]
+
+
+def test_damaged_memo_is_ignored(tmp_path: Path, counted_hashing):
+    paths = sorted(str(p) for p in make_image_folder(tmp_path / "img", per_class=2).rglob("*.jpg"))
+    _run(paths, BottleneckStore(tmp_path / "bn", 16))
+    memo = tmp_path / "bn" / features.FileKeyMemo.FILE_NAME
+    memo.write_bytes(memo.read_bytes()[:-7] + b"garbage")
+    counted_hashing.clear()
+    again = _run(paths, BottleneckStore(tmp_path / "bn", 16))
+    assert again.cached == 6 and len(counted_hashing) == 6
+
+
+def test_parallel_workers_match_one_worker_and_report_bad_files(tmp_path: Path):
+    folder = make_image_folder(tmp_path / "img", per_class=7)
+    (folder / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+    one = _run(paths, BottleneckStore(tmp_path / "a", 16), batch_size=4, workers=1)
+    many = _run(paths, BottleneckStore(tmp_path / "b", 16), _Parallel, batch_size=3)
+    assert one.computed == many.computed == 21
+    assert set(one.skipped) == set(many.skipped) == {str(folder / "red" / "broken.jpg")}
+    a, b = BottleneckStore(tmp_path / "a", 16), BottleneckStore(tmp_path / "b", 16)
+    a.refresh()
+    b.refresh()
+    keys = list(one.keys.values())
+    assert np.array_equal(a.get_many(keys), b.get_many(keys))
+
+
+def test_engine_error_stops_the_run_and_keeps_finished_batches(tmp_path: Path):
+    paths = sorted(str(p) for p in make_image_folder(tmp_path / "img", per_class=6).rglob("*.jpg"))
+    calls = []
+
+    def flaky(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise RuntimeError("engine broke")
+        return _engine(pixels)
+
+    with pytest.raises(RuntimeError, match="engine broke"):
+        _run(paths, BottleneckStore(tmp_path / "bn", 16), lambda: flaky, batch_size=2, workers=1)
+    kept = BottleneckStore(tmp_path / "bn", 16)
+    kept.refresh()
+    assert len(kept) == 4  # the two batches before the failure were flushed
