@@ -26,6 +26,7 @@ from PIL import Image
 
 import retrain
 from conftest import SAMPLE_PHOTOS, TINY, make_image_folder
+from retrain.data import TRAINING, which_split
 from retrain.errors import DatasetError, SkippedFilesError
 
 TESTS = Path(__file__).resolve().parent
@@ -152,22 +153,57 @@ def head_weights(model_path: Path) -> np.ndarray:
 # -- the headline test: a messy copy of the sample photos trains exactly like the clean one ----------
 
 
-@pytest.fixture(scope="module")
-def sample_runs(tmp_path_factory):
-    """The bundled photos trained clean and messy with the real backbone, sharing one bottleneck cache."""
-    tmp = tmp_path_factory.mktemp("sample_runs")
-    clean = shutil.copytree(SAMPLE_PHOTOS, tmp / "clean")
-    messy = shutil.copytree(SAMPLE_PHOTOS, tmp / "messy")
-    classes = sorted(p for p in messy.iterdir() if p.is_dir())
+def make_messy(root: Path) -> dict[str, str]:
+    """Bad files in two classes, litter elsewhere; returns {path: expected reason} of the files to skip."""
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
     expected = {}
     for cls in classes[:2]:
         photo = sorted(cls.glob("*.jpg"))[0]
         expected.update({f"{cls}/{name}": why for name, why in add_bad_files(cls, photo).items()})
-    expected[f"{messy}/junk_class/zero.jpg"] = r"empty file \(0 bytes\)"
-    add_litter(messy, classes[2])
+    expected[f"{root}/junk_class/zero.jpg"] = r"empty file \(0 bytes\)"
+    add_litter(root, classes[2])
+    return expected
+
+
+def training_name(cls: Path, name: str) -> str:
+    """``name`` with a numeric suffix that puts it in the training split, so the test set stays the same."""
+    stem, ext = os.path.splitext(name)
+    return next(f"{stem}_{i}{ext}" for i in range(100) if which_split(f"{cls.name}/{stem}_{i}{ext}", 10, 10)
+                == TRAINING)
+
+
+def add_fine_oddities(root: Path) -> list[str]:
+    """Odd-looking but fine copies of training photos, and one photo in two classes; returns their paths."""
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith("_class"))
+    added = []
+
+    def a_training_photo(cls: Path) -> Path:
+        return next(cls / p.name for p in sorted((SAMPLE_PHOTOS / cls.name).glob("*.jpg"))
+                    if which_split(f"{cls.name}/{p.name}", 10, 10) == TRAINING)
+
+    cls = classes[3]
+    for name, data in odd_but_readable(Image.open(a_training_photo(cls)), size=(320, 240)).items():
+        added.append(str(cls / training_name(cls, name)))
+        Path(added[-1]).write_bytes(data)
+    added.append(str(classes[1] / training_name(classes[1], "duplicate.jpg")))
+    shutil.copy(a_training_photo(classes[0]), added[-1])
+    return added
+
+
+@pytest.fixture(scope="module")
+def sample_runs(tmp_path_factory):
+    """The bundled photos trained with the real backbone, sharing one bottleneck cache: clean; with every kind
+    of unusable file and litter ("messy"); and messy plus odd-but-fine files and a duplicate ("everything")."""
+    tmp = tmp_path_factory.mktemp("sample_runs")
+    clean = shutil.copytree(SAMPLE_PHOTOS, tmp / "clean")
+    messy = shutil.copytree(SAMPLE_PHOTOS, tmp / "messy")
+    everything = shutil.copytree(SAMPLE_PHOTOS, tmp / "everything")
+    expected = make_messy(messy)
+    make_messy(everything)
+    add_fine_oddities(everything)
     common = ["--how_many_training_steps", "300", "--seed", "3", "--quiet", "--bottleneck_dir", str(tmp / "bn")]
     runs = {}
-    for name, folder in (("clean", clean), ("messy", messy)):
+    for name, folder in (("clean", clean), ("messy", messy), ("everything", everything)):
         runs[name] = cli("retrain_main", "--image_dir", str(folder), "--output_dir", str(tmp / f"out_{name}"),
                          *common, cwd=tmp)
     runs["strict"] = cli("retrain_main", "--image_dir", str(messy), "--output_dir", str(tmp / "out_strict"),
@@ -176,7 +212,7 @@ def sample_runs(tmp_path_factory):
 
 
 def test_messy_folder_trains_to_the_same_model_as_the_clean_one(sample_runs):
-    tmp, runs, _ = sample_runs
+    tmp, runs, expected = sample_runs
     clean, messy = runs["clean"], runs["messy"]
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert messy.returncode == 0, messy.stdout + messy.stderr
@@ -187,7 +223,24 @@ def test_messy_folder_trains_to_the_same_model_as_the_clean_one(sample_runs):
     assert np.array_equal(head_weights(tmp / "out_messy" / "output_graph.onnx"),
                           head_weights(tmp / "out_clean" / "output_graph.onnx"))
     metrics = json.loads((tmp / "out_messy" / "metrics.json").read_text())
-    assert metrics["skipped_files"] == len(sample_runs[2])
+    assert metrics["skipped_files"] == len(expected)
+
+
+def test_folder_with_every_case_trains_to_the_same_accuracy(sample_runs):
+    """Unusable files, litter, odd-but-fine formats and a photo in two classes, all in one folder."""
+    tmp, runs, expected = sample_runs
+    run, clean = runs["everything"], runs["clean"]
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert final_accuracy(run.stdout) == final_accuracy(clean.stdout)
+    assert (tmp / "out_everything" / "output_labels.txt").read_text() == \
+        (tmp / "out_clean" / "output_labels.txt").read_text()
+    messy, everything = str(tmp / "messy"), str(tmp / "everything")
+    assert sorted(skipped_lines(run.stdout)) == sorted(p.replace(messy, everything) for p in expected)
+    assert f"Skipped {len(expected)} file(s) that could not be used" in run.stdout
+    assert re.search(r"The same image is in 2 classes: animals/.*\.jpg, fish/duplicate_\d+\.jpg", run.stdout)
+    # Only the training set grew (by the 11 odd-but-fine files and the duplicate).
+    assert json.loads((tmp / "out_everything" / "metrics.json").read_text())["train_count"] == \
+        json.loads((tmp / "out_clean" / "metrics.json").read_text())["train_count"] + 12
 
 
 def test_each_bad_file_gets_one_line_with_its_reason_and_a_summary(sample_runs):
@@ -249,28 +302,27 @@ def test_decompression_bombs_do_not_cost_memory(tmp_path: Path):
 # -- files that look odd but are fine: all of them are used -------------------------------------------
 
 
-def odd_but_readable(cls: Path, base: Image.Image) -> list[str]:
-    small = base.resize((48, 40))
-    (cls / "png_named.jpg").write_bytes(encode(small, "PNG"))
+def odd_but_readable(base: Image.Image, size=(48, 40)) -> dict[str, bytes]:
+    """Files that look odd but hold a fine picture of ``base``: {file name: content}."""
+    small = base.convert("RGB").resize(size)
     frames = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
-    (cls / "animated.gif").write_bytes(encode(frames[0], "GIF", save_all=True, append_images=frames[1:]))
-    (cls / "cmyk.jpg").write_bytes(encode(small.convert("CMYK"), "JPEG"))
     grey16 = np.asarray(small.convert("L"), np.uint16) * 257
-    (cls / "grey16.png").write_bytes(encode(Image.fromarray(grey16), "PNG"))
-    rgb16 = Image.frombytes("RGB", small.size, small.tobytes())  # 16-bit RGB PNG, written by hand below
-    (cls / "rgb16.png").write_bytes(_png16_rgb(np.asarray(rgb16)))
     palette = small.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    (cls / "palette_alpha.png").write_bytes(encode(palette, "PNG", transparency=0))
-    (cls / "la.png").write_bytes(encode(small.convert("LA"), "PNG"))
-    (cls / "rgba.png").write_bytes(encode(small.convert("RGBA"), "PNG"))
-    (cls / "one_bit.png").write_bytes(encode(small.convert("1"), "PNG"))
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
-    (cls / "exif_rotated.jpg").write_bytes(encode(small.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif))
-    with open(os.fsencode(cls) + b"/b\xe4r.jpg", "wb") as f:  # Latin-1 name of a fine image
-        f.write(encode(small, "JPEG"))
-    return ["png_named.jpg", "animated.gif", "cmyk.jpg", "grey16.png", "rgb16.png", "palette_alpha.png",
-            "la.png", "rgba.png", "one_bit.png", "exif_rotated.jpg", "b\\xe4r.jpg"]
+    return {
+        "png_named.jpg": encode(small, "PNG"),
+        "animated.gif": encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "cmyk.jpg": encode(small.convert("CMYK"), "JPEG"),
+        "grey16.png": encode(Image.fromarray(grey16), "PNG"),
+        "rgb16.png": _png16_rgb(np.asarray(small)),
+        "palette_alpha.png": encode(palette, "PNG", transparency=0),
+        "la.png": encode(small.convert("LA"), "PNG"),
+        "rgba.png": encode(small.convert("RGBA"), "PNG"),
+        "one_bit.png": encode(small.convert("1"), "PNG"),
+        "exif_rotated.jpg": encode(small.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif),
+        os.fsdecode(b"b\xe4r.jpg"): encode(small, "JPEG"),  # a Latin-1 file name
+    }
 
 
 def _png16_rgb(rgb8: np.ndarray) -> bytes:
@@ -286,8 +338,10 @@ def _png16_rgb(rgb8: np.ndarray) -> bytes:
 
 
 def test_odd_formats_are_all_used_and_duplicates_reported(tmp_path: Path, colour_dir: Path, fast_config, caplog):
-    red = Image.open(next((colour_dir / "red").glob("*.jpg"))).convert("RGB")
-    names = odd_but_readable(colour_dir / "red", red)
+    red = Image.open(next((colour_dir / "red").glob("*.jpg")))
+    names = odd_but_readable(red)
+    for name, data in names.items():
+        (colour_dir / "red" / name).write_bytes(data)
     shutil.copy(colour_dir / "red" / "img_000.jpg", colour_dir / "green" / "copy_of_red.jpg")
     caplog.set_level("INFO", logger="retrain")
     result = retrain.train(colour_dir, **fast_config)
