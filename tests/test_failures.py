@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 import retrain
 import retrain.cache
+import retrain.features
 from conftest import TINY, make_image_folder
 from retrain.cache import BottleneckStore, content_key
 from retrain.cli import retrain_main
@@ -136,6 +137,30 @@ def test_torn_or_bit_flipped_cache_shards_are_never_read(tmp_path: Path, colour_
     assert "Bad CRC-32" in caplog.text
     assert again.test_accuracy == first.test_accuracy
     assert np.array_equal(head_weights(again.output_graph), head_weights(first.output_graph))
+
+
+def test_file_edited_mid_run_is_never_cached_under_its_old_content(colour_dir, fast_config, monkeypatch, caplog):
+    """Hashed as one content, then re-read for decoding as another (a scraper still writing): skipped, and
+    nothing is stored under the first content's key."""
+    victim = colour_dir / "red" / "img_003.jpg"
+    other = (colour_dir / "blue" / "img_003.jpg").read_bytes()
+    real_read, reads = retrain.features.read_image_bytes, []
+
+    def read(path, *args, **kwargs):
+        if os.fspath(path) == str(victim):
+            reads.append(path)
+            if len(reads) == 2:  # the second read is the decoder's
+                return other
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(retrain.features, "read_image_bytes", read)
+    caplog.set_level("INFO", logger="retrain")
+    first = retrain.train(colour_dir, **fast_config)
+    assert first.skipped == {str(victim): "file changed while retrain was reading it"}
+    monkeypatch.undo()
+    caplog.clear()
+    retrain.train(colour_dir, **fast_config)
+    assert "Bottlenecks: 1 computed" in caplog.text  # its real content was not in the cache
 
 
 # -- two runs at once -------------------------------------------------------------------------------------
