@@ -122,6 +122,32 @@ def test_kill_9_during_extraction_then_the_same_command_resumes_to_the_same_mode
     np.testing.assert_array_equal(got, want)
 
 
+def test_ctrl_c_during_extraction_keeps_finished_entries(tmp_path: Path):
+    """SIGINT: exit 130 with a one-line message, finished batches are kept, the same command resumes."""
+    images = make_image_folder(tmp_path / "images", per_class=40, size=32)  # 120 images
+    args = ["--image_dir", str(images), "--architecture", TINY, "--bottleneck_dir", str(tmp_path / "bn"),
+            "--model_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "out"), "--batch_size", "4",
+            "--num_workers", "1", "--how_many_training_steps", "50", "--quiet"]
+    # Each batch takes 50 ms longer, and the first one leaves a mark: time to interrupt, and a moment to do it.
+    slow = ("import time, pathlib, retrain.features as f; run = f.OnnxEngine.__call__; "
+            "f.OnnxEngine.__call__ = lambda self, x: (pathlib.Path('started').touch(), time.sleep(0.05), "
+            "run(self, x))[2]; ")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.Popen([sys.executable, "-c", slow + RUNNER, *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # not earlier: a SIGINT that lands inside some C extension's import can be lost
+    proc.send_signal(signal.SIGINT)
+    run = finish(proc)
+    assert run.returncode == 130, run.stdout + run.stderr
+    assert "interrupted; finished cache entries are kept" in run.stderr
+    resumed = finish(start(*args, cwd=tmp_path))
+    computed, reused = bottleneck_counts(resumed.stdout)
+    assert resumed.returncode == 0 and reused > 0 and computed > 0 and computed + reused == 120
+
+
 def test_torn_or_bit_flipped_cache_shards_are_never_read(tmp_path: Path, colour_dir: Path, fast_config, caplog):
     first = retrain.train(colour_dir, **fast_config)
     (shard,) = shards(tmp_path / "bottlenecks")
