@@ -251,8 +251,9 @@ def test_each_bad_file_gets_one_line_with_its_reason_and_a_summary(sample_runs):
     for path, reason in reported.items():
         assert re.fullmatch(expected[path], reason), (path, reason)
     assert f"Skipped {len(expected)} file(s) that could not be used" in out
-    # The summary comes after every per-file line.
+    # The summary comes after every per-file line, and again at the very end of the run.
     assert out.rindex("Skipped /") < out.index(f"Skipped {len(expected)} file(s)")
+    assert f"{len(expected)} file(s) could not be used and were skipped" in out.splitlines()[-2]
 
 
 def test_litter_is_passed_over_with_notices_not_errors(sample_runs):

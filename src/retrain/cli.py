@@ -226,6 +226,9 @@ def retrain_main(argv: Sequence[str] | None = None) -> int:
         from retrain.train import train
 
         result = train(config=config)
+        if result.skipped:  # repeated at the end, where a user looks after a long run
+            log.warning("%d file(s) could not be used and were skipped (listed above; --strict makes that an "
+                        "error).", len(result.skipped))
         log.info("Done. Classify images with: label_image --graph %s --image PATH", result.output_graph)
         return 0
 
