@@ -27,6 +27,7 @@ import retrain.features
 from conftest import TINY, make_image_folder
 from retrain.cache import BottleneckStore, content_key
 from retrain.cli import retrain_main
+from retrain.errors import RetrainError
 
 TESTS = Path(__file__).resolve().parent
 RUNNER = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
@@ -316,6 +317,15 @@ def test_full_disk_while_caching_leaves_no_partial_entry_and_a_clear_error(tmp_p
     monkeypatch.undo()
     again = retrain.train(colour_dir, **fast_config)  # space freed: the same command works
     assert again.test_accuracy is not None and len(shards(bn)) >= 1
+
+
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error(colour_dir, fast_config):
+    retrain.train(colour_dir, **fast_config)
+    checkpoint = Path(fast_config["output_dir"]) / "checkpoint.npz"
+    for damage in (b"garbage\n", checkpoint.read_bytes()[:100]):
+        checkpoint.write_bytes(damage)
+        with pytest.raises(RetrainError, match="checkpoint .* is damaged or not a retrain checkpoint"):
+            retrain.train(colour_dir, resume=True, **fast_config)
 
 
 # -- an output location that cannot be written --------------------------------------------------------------

@@ -467,17 +467,23 @@ class _TrainingLogger:
         if not path.exists():
             log.warning("--resume: no checkpoint at %s; starting from step 0", path)
             return None
-        with np.load(path, allow_pickle=False) as z:
-            if list(z["labels"]) != list(self.dataset.labels):
-                raise RetrainError(f"--resume: checkpoint {path} was trained on other classes; remove it or "
-                                   "use another --checkpoint_path")
-            state = {
-                "W": z["W"], "b": z["b"], "step": int(z["step"]),
-                "opt": {k: z[f"opt_{k}"] for k in z["opt_keys"]},
-                "best": {"W": z["best_W"], "b": z["best_b"], "step": int(z["best_step"]),
-                         "score": tuple(float(x) for x in z["best_score"])},
-                "rng": json.loads(str(z["rng"])),
-            }
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if list(z["labels"]) != list(self.dataset.labels):
+                    raise RetrainError(f"--resume: checkpoint {path} was trained on other classes; remove it or "
+                                       "use another --checkpoint_path")
+                state = {
+                    "W": z["W"], "b": z["b"], "step": int(z["step"]),
+                    "opt": {k: z[f"opt_{k}"] for k in z["opt_keys"]},
+                    "best": {"W": z["best_W"], "b": z["best_b"], "step": int(z["best_step"]),
+                             "score": tuple(float(x) for x in z["best_score"])},
+                    "rng": json.loads(str(z["rng"])),
+                }
+        except RetrainError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - np.load raises many types for a damaged file
+            raise RetrainError(f"--resume: checkpoint {path} is damaged or not a retrain checkpoint "
+                               f"({type(exc).__name__}); remove it to start from step 0") from None
         log.info("--resume: continuing from step %d of %s", state["step"], path)
         return state
 
