@@ -258,10 +258,12 @@ class _Run:
         )
         self.timings["features"] = table.seconds
         rate = table.computed / table.seconds if table.seconds and table.computed else 0.0
-        log.info(
-            "Bottlenecks: %d computed (%.1f images/s), %d reused from the cache in %s",
-            table.computed, rate, table.cached, printable(str(store.directory)),
-        )
+        where = printable(str(store.directory))
+        if table.computed:
+            log.info("Bottlenecks: %d computed in %.1f s (%.1f images/s), %d reused from the cache in %s",
+                     table.computed, table.seconds, rate, table.cached, where)
+        else:
+            log.info("Bottlenecks: all %d reused from the cache in %s", table.cached, where)
         self._report_skipped(table)
         self._report_duplicates(dataset, table)
         store.compact()
