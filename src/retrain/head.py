@@ -25,6 +25,7 @@ class StepReport:
     cross_entropy: float
     validation_accuracy: float | None
     validation_count: int
+    validation_cross_entropy: float | None = None  # over the whole validation set
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -190,7 +191,8 @@ class SoftmaxHead:
                 val_acc, val_n = float(correct[pick].mean()), validation_batch_size
             else:
                 val_acc, val_n = score[0], len(X_val)
-        return StepReport(step, train_acc, xent, val_acc, val_n), score
+        val_xent = -score[1] if val_acc is not None else None
+        return StepReport(step, train_acc, xent, val_acc, val_n, val_xent), score
 
     # -- inference -------------------------------------------------------------------------
     def _check_fitted(self) -> None:

@@ -435,6 +435,7 @@ class _TrainingLogger:
         self.train_writer.histogram("final_retrain_ops/biases", head.intercept_, r.step)
         if r.validation_accuracy is not None:
             self.val_writer.scalar("accuracy", r.validation_accuracy, r.step)
+            self.val_writer.scalar("cross_entropy", r.validation_cross_entropy, r.step)
         if self.interval > 0 and r.step % self.interval == 0 and r.step < head.steps:
             self._intermediate(r.step, head)
         now = time.monotonic()

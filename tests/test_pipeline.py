@@ -1,0 +1,67 @@
+"""The whole pipeline on generated images with the tiny stand-in backbone: outputs, metadata, repeatability."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import retrain
+from retrain.export import get_manifest
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("final_")}
+
+
+def test_outputs_metadata_and_tensorboard(colour_dir: Path, fast_config: dict, tmp_path: Path):
+    result = retrain.train(colour_dir, **fast_config, saved_model_dir=str(tmp_path / "serving"),
+                           intermediate_store_frequency=100, summaries_dir=str(tmp_path / "tb"))
+    assert result.labels == ["blue", "green", "red"] and result.test_accuracy == 1.0
+    manifest = get_manifest(onnx.load(str(result.output_graph)))
+    assert manifest["labels"] == result.labels
+    assert manifest["preprocessing"]["input_size"] == 32 and manifest["preprocessing"]["mean"] == [127.0] * 3
+    assert manifest["backbone"]["name"] == "tiny_test_backbone"
+    assert manifest["output"]["name"] == "final_result" and manifest["input"]["layout"] == "NHWC"
+    assert manifest["metrics"]["test_accuracy"] == 1.0
+    assert (tmp_path / "out" / "intermediate" / "intermediate_100.onnx").exists()
+    assert json.loads((tmp_path / "serving" / "manifest.json").read_text())["labels"] == result.labels
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["how_many_training_steps"] == 200
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    for run, tags in (("train", {"accuracy", "cross_entropy"}), ("validation", {"accuracy", "cross_entropy"})):
+        acc = ea.EventAccumulator(str(tmp_path / "tb" / run))
+        acc.Reload()
+        assert tags <= set(acc.Tags()["scalars"])
+        assert [e.step for e in acc.Scalars("accuracy")][-1] == 200
+    acc = ea.EventAccumulator(str(tmp_path / "tb" / "train"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert {"final_retrain_ops/weights", "final_retrain_ops/biases"} <= set(acc.Tags()["histograms"])
+    # A second run into the same summaries_dir keeps the first run's files.
+    retrain.train(colour_dir, **{**fast_config, "output_dir": str(tmp_path / "out2")}, summaries_dir=str(tmp_path / "tb"))
+    assert len(list((tmp_path / "tb" / "train").glob("events.*"))) == 1
+    assert len(list((tmp_path / "tb").glob("run-*/train/events.*"))) == 1
+
+
+def test_exported_model_equals_the_head_on_cached_features(colour_dir: Path, fast_config: dict):
+    result = retrain.train(colour_dir, **fast_config)
+    clf = retrain.load(result.output_graph)
+    files = sorted(colour_dir.rglob("*.jpg"))[:6]
+    probs = np.array([[p.score for p in sorted(ranked, key=lambda p: clf.labels.index(p.label))]
+                      for ranked in clf.classify([str(f) for f in files], top_k=None)])
+    assert probs.shape == (6, 3)
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    expected = [clf.labels.index(f.parent.name) for f in files]
+    assert list(probs.argmax(axis=1)) == expected
+
+
+def test_same_seed_gives_the_same_model_bit_for_bit(colour_dir: Path, fast_config: dict, tmp_path: Path):
+    a = retrain.train(colour_dir, **fast_config)
+    b = retrain.train(colour_dir, **{**fast_config, "output_dir": str(tmp_path / "again")})
+    c = retrain.train(colour_dir, **{**fast_config, "output_dir": str(tmp_path / "other"), "seed": 2})
+    wa, wb, wc = _weights(a.output_graph), _weights(b.output_graph), _weights(c.output_graph)
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert not all(np.array_equal(wa[k], wc[k]) for k in wa)
