@@ -275,7 +275,11 @@ def classify_command(ns: argparse.Namespace) -> int:
     if ns.labels:
         clf.labels = read_labels_file(ns.labels, clf)
     top_k = ns.num_top_predictions or ns.top_k
+    if not ns.image:
+        raise RetrainError("no images given: pass --image PATH [PATH ...] (files or folders)")
     paths = expand_image_paths(ns.image)
+    if not paths:
+        raise RetrainError(f"no image files found in {', '.join(map(repr, ns.image))}")
     failed = 0
     single = len(paths) == 1 and not ns.json
     for path, preds, reason in clf.classify_files(paths, top_k=top_k):
