@@ -58,9 +58,13 @@ def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
 
 
 def bottleneck_counts(stdout: str) -> tuple[int, int]:
-    m = re.search(r"^Bottlenecks: (\d+) computed .*, (\d+) reused", stdout, re.M)
+    """(computed, reused) from the "Bottlenecks: ..." line."""
+    m = re.search(r"^Bottlenecks: (\d+) computed\b.*?, (\d+) reused", stdout, re.M)
+    if m:
+        return int(m[1]), int(m[2])
+    m = re.search(r"^Bottlenecks: all (\d+) reused", stdout, re.M)
     assert m, stdout
-    return int(m[1]), int(m[2])
+    return 0, int(m[1])
 
 
 def final_accuracy(stdout: str) -> float:
