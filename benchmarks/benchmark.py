@@ -179,12 +179,13 @@ def floor_ms_per_image(gmacs: float, gflops: float) -> float:
 # -- measured runs ----------------------------------------------------------------------------------
 @dataclass
 class ProcessRun:
-    """One subprocess: wall seconds from start to exit, peak RSS, exit code, captured output."""
+    """One subprocess: wall seconds from start to exit, peak RSS, exit code, captured output, CPU seconds."""
 
     seconds: float
     peak_rss_mb: float
     returncode: int
     output: str
+    cpu_seconds: float = 0.0  # user + system, all threads: shows when other load stretched the wall time
 
 
 def run_process(cmd: list[str], *, cwd: str | os.PathLike | None = None, timeout: float = 3600) -> ProcessRun:
@@ -207,7 +208,7 @@ def run_process(cmd: list[str], *, cwd: str | os.PathLike | None = None, timeout
         log.seek(0)
         output = log.read().decode("utf-8", "replace")
     rss_mb = usage.ru_maxrss / 1024 if sys.platform != "darwin" else usage.ru_maxrss / 2**20  # KiB on Linux
-    return ProcessRun(seconds, rss_mb, proc.returncode, output)
+    return ProcessRun(seconds, rss_mb, proc.returncode, output, usage.ru_utime + usage.ru_stime)
 
 
 @dataclass
@@ -219,6 +220,7 @@ class RetrainRun:
     cached: int
     test_accuracy: float | None
     stage_seconds: dict = field(default_factory=dict)
+    cpu_seconds: float = 0.0
 
     @property
     def ms_per_image(self) -> float:
@@ -240,7 +242,7 @@ def run_retrain(image_dir, bottleneck_dir, output_dir, *, extra_args=(), command
     computed, cached = (int(found[1]), int(found[2])) if found else (0, 0)
     seconds = metrics.get("seconds", {})
     return RetrainRun(run.seconds, run.peak_rss_mb, seconds.get("features", float("nan")), computed, cached,
-                      metrics.get("test_accuracy"), seconds)
+                      metrics.get("test_accuracy"), seconds, run.cpu_seconds)
 
 
 def plain_pytorch_pipeline(image_dir, *, architecture: str = "efficientnet_lite0", batch_size: int = 32,
@@ -298,6 +300,7 @@ class PlainRun:
     extraction_seconds: float
     images: int
     test_accuracy: float | None
+    cpu_seconds: float = 0.0
 
     @property
     def ms_per_image(self) -> float:
@@ -311,7 +314,8 @@ def run_plain_pytorch(image_dir, out_json, *, architecture: str = "efficientnet_
     if run.returncode != 0:
         raise RuntimeError(f"plain PyTorch pipeline failed (exit {run.returncode}):\n{run.output[-4000:]}")
     r = json.loads(Path(out_json).read_text())
-    return PlainRun(run.seconds, run.peak_rss_mb, r["extraction_seconds"], r["images"], r["test_accuracy"])
+    return PlainRun(run.seconds, run.peak_rss_mb, r["extraction_seconds"], r["images"], r["test_accuracy"],
+                    run.cpu_seconds)
 
 
 def store_load_seconds(bottleneck_dir, architecture: str = "efficientnet_lite0", repeats: int = 3) -> tuple[float, int]:
@@ -378,6 +382,9 @@ def make_table(r: Report) -> str:
         ("extraction / floor", _ratio(c.ms_per_image, r.floor_ms), _ratio(p and p.ms_per_image, r.floor_ms), ""),
         ("end to end, cold, s", _fmt(c.seconds, ".2f"), _fmt(p and p.seconds, ".2f"), _ratio(c.seconds, p and p.seconds)),
         ("end to end, warm, s", _fmt(w.seconds, ".2f"), "", _ratio(w.seconds, c.seconds) + " of cold"),
+        ("CPU time (user+sys), cold, s", _fmt(c.cpu_seconds, ".1f"), _fmt(p and p.cpu_seconds, ".1f"),
+         _ratio(c.cpu_seconds, p and p.cpu_seconds)),
+        ("CPU time (user+sys), warm, s", _fmt(w.cpu_seconds, ".1f"), "", ""),
         ("peak RSS, cold, MB", _fmt(c.peak_rss_mb, ".0f"), _fmt(p and p.peak_rss_mb, ".0f"),
          _ratio(c.peak_rss_mb, p and p.peak_rss_mb)),
         ("peak RSS, warm, MB", _fmt(w.peak_rss_mb, ".0f"), "", ""),

@@ -139,20 +139,18 @@ class TorchEngine:
         module = PixelsToFeatures(net if net is not None else spec.build(), spec.preprocessing)
         self.module = module.eval().to(self.device)
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
-            # TF32 would change the features (about 1e-3) under the same cache key as exact float32.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
             # NHWC input permuted to NCHW is already channels_last in memory: no copy on the way in.
             self.module = self.module.to(memory_format=torch.channels_last)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         torch = self.torch
-        with torch.inference_mode():
-            x = torch.from_numpy(pixels)
+        # Fixed input size: let cuDNN pick its fastest kernels once. No TF32: it would change the
+        # features (about 1e-3) under the same cache key as exact float32. Scoped, not global.
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):
+            x = torch.from_numpy(pixels)  # (B, H, W, 3) uint8
             if self.device.type == "cuda":
                 x = x.pin_memory().to(self.device, non_blocking=True)
-            return self.module(x).float().cpu().numpy()
+            return self.module(x).float().cpu().numpy()  # (B, D)
 
 
 def extraction_plan(device: str, workers: int | None = None) -> tuple[int, int]:
@@ -400,7 +398,11 @@ def _extract(todo: list[tuple[bytes, str]], engine, store: BottleneckStore, tabl
         with ThreadPoolExecutor(workers, thread_name_prefix="retrain-extract") as pool:
             futures = [pool.submit(work) for _ in range(min(workers, len(todo)))]
             try:
-                wait(futures, return_when=FIRST_EXCEPTION)
+                # Wake up often: a Ctrl-C delivered to a worker thread is only acted on when the main
+                # thread runs Python code, and it should stop the run now, not when extraction ends.
+                while wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION).not_done:
+                    if any(f.done() and f.exception() for f in futures):
+                        break
                 for fut in futures:
                     fut.result()  # re-raises a worker's error
             except BaseException:  # an engine error or Ctrl-C: the other workers stop after their image
