@@ -1,0 +1,161 @@
+"""``retrain export``: write a model in another format, with its size and accuracy change.
+
+    >>> from retrain.convert import export_model
+    >>> report = export_model("output_graph.onnx", "onnx-int8", "model.int8.onnx", image_dir="photos")
+    >>> print(report.summary())
+
+Formats offered are the ones whose result is checked here (tests/test_quantize.py):
+ONNX float32 (a copy), int8 and fp16, all read by ``retrain.load`` and ``label_image``.
+TFLite, Core ML and TorchScript are not offered; ``NOT_OFFERED`` says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from retrain.errors import RetrainError
+from retrain.quantize import MAX_CALIBRATION_IMAGES, QuantizeReport, convert_file, pick_calibration
+
+EXPORT_FORMATS = {
+    "onnx": "float32 ONNX, a checked copy of the model",
+    "onnx-int8": "int8 ONNX (ONNX Runtime static quantization, calibrated on --image_dir or --calibration_dir)",
+    "onnx-fp16": "float16 ONNX (onnxconverter-common), half the size",
+}
+
+NOT_OFFERED = {
+    "tflite": "the ONNX->TFLite converters (onnx2tf, ai-edge-torch) need TensorFlow, and a converted model "
+    "could not be checked here against the ONNX one; run onnx2tf on the ONNX model yourself",
+    "coreml": "coremltools can convert on Linux, but Core ML models only run on Apple platforms, so the "
+    "result could not be tested here",
+    "torchscript": "the exported model is ONNX; a TorchScript copy would need an ONNX->PyTorch converter "
+    "(onnx2torch) that is not kept up with ONNX Runtime, and retrain.load would need PyTorch to run it",
+}
+
+
+def export_model(
+    graph: str | os.PathLike,
+    to: str,
+    output: str | os.PathLike,
+    *,
+    image_dir: str | os.PathLike | None = None,
+    calibration_dir: str | os.PathLike | None = None,
+    max_calibration_images: int = MAX_CALIBRATION_IMAGES,
+) -> QuantizeReport:
+    """Write ``graph`` as format ``to`` at ``output``.
+
+    ``image_dir``: a folder of class sub-folders named like the model's labels; the
+    converted model is compared with the float one on all its images (accuracy change,
+    top-1 agreement) and, without ``calibration_dir``, int8 is calibrated on them.
+    ``calibration_dir``: any folder of photos (searched recursively) for int8 ranges.
+    """
+    fmt = _check_format(to)
+    if max_calibration_images < 1:
+        raise RetrainError(f"--max_calibration_images must be at least 1, got {max_calibration_images}")
+    graph, output = Path(graph), Path(output)
+    if output.exists() and output.resolve() == graph.resolve():
+        raise RetrainError(f"--output {str(output)!r} is the --graph file itself; choose another output path")
+    eval_paths, eval_labels, by_class = _labelled_images(graph, image_dir) if image_dir else ([], None, [])
+    calibration: list[str] = []
+    if fmt == "int8":
+        if calibration_dir:
+            found = _folder_images(calibration_dir, "--calibration_dir")
+            calibration = found[:: -(-len(found) // max_calibration_images)]  # evenly spread over the folder
+        elif image_dir:
+            calibration = pick_calibration(by_class, max_calibration_images)
+        else:
+            raise RetrainError(
+                "onnx-int8 needs real photos to calibrate on: pass --image_dir (class sub-folders, also used "
+                "to measure the accuracy change) or --calibration_dir (any folder of photos like the training set)"
+            )
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RetrainError(f"cannot create the folder of --output {str(output)!r}: {exc.strerror or exc}") from None
+    return convert_file(
+        graph, fmt, output, calibration_paths=calibration, eval_paths=eval_paths, eval_labels=eval_labels
+    )
+
+
+def _check_format(to: str) -> str:
+    if to in EXPORT_FORMATS:
+        return {"onnx": "float32", "onnx-int8": "int8", "onnx-fp16": "fp16"}[to]
+    key = to.lower().replace("_", "").replace("-", "").replace(".", "")
+    for name, why in NOT_OFFERED.items():
+        if key.startswith(name) or (len(key) > 2 and name.startswith(key)):
+            raise RetrainError(f"--to {to!r} is not offered: {why}. Formats: {', '.join(EXPORT_FORMATS)}")
+    close = difflib.get_close_matches(to, list(EXPORT_FORMATS), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise RetrainError(f"--to {to!r} is not a known format; expected one of {', '.join(EXPORT_FORMATS)}{hint}")
+
+
+def _labelled_images(graph: Path, image_dir) -> tuple[list[str], list[int], list[list[str]]]:
+    """Images under ``image_dir`` with the index of their class among the model's labels."""
+    from retrain.data import discover, printable
+    from retrain.predict import load
+
+    labels = load(graph).labels
+    dataset = discover(image_dir)
+    unknown = [name for name in dataset.labels if name not in labels]
+    if unknown:
+        raise RetrainError(
+            f"--image_dir {printable(str(image_dir))!r} has class folder(s) the model does not know: "
+            f"{', '.join(map(repr, unknown[:5]))}{', ...' if len(unknown) > 5 else ''}. The model's labels are "
+            f"{', '.join(map(repr, labels[:10]))}{', ...' if len(labels) > 10 else ''}; pass a folder whose "
+            "sub-folders are named like them, or use --calibration_dir for unlabelled photos."
+        )
+    index = [labels.index(name) for name in dataset.labels]
+    paths = [r.path for r in dataset.records]
+    y = [index[r.label_index] for r in dataset.records]
+    by_class: list[list[str]] = [[] for _ in dataset.labels]
+    for r in dataset.records:
+        by_class[r.label_index].append(r.path)
+    return paths, y, by_class
+
+
+def _folder_images(folder, flag: str) -> list[str]:
+    from retrain.predict import expand_image_paths
+
+    if not os.path.isdir(folder):
+        raise RetrainError(f"{flag} {str(folder)!r} is not a folder; pass a folder of photos")
+    paths = expand_image_paths([os.fspath(folder)])
+    if not paths:
+        raise RetrainError(f"{flag} {str(folder)!r} has no image files (.jpg, .png, ...) in it or below it")
+    return paths
+
+
+# -- command line ------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    from retrain.cli import EXIT_CODES, _add, _Parser
+
+    formats = "; ".join(f"{k}: {v}" for k, v in EXPORT_FORMATS.items())
+    p = _Parser(
+        prog="retrain export",
+        description=f"Write a retrained model in another format and report its size and accuracy change. {formats}. "
+        f"Not offered: {', '.join(NOT_OFFERED)} (see docs/deploy.md for why).",
+        epilog=EXIT_CODES,
+    )
+    _add(p, "graph", required=True, help="model written by retrain (output_graph.onnx)")
+    _add(p, "to", required=True, help=f"format: {', '.join(EXPORT_FORMATS)}")
+    _add(p, "output", required=True, help="file to write")
+    _add(p, "image_dir", default=None, help="class sub-folders named like the model's labels: the accuracy change "
+         "is measured on all their images, and int8 is calibrated on them")
+    _add(p, "calibration_dir", default=None, help="photos to calibrate int8 on (default: --image_dir)")
+    _add(p, "max_calibration_images", type=int, default=MAX_CALIBRATION_IMAGES, help="calibration images used at most")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    report = export_model(
+        ns.graph, ns.to, ns.output, image_dir=ns.image_dir, calibration_dir=ns.calibration_dir,
+        max_calibration_images=ns.max_calibration_images,
+    )
+    print(report.summary("image_dir"))
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
