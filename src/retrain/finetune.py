@@ -235,9 +235,9 @@ class _TopInputs:
         cfg, spec = run.cfg, run.spec
         size, resample = spec.preprocessing.input_size, spec.preprocessing.resample
         frozen = _frozen_part(spec, net, k, device)
-        shape, itemsize = _output_shape(frozen, size)
+        shape = _output_shape(frozen, size)
         rows = len(train.y) * (1 + copies) + len(val.y) + len(test.y)
-        dtype = _storage_dtype(rows, shape, itemsize, k)
+        dtype = _storage_dtype(rows, shape, k)
         batch, workers = cfg.batch_size, cfg.num_workers or None
 
         def run_frozen(paths: Sequence[str]) -> np.ndarray:
@@ -275,12 +275,11 @@ def _frozen_part(spec, net, k: int, device) -> Callable[[np.ndarray], np.ndarray
         return OnnxEngine(backbone_onnx_bytes(spec, lower))
 
 
-def _output_shape(frozen, size: int) -> tuple[tuple[int, ...], int]:
-    out = np.asarray(frozen(np.zeros((1, size, size, 3), np.uint8)))
-    return out.shape[1:], out.dtype.itemsize
+def _output_shape(frozen, size: int) -> tuple[int, ...]:
+    return np.asarray(frozen(np.zeros((1, size, size, 3), np.uint8))).shape[1:]
 
 
-def _storage_dtype(rows: int, shape: tuple[int, ...], itemsize: int, k: int):
+def _storage_dtype(rows: int, shape: tuple[int, ...], k: int):
     if k == 0:
         return np.uint8
     total = _physical_memory()
