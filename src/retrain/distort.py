@@ -320,7 +320,8 @@ def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
     todo = [[c for c in range(copies) if vk[c] not in store] for vk in vkeys]
     missing = sum(len(t) for t in todo)
     if missing:
-        engine = make_engine(spec, device=cfg.device, model_dir=cfg.model_dir or None)
+        # One caller thread (the decoding runs in the pool): let ONNX Runtime use every core per call.
+        engine = make_engine(spec, device=cfg.device, model_dir=cfg.model_dir or None, workers=1)
         bar = _progress(missing, not cfg.quiet)
         for rows, cs, pixels in iter_variant_pixels(
             train.paths, keys, todo, d, spec.preprocessing.input_size,
