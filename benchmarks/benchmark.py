@@ -503,6 +503,8 @@ def run_benchmark(args: argparse.Namespace) -> Report:
         report.store_load_seconds, report.store_entries = store_load_seconds(big_bn, args.architecture)
         if not args.keep:
             shutil.rmtree(big_bn, ignore_errors=True)
+    if hasattr(os, "getloadavg"):
+        report.machine += f", {os.getloadavg()[0]:.1f} at end"
     return report
 
 

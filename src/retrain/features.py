@@ -65,6 +65,10 @@ def _cuda_available() -> bool:
                 return False
         except Exception:  # noqa: BLE001 - metadata missing: fall through to the real check
             pass
+        # A Linux machine with an NVIDIA driver has /dev/nvidiactl (WSL2: /dev/dxg); without either
+        # CUDA cannot work, and importing a CUDA build of PyTorch to find that out takes seconds.
+        if sys.platform == "linux" and not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/dxg")):
+            return False
     import torch
 
     return torch.cuda.is_available()
