@@ -184,3 +184,13 @@ def test_export_errors(int8_run, tmp_path):
     with pytest.raises(RetrainError, match="--calibration_dir .* has no image files"):
         os.makedirs(tmp_path / "empty")
         export_model(graph, "onnx-int8", tmp_path / "x.onnx", calibration_dir=tmp_path / "empty")
+
+
+def test_int8_calibration_uses_every_batch(int8_run, sample_pixels):
+    """Four batches: ONNX Runtime's flushing option once threw them all away ("No data is collected")."""
+    from retrain.export import get_manifest
+    from retrain.quantize import quantize_int8
+
+    pixels = sample_pixels[0]
+    model = quantize_int8(onnx.load(str(int8_run.output_graph)), (pixels[i : i + 1] for i in range(0, 40, 10)))
+    assert get_manifest(model)["quantization_details"]["calibration_images"] == 4
