@@ -238,8 +238,10 @@ def run_retrain(image_dir, bottleneck_dir, output_dir, *, extra_args=(), command
     if run.returncode != 0:
         raise RuntimeError(f"retrain failed (exit {run.returncode}):\n{run.output[-4000:]}")
     metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
-    found = re.search(r"Bottlenecks: (\d+) computed .*?, (\d+) reused", run.output)
-    computed, cached = (int(found[1]), int(found[2])) if found else (0, 0)
+    # "Bottlenecks: 2600 computed in ... s (...), 0 reused ..." or "Bottlenecks: all 2600 reused ..."
+    computed = re.search(r"^Bottlenecks: (\d+) computed", run.output, re.M)
+    cached = re.search(r"^Bottlenecks: .*?(\d+) reused", run.output, re.M)
+    computed, cached = int(computed[1]) if computed else 0, int(cached[1]) if cached else 0
     seconds = metrics.get("seconds", {})
     return RetrainRun(run.seconds, run.peak_rss_mb, seconds.get("features", float("nan")), computed, cached,
                       metrics.get("test_accuracy"), seconds, run.cpu_seconds)
