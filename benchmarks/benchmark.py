@@ -523,14 +523,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--architecture", default="efficientnet_lite0")
     p.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "retrain-benchmark"),
                    help="photo sets, caches and run outputs (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="200 photos, no 10,000-image run: under 2 minutes")
+    p.add_argument("--quick", action="store_true", help="150 photos, no 10,000-image run: under 2 minutes")
     p.add_argument("--skip_pytorch", action="store_true", help="do not run the plain PyTorch pipeline")
     p.add_argument("--json", default="", help="also write every figure to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the 10,000-image bottleneck cache")
     p.add_argument("--_plain_pytorch", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.images = min(args.images, 200)
+        args.images = min(args.images, 150)
     if args.rss_images is None:
         args.rss_images = 0 if args.quick else 10_000
     return args
