@@ -28,12 +28,13 @@ EXPORT_FORMATS = {
 }
 
 NOT_OFFERED = {
-    "tflite": "the ONNX->TFLite converters (onnx2tf, ai-edge-torch) need TensorFlow, and a converted model "
-    "could not be checked here against the ONNX one; run onnx2tf on the ONNX model yourself",
-    "coreml": "coremltools can convert on Linux, but Core ML models only run on Apple platforms, so the "
-    "result could not be tested here",
-    "torchscript": "the exported model is ONNX; a TorchScript copy would need an ONNX->PyTorch converter "
-    "(onnx2torch) that is not kept up with ONNX Runtime, and retrain.load would need PyTorch to run it",
+    "tflite": "TensorFlow 2.21 and onnx2tf 1.28 install here, but onnx2tf fails on retrain's graph (its layout "
+    "inference turns the NHWC uint8 input into a 224-channel tensor before the first Conv, with or without "
+    "-kat image) and otherwise downloads calibration data from GitHub; no TFLite file could be made and checked",
+    "coreml": "coremltools no longer reads ONNX (it converts PyTorch or TensorFlow models) and runs Core ML "
+    "models only on Apple platforms, so a converted model could not be checked here",
+    "torchscript": "the ONNX->PyTorch converter (onnx2torch, last release 2024) is not kept up, and "
+    "retrain.load would need PyTorch to run the result; the ONNX model runs anywhere ONNX Runtime does",
 }
 
 
