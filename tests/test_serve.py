@@ -207,6 +207,14 @@ def test_too_many_files(strict_client):
     _error(strict_client.post("/v1/classify", files=files), 413, "too many files")
 
 
+def test_app_can_be_started_again(model):
+    app = create_app(model.output_graph)
+    for _ in range(2):  # each `with` runs the lifespan in a new event loop; shutdown must not break the next one
+        with TestClient(app) as c:
+            r = c.post("/v1/classify", content=_jpeg("animals"), headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 200 and r.json()["results"][0]["predictions"][0]["label"] == "animals"
+
+
 def test_bad_limits_are_refused(model):
     with pytest.raises(RetrainError, match="max_batch must be a positive whole number, got 0"):
         create_app(model.output_graph, max_batch=0)
@@ -227,7 +235,7 @@ def test_concurrent_requests_are_batched(model):
                 for _, data in photos
             ))
             stats = (await c.get("/v1/stats")).json()["batching"]
-        await app.state.service.batcher.aclose()
+        await app.state.service.aclose()
         return responses, stats
 
     responses, stats = asyncio.run(go())

@@ -145,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     _add(p, "output", required=True, help="file to write")
     _add(p, "image_dir", default=None, help="class sub-folders named like the model's labels: the accuracy change "
          "is measured on all their images, and int8 is calibrated on them")
-    _add(p, "calibration_dir", default=None, help="photos to calibrate int8 on (default: --image_dir)")
+    _add(p, "calibration_dir", default=None, help="photos to calibrate int8 on, instead of --image_dir")
     _add(p, "max_calibration_images", type=int, default=MAX_CALIBRATION_IMAGES, help="calibration images used at most")
     return p
 

@@ -88,7 +88,7 @@ class MicroBatcher:
     ):
         self.predict = predict
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="retrain-infer")
+        self._executor = executor
         self._own_executor = executor is None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -105,7 +105,9 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         if self._loop is loop and self._task is not None and not self._task.done():
             return
-        # A new event loop (e.g. a test client opened again): start over in it.
+        # First use, or a new event loop (e.g. a test client opened again): start over in it.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="retrain-infer")
         self._loop, self._queue, self._full = loop, asyncio.Queue(), asyncio.Event()
         self._task = loop.create_task(self._work(), name="retrain-batcher")
 
@@ -175,8 +177,9 @@ class MicroBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._own_executor:
+        if self._own_executor and self._executor is not None:
             self._executor.shutdown(wait=False)
+            self._executor = None
 
 
 # -- the app ----------------------------------------------------------------------------------------
@@ -191,10 +194,22 @@ class _Service:
         self.batcher = MicroBatcher(
             clf.predict_proba, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue
         )
-        self.decode_pool = ThreadPoolExecutor(decode_threads or min(4, os.cpu_count() or 1),
-                                              thread_name_prefix="retrain-decode")
+        self.decode_threads = decode_threads or min(4, os.cpu_count() or 1)
+        self._decode_pool: ThreadPoolExecutor | None = None
         self.responses: Counter[int] = Counter()
         self.started = time.time()
+
+    @property
+    def decode_pool(self) -> ThreadPoolExecutor:
+        if self._decode_pool is None:  # created on first use, again after a shutdown
+            self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="retrain-decode")
+        return self._decode_pool
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False)
+            self._decode_pool = None
 
     def model_info(self) -> dict:
         m = self.clf.manifest
@@ -251,8 +266,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        await service.batcher.aclose()
-        service.decode_pool.shutdown(wait=False)
+        await service.aclose()
 
     routes = [
         Route("/", _handler(service, lambda request: _page(page)), methods=["GET", "HEAD"]),
