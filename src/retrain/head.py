@@ -131,7 +131,7 @@ class SoftmaxHead:
         with threadpool_limits(1, user_api="blas"):
             for step in range(start, self.steps):
                 idx = self._sampler.draw(rng, self.batch_size)  # (B,)
-                np.take(X, idx, axis=0, out=xb)
+                np.take(X, idx, axis=0, out=xb, mode="clip")  # indices are valid; 'raise' would buffer
                 yb, wb = y[idx], self._sampler.weights[idx]
                 probs = softmax(xb @ W + b)  # (B, C)
                 grad = probs.copy()

@@ -420,6 +420,9 @@ class _TrainingLogger:
         self.train_writer, self.val_writer = EventWriter(train_dir), EventWriter(val_dir)
         self.last_checkpoint = time.monotonic()
         self.interval = run.cfg.intermediate_store_frequency
+        # About 100 histogram snapshots per run: TensorBoard shows no more, and each costs a few ms.
+        every = max(1, run.cfg.eval_step_interval)
+        self.histogram_every = every * max(1, run.cfg.how_many_training_steps // (100 * every))
 
     def __call__(self, r: StepReport, head: SoftmaxHead) -> None:
         val = (
@@ -431,8 +434,9 @@ class _TrainingLogger:
                  r.step, 100 * r.train_accuracy, r.cross_entropy, val)
         self.train_writer.scalar("accuracy", r.train_accuracy, r.step)
         self.train_writer.scalar("cross_entropy", r.cross_entropy, r.step)
-        self.train_writer.histogram("final_retrain_ops/weights", head.coef_, r.step)
-        self.train_writer.histogram("final_retrain_ops/biases", head.intercept_, r.step)
+        if r.step % self.histogram_every == 0 or r.step == head.steps:
+            self.train_writer.histogram("final_retrain_ops/weights", head.coef_, r.step)
+            self.train_writer.histogram("final_retrain_ops/biases", head.intercept_, r.step)
         if r.validation_accuracy is not None:
             self.val_writer.scalar("accuracy", r.validation_accuracy, r.step)
             self.val_writer.scalar("cross_entropy", r.validation_cross_entropy, r.step)
