@@ -247,3 +247,12 @@ def test_kill_9_during_fine_tuning_then_resume_matches_an_uninterrupted_run(tmp_
     want = retrain.load(reference.output_graph).classify(paths, top_k=None)
     np.testing.assert_allclose([p.score for r in got for p in r], [p.score for r in want for p in r], atol=1e-5)
     assert TINY  # the stand-in backbone is registered by conftest in the child process as well
+
+
+def test_resume_refuses_a_fine_tuning_checkpoint_from_other_settings(colour_dir: Path, fast_config):
+    flags = dict(fine_tune=True, fine_tune_blocks="all", fine_tune_epochs=2)
+    retrain.train(colour_dir, **fast_config, **flags)
+    again = retrain.train(colour_dir, **fast_config, **flags, resume=True)  # same settings: nothing left to do
+    assert _report(Path(fast_config["output_dir"]))["resumed_after_epoch"] == 2 and again.test_accuracy == 1.0
+    with pytest.raises(RetrainError, match=r"checkpoint .* belongs to a run with other settings.*remove it"):
+        retrain.train(colour_dir, **fast_config, **{**flags, "fine_tune_learning_rate": 1e-3}, resume=True)
