@@ -103,7 +103,8 @@ def _training_parser() -> _Parser:
           "none: draw images uniformly")
     _add(g, "seed", type=int, default=d.seed, help="random seed; the same seed gives the same model bit for bit "
           "(default: random, printed in metrics.json)")
-    _add(g, "resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    _add(g, "resume", action="store_true", help="continue an interrupted run from its checkpoint; without "
+          "--output_dir or --checkpoint_path, the last interrupted run under retrain_runs/")
     g = p.add_argument_group("distortions (training images only)")
     _add(g, "flip_left_right", action="store_true", help="randomly mirror images horizontally")
     _add(g, "random_crop", type=float, default=d.random_crop, help="percent margin to randomly crop off")
@@ -113,7 +114,8 @@ def _training_parser() -> _Parser:
           help="distorted variants cached per training image (0 = automatic)")
     g = p.add_argument_group("fine-tuning")
     _add(g, "fine_tune", action="store_true", help="after the new layer, also train the top of the backbone")
-    _add(g, "fine_tune_blocks", default=d.fine_tune_blocks, help="backbone blocks to unfreeze, or 'all'")
+    _add(g, "fine_tune_blocks", default=d.fine_tune_blocks, help="backbone blocks to unfreeze from the top, or "
+          "'all'; for photos far from ImageNet more blocks help (see docs/finetune.md)")
     _add(g, "fine_tune_epochs", type=int, default=d.fine_tune_epochs, help="maximum fine-tuning epochs")
     _add(g, "fine_tune_learning_rate", type=float, default=d.fine_tune_learning_rate, help="backbone learning rate")
     _add(g, "fine_tune_patience", type=int, default=d.fine_tune_patience,
