@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -90,3 +91,13 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's ~/.cache from tests."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
     os.environ.pop("RETRAIN_DEBUG", None)
+
+
+@pytest.fixture(autouse=True)
+def _log_to_caplog():
+    """An in-process retrain_main() points the "retrain" logger at stdout only; undo that around each test."""
+    log = logging.getLogger("retrain")
+    saved = log.handlers[:], log.propagate, log.level
+    log.handlers[:], log.propagate = [], True
+    yield
+    log.handlers[:], log.propagate, log.level = saved

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import multiprocessing
 import os
 import re
@@ -34,14 +33,6 @@ RUNNER = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
           "from retrain.cli import retrain_main; sys.exit(retrain_main())")
 
 
-@pytest.fixture(autouse=True)
-def _log_to_caplog():
-    """An in-process retrain_main() points the "retrain" logger at stdout only; undo that around each test."""
-    log = logging.getLogger("retrain")
-    saved = log.handlers[:], log.propagate, log.level
-    log.handlers[:], log.propagate = [], True
-    yield
-    log.handlers[:], log.propagate, log.level = saved
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -35,14 +34,6 @@ TESTS = Path(__file__).resolve().parent
 # -- helpers ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _log_to_caplog():
-    """An in-process retrain_main() points the "retrain" logger at stdout only; undo that around each test."""
-    log = logging.getLogger("retrain")
-    saved = log.handlers[:], log.propagate, log.level
-    log.handlers[:], log.propagate = [], True
-    yield
-    log.handlers[:], log.propagate, log.level = saved
 
 
 def cli(main: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
