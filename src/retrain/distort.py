@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrain.cache import BottleneckStore, content_key
+from retrain.cache import BottleneckStore
 from retrain.errors import RetrainError
 from retrain.images import ImageError, decode_image, read_image_bytes
 
@@ -312,8 +312,7 @@ def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
     copies = choose_copies(cfg.distorted_copies, n, d)
     t0 = time.perf_counter()
     identity = d.identity()
-    with ThreadPoolExecutor(cfg.num_workers or min(8, (os.cpu_count() or 2) + 2)) as pool:
-        keys = list(pool.map(file_content_key, train.paths))
+    keys = train.keys  # content keys the pipeline already has: a warm run reads no image
     store = variant_store(run)
     store.refresh()
     vkeys = [[variant_key(k, identity, c) for c in range(copies)] for k in keys]
@@ -341,14 +340,6 @@ def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
         "in %s (%.1f s)", d.describe(), copies, n, missing, n * copies - missing, store.directory, seconds,
     )
     return X, y
-
-
-def file_content_key(path: str) -> bytes:
-    """The cache's content key of a file that was readable when the run started."""
-    try:
-        return content_key(read_image_bytes(path))
-    except ImageError as exc:
-        raise RetrainError(f"cannot distort {path!r}: {exc.reason} (it was readable a moment ago)") from None
 
 
 def _progress(total: int, enabled: bool):

@@ -230,7 +230,7 @@ class _TopInputs:
 
     @classmethod
     def compute(cls, run, net, k, device, train, val, test, distortions, copies) -> _TopInputs:
-        from retrain.distort import file_content_key, iter_variant_pixels
+        from retrain.distort import iter_variant_pixels
 
         cfg, spec = run.cfg, run.spec
         size, resample = spec.preprocessing.input_size, spec.preprocessing.resample
@@ -250,8 +250,7 @@ class _TopInputs:
         if not copies:
             return cls(train_in, val_in, test_in, train_in, 0)
         pool = np.empty((len(train.y) * copies, *shape), dtype)
-        with ThreadPoolExecutor(workers or 4) as ex:
-            keys = list(ex.map(file_content_key, train.paths))
+        keys = train.keys
         todo = [range(copies)] * len(train.y)
         for idx, cs, pixels in iter_variant_pixels(
             train.paths, keys, todo, distortions, size, resample=resample, batch_size=batch, workers=workers
