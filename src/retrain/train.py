@@ -56,11 +56,12 @@ class TrainResult:
 
 @dataclass
 class Split:
-    """Features and labels of one split; ``paths`` align with rows."""
+    """Features and labels of one split; ``paths`` and their content ``keys`` align with rows."""
 
     X: np.ndarray
     y: np.ndarray
     paths: list[str]
+    keys: list[bytes]
 
 
 @dataclass
@@ -169,7 +170,6 @@ class _Run:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.spec = resolve_backbone(cfg)
-        self.paths = _resolve_paths(cfg)
         self.seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
         self.timings: dict[str, float] = {}
 
@@ -177,8 +177,8 @@ class _Run:
     def run(self) -> TrainResult:
         cfg, t_start = self.cfg, time.perf_counter()
         dataset = self._discover()
-        if not cfg.output_dir:
-            self.paths = _resolve_paths(cfg, reserve=True)
+        # After discovery, so that a bad --image_dir leaves no empty run folder behind.
+        self.paths = _resolve_paths(cfg, reserve=True)
         _check_writable(self.paths, cfg)
         table, store = self._features(dataset)
         dataset = drop_records(dataset, set(table.skipped))
@@ -302,9 +302,9 @@ class _Run:
 
     def _split(self, dataset: Dataset, table: FeatureTable, store: BottleneckStore, name: str) -> Split:
         records = dataset.split(name)
-        X = store.get_many([table.keys[r.path] for r in records]) if records else np.zeros(
-            (0, self.spec.feature_dim), np.float32)
-        return Split(X, np.array([r.label_index for r in records], dtype=np.int64), [r.path for r in records])
+        keys = [table.keys[r.path] for r in records]
+        X = store.get_many(keys) if records else np.zeros((0, self.spec.feature_dim), np.float32)
+        return Split(X, np.array([r.label_index for r in records], dtype=np.int64), [r.path for r in records], keys)
 
     def _train_head(self, dataset: Dataset, splits: dict[str, Split]) -> SoftmaxHead:
         cfg = self.cfg
