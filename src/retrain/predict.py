@@ -45,7 +45,8 @@ class Classifier:
                 raise ModelFileError(f"{str(path)!r} is not a regular file; pass the model file itself")
             if path.is_file() and path.stat().st_size == 0:
                 raise ModelFileError(f"model file {str(path)!r} is empty (0 bytes); was it fully written?")
-            model = onnx.load(os.fspath(path), load_external_data=False)
+            data = path.read_bytes()  # parsed here for the manifest, handed as is to ONNX Runtime
+            model = onnx.load_from_string(data)
         except ModelFileError:
             raise
         except FileNotFoundError:
@@ -75,7 +76,7 @@ class Classifier:
             )
         self.input_size = self.preprocessing.input_size
         try:
-            self._engine = OnnxEngine(model.SerializeToString(), threads=threads)
+            self._engine = OnnxEngine(data, threads=threads)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ModelFileError(
                 f"{str(path)!r} cannot be run by ONNX Runtime ({type(exc).__name__}: {str(exc)[:200]}); "
