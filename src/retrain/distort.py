@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -304,7 +303,7 @@ def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
     Variants already in the cache are reused; the rest are computed in batches (each image is
     decoded once). Validation and test images are never distorted.
     """
-    from retrain.features import make_engine
+    from retrain.features import make_engine, progress_bar
 
     cfg, spec = run.cfg, run.spec
     d = Distortions.from_config(cfg)
@@ -321,7 +320,7 @@ def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
     if missing:
         # One caller thread (the decoding runs in the pool): let ONNX Runtime use every core per call.
         engine = make_engine(spec, device=cfg.device, model_dir=cfg.model_dir or None, workers=1)
-        bar = _progress(missing, not cfg.quiet)
+        bar = progress_bar(missing, not cfg.quiet, "Distorted variants")
         for rows, cs, pixels in iter_variant_pixels(
             train.paths, keys, todo, d, spec.preprocessing.input_size,
             resample=spec.preprocessing.resample, batch_size=cfg.batch_size, workers=cfg.num_workers or None,
@@ -340,10 +339,3 @@ def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
         "in %s (%.1f s)", d.describe(), copies, n, missing, n * copies - missing, store.directory, seconds,
     )
     return X, y
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="Distorted variants", unit="img",
-                disable=not enabled or not sys.stderr.isatty(), dynamic_ncols=True)

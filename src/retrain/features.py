@@ -368,7 +368,7 @@ def _extract(todo: list[tuple[bytes, str]], engine, store: BottleneckStore, tabl
     lock = threading.Lock()  # guards the chunk iterator, the store, the table and the bar
     stop = threading.Event()
     chunks = iter([todo[i:i + batch_size] for i in range(0, len(todo), batch_size)])
-    bar = _progress(len(todo), progress)
+    bar = progress_bar(len(todo), progress)
 
     def work() -> None:
         while not stop.is_set():
@@ -417,12 +417,13 @@ def _extract(todo: list[tuple[bytes, str]], engine, store: BottleneckStore, tabl
         bar.close()
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, desc: str = "Computing bottlenecks"):
+    """A bar with count, rate and ETA on a terminal; nothing when ``enabled`` is false or stderr is not a tty."""
     from tqdm import tqdm
 
     return tqdm(
         total=total,
-        desc="Computing bottlenecks",
+        desc=desc,
         unit="img",
         disable=not enabled or not sys.stderr.isatty(),
         dynamic_ncols=True,
