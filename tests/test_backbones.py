@@ -131,7 +131,7 @@ def test_structure_and_spec_fields() -> None:
         assert len(net.blocks) == n_mbconv + 2  # stem, MBConvs, head
         assert net.classifier is None and not net.training
         p = spec.preprocessing
-        assert (p.input_size, p.mean, p.std, p.resample) == (size, (127.0,) * 3, (128.0,) * 3, "bilinear")
+        assert (p.input_size, p.mean, p.std, p.resample) == (size, (127.0,) * 3, (128.0,) * 3, "fast_bilinear")
         assert spec.weights_id == weights_path(name).stem and spec.weights_id.startswith(
             name.replace("_", "-")
         )

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
+import retrain.images as images_module
+
 from retrain.images import (
     DECODE_VERSION,
     DEFAULT_MAX_PIXELS,
@@ -389,6 +391,7 @@ def test_bad_arguments_are_programming_errors():
 
 
 def test_jpeg_draft_decodes_at_reduced_scale(monkeypatch):
+    """Pillow's filters: libjpeg decodes a big JPEG at 1/2, 1/4 or 1/8 scale via ``draft``."""
     drafted = []
     real_draft = JpegImagePlugin.JpegImageFile.draft
 
@@ -402,14 +405,107 @@ def test_jpeg_draft_decodes_at_reduced_scale(monkeypatch):
     img.paste(RED, (0, 0, 2000, 3000))
     data = encode(img, "JPEG", quality=85)
     start = time.perf_counter()
-    arr = decode_image(data, 224)
+    arr = decode_image(data, 224, resample="bilinear")
     assert time.perf_counter() - start < 1
     check_output(arr, 224)
     assert close(arr[100, 50], RED) and close(arr[100, 180], BLUE)
     assert drafted == [(500, 375)]  # 1/8 scale, still >= 224 both ways
-    decode_image(data, 400)
+    decode_image(data, 400, resample="bilinear")
     assert drafted[-1] == (1000, 750)  # 1/4: 1/8 would be smaller than 400
     assert decode_image_full(data).size == (4000, 3000)  # no draft there
+
+
+def test_fast_path_decodes_big_jpeg_at_draft_scale(monkeypatch):
+    """The default filter decodes with libjpeg-turbo at the same reduced scale that draft picks."""
+    import simplejpeg
+
+    shapes = []
+    real = simplejpeg.decode_jpeg
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        shapes.append(out.shape)
+        return out
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
+    img = Image.new("RGB", (4000, 3000), BLUE)
+    img.paste(RED, (0, 0, 2000, 3000))
+    data = encode(img, "JPEG", quality=85)
+    arr = decode_image(data, 224)
+    check_output(arr, 224)
+    assert close(arr[100, 50], RED) and close(arr[100, 180], BLUE)
+    assert shapes == [(375, 500, 3)]
+    decode_image(data, 400)
+    assert shapes[-1] == (750, 1000, 3)
+    decode_image(encode(Image.new("RGB", (300, 300)), "JPEG"), 224)
+    assert shapes[-1] == (300, 300, 3)  # not 3/4 scale: libjpeg-turbo decodes that slower than 1/1
+
+
+def _without_turbo(monkeypatch, data: bytes, size: int) -> np.ndarray:
+    with monkeypatch.context() as m:
+        m.setattr(images_module, "_turbo_jpeg", lambda *a: None)
+        return decode_image(data, size)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("kind", ["rgb", "grey", "progressive", "444", "big"])
+def test_fast_path_equals_pillow_decoding(monkeypatch, kind, orientation):
+    """libjpeg-turbo via simplejpeg gives exactly Pillow's pixels, EXIF rotation included."""
+    size = (1000, 700) if kind == "big" else (300, 200)
+    img = Image.effect_noise(size, 50).convert("RGB")
+    img.paste(RED, (0, 0, size[0] // 3, size[1] // 2))
+    options = {"quality": 88}
+    if kind == "grey":
+        img = img.convert("L")
+    if kind == "progressive":
+        options["progressive"] = True
+    if kind == "444":
+        options["subsampling"] = 0
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, "JPEG", exif=exif.tobytes(), **options)
+    fast = decode_image(data, 224)
+    check_output(fast, 224)
+    assert np.array_equal(fast, _without_turbo(monkeypatch, data, 224))
+    # and upright: where Pillow's own resize and transpose put things, in 28 x 28 blocks
+    slow = decode_image(data, 224, resample="bilinear")
+    blocks = [a.reshape(8, 28, 8, 28, 3).mean(axis=(1, 3)) for a in (fast, slow)]
+    assert np.abs(blocks[0] - blocks[1]).max() < 8
+
+
+def test_numpy_transposes_match_pillow():
+    a = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    for orientation, transpose in images_module._UPRIGHT.items():
+        want = np.asarray(Image.fromarray(a).transpose(transpose))
+        assert np.array_equal(images_module._NUMPY_UPRIGHT[orientation](a), want), orientation
+
+
+def test_fast_path_falls_back_to_pillow(monkeypatch):
+    """CMYK JPEGs, and JPEGs that libjpeg-turbo's strict mode refuses, still decode (through Pillow)."""
+    cmyk = encode(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG")
+    assert close(decode_image(cmyk, 32)[16, 16], RED, tol=30)
+    # Junk between markers is a libjpeg warning: strict simplejpeg refuses it, Pillow decodes it.
+    good = encode(halves((64, 32)), "JPEG", quality=95)
+    sos = good.index(b"\xff\xda")
+    junk = good[:sos] + b"\x00\x00" + good[sos:]
+    arr = decode_image(junk, 32)
+    assert close(arr[16, 4], RED) and close(arr[16, 28], BLUE)
+
+
+def test_fast_path_averages_when_shrinking_a_lot():
+    """Shrinking a PNG (no draft) 10x must average, not skip: 1-px stripes become even grey."""
+    stripes = np.zeros((2240, 2240, 3), np.uint8)
+    stripes[::2] = 255
+    arr = decode_image(encode(Image.fromarray(stripes), "PNG"), 224)
+    assert abs(float(arr.mean()) - 127.5) < 2 and arr.std() < 2
+    assert abs(float(decode_image(encode(Image.fromarray(stripes[:300, :300]), "PNG"), 224).mean()) - 127.5) < 10
+
+
+def test_fast_bilinear_close_to_pillow_bilinear():
+    data = encode(Image.linear_gradient("L").resize((300, 300)).convert("RGB"), "JPEG", quality=95)
+    fast = decode_image(data, 224).astype(int)
+    slow = decode_image(data, 224, resample="bilinear").astype(int)
+    assert np.abs(fast - slow).mean() < 1.5
 
 
 def test_thread_pool_matches_serial():

@@ -60,7 +60,7 @@ for _name, _v in _VARIANTS.items():
                 input_size=_v.input_size,
                 mean=(127.0, 127.0, 127.0),
                 std=(128.0, 128.0, 128.0),
-                resample="bilinear",
+                resample="fast_bilinear",  # retrain.images.FAST_BILINEAR (not imported: keeps specs cheap)
             ),
             build=partial(_build, _name),
             description=f"EfficientNet-Lite{_v.index}, {_v.input_size} px, ImageNet top-1 {_v.top1}% (TF original)",
