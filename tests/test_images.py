@@ -14,7 +14,6 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 import retrain.images as images_module
-
 from retrain.images import (
     DECODE_VERSION,
     DEFAULT_MAX_PIXELS,
