@@ -30,9 +30,10 @@ def _run(paths, store, factory=lambda: _engine, **kw):
 
 @pytest.fixture
 def counted_hashing(monkeypatch):
+    """Paths whose bytes extraction reads (each read is hashed)."""
     calls: list[str] = []
-    real = features._hash_file
-    monkeypatch.setattr(features, "_hash_file", lambda p: (calls.append(p), real(p))[1])
+    real = features.read_image_bytes
+    monkeypatch.setattr(features, "read_image_bytes", lambda p, *a, **k: (calls.append(p), real(p, *a, **k))[1])
     monkeypatch.setattr(features.FileKeyMemo, "RACY_SECONDS", -60.0)  # trust files written just now
     return calls
 
@@ -93,3 +94,34 @@ def test_engine_error_stops_the_run_and_keeps_finished_batches(tmp_path: Path):
     kept = BottleneckStore(tmp_path / "bn", 16)
     kept.refresh()
     assert len(kept) == 4  # the two batches before the failure were flushed
+
+
+def test_cold_run_reads_each_file_once_and_duplicates_are_computed_once(tmp_path: Path, counted_hashing):
+    folder = make_image_folder(tmp_path / "img", per_class=4)
+    copy = folder / "red" / "copy_of_first.jpg"
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+    copy.write_bytes(Path(paths[0]).read_bytes())
+    paths.append(str(copy))
+    calls = []
+    table = _run(paths, BottleneckStore(tmp_path / "bn", 16), lambda: (lambda px: (calls.append(len(px)), _engine(px))[1]),
+                 batch_size=4, workers=1)
+    assert sorted(counted_hashing) == sorted(paths)  # one read per file: hashing and decoding share it
+    assert table.computed == 12 and sum(calls) == 12  # the copy's content was computed once
+    assert table.keys[str(copy)] == table.keys[paths[0]] and list(table.keys) == paths
+
+
+def test_stale_memo_key_is_replaced_by_the_key_of_what_was_decoded(tmp_path: Path, counted_hashing, monkeypatch):
+    """If the memo ever names the wrong content, the features still go under the key of the bytes decoded."""
+    paths = sorted(str(p) for p in make_image_folder(tmp_path / "img", per_class=2).rglob("*.jpg"))
+    stale = b"\x01" * 20
+    real_lookup = features.FileKeyMemo.lookup
+    monkeypatch.setattr(features.FileKeyMemo, "lookup",
+                        lambda self, name, sig: stale if name.endswith(b"red/img_000.jpg") else real_lookup(self, name, sig))
+    store = BottleneckStore(tmp_path / "bn", 16)
+    table = _run(paths, store)
+    victims = [p for p in paths if p.endswith("red/img_000.jpg")]
+    assert victims and table.computed == 6 and not table.skipped
+    for path in victims:
+        assert table.keys[path] == content_key(Path(path).read_bytes())
+    store.refresh()
+    assert stale not in store and all(key in store for key in table.keys.values())

@@ -37,6 +37,11 @@ log = logging.getLogger("retrain")
 
 DEVICES = ("auto", "cpu", "cuda")
 
+# Images per forward pass when none is asked for. On the CPU small batches are as fast as big ones
+# (the activations of a batch of 8 stay near the caches) and each worker's ONNX Runtime arena stays
+# ~250 MB smaller than at 32; a GPU wants bigger calls.
+AUTO_BATCH = {"cpu": 8, "cuda": 64}
+
 
 def resolve_device(device: str) -> str:
     if device not in DEVICES:
@@ -266,47 +271,19 @@ class FileKeyMemo:
         return entries
 
 
-def _hash_file(path: str) -> tuple[bytes | None, str | None, tuple[int, ...] | None]:
-    """(content key, None, stat signature taken before reading) or (None, reason, None)."""
-    try:
-        sig = FileKeyMemo.signature(os.stat(path))  # before reading: a later edit changes the signature
-    except OSError:
-        sig = None  # read_image_bytes says why
-    try:
-        return content_key(read_image_bytes(path)), None, sig
-    except ImageError as exc:
-        return None, exc.reason, None
-
-
-def content_keys(paths: Sequence[str], memo: FileKeyMemo | None, table: FeatureTable, workers: int) -> None:
-    """Fill ``table.keys`` (and ``table.skipped`` for unreadable files): memo hits by stat, the rest by hashing."""
-    names: dict[str, bytes] = {}
-    misses: list[str] = []
+def _memo_keys(paths: Sequence[str], memo: FileKeyMemo, table: FeatureTable) -> dict[str, bytes | None]:
+    """Fill ``table.keys`` from the stat memo; return the paths it does not know, with their memo names."""
+    unknown: dict[str, bytes | None] = {}
     for path in paths:
-        key = None
-        if memo is not None:
-            with contextlib.suppress(OSError, ValueError):
-                name = os.fsencode(os.path.abspath(path))
-                names[path] = name
-                key = memo.lookup(name, FileKeyMemo.signature(os.stat(path)))
+        name = key = None
+        with contextlib.suppress(OSError, ValueError):
+            name = os.fsencode(os.path.abspath(path))
+            key = memo.lookup(name, FileKeyMemo.signature(os.stat(path)))
         if key is None:
-            misses.append(path)
+            unknown[path] = name
         else:
             table.keys[path] = key
-    if not misses:
-        return
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="retrain-hash") as pool:
-        for path, (key, reason, sig) in zip(misses, pool.map(_hash_file, misses)):
-            if key is None:
-                table.skipped[path] = reason
-                continue
-            table.keys[path] = key
-            if memo is not None and sig is not None and path in names:
-                memo.remember(names[path], sig, key)
-    # Keep the table in the callers' order (memo hits were filled first).
-    ordered = {p: table.keys[p] for p in paths if p in table.keys}
-    table.keys.clear()
-    table.keys.update(ordered)
+    return unknown
 
 
 # -- extraction ------------------------------------------------------------------------------------
@@ -316,33 +293,43 @@ def compute_features(
     store: BottleneckStore,
     *,
     engine_factory: Callable[[], Callable[[np.ndarray], np.ndarray]],
-    batch_size: int = 32,
+    batch_size: int = 0,
     workers: int | None = None,
     progress: bool = True,
 ) -> FeatureTable:
     """Make sure every readable file in ``paths`` has its features in ``store``.
 
+    Each file the stat memo does not know is read exactly once, by an extraction worker:
+    its bytes are hashed for the content key and, if that content is new, decoded from
+    the same bytes. So the features are always stored under the key of the very bytes
+    that were decoded, and a cold run costs one read per file.
+
+    ``batch_size``: images per engine call (0: ``AUTO_BATCH`` for the engine's kind).
     ``workers``: extraction threads (default: one per core on the CPU). The engine's
     ``concurrency`` attribute (default 1) says how many of them may run it at once.
     """
     t0 = time.perf_counter()
     table = FeatureTable()
     memo = FileKeyMemo(store.directory)
-    content_keys(paths, memo, table, workers or min(8, cpu_cores() + 2))
-    memo.save()
     store.refresh()
-    todo: dict[bytes, str] = {}
+    unknown = _memo_keys(paths, memo, table)
+    todo: list[tuple[str, bytes | None]] = []  # (path, key known from the memo, or None)
+    claimed: set[bytes] = set()
     for path, key in table.keys.items():
-        if key not in store and key not in todo:
-            todo[key] = path
-    table.cached = sum(key in store for key in table.keys.values())
-    if todo:
-        engine = engine_factory()
-        n_workers = workers or max(1, getattr(engine, "concurrency", 1))
-        if getattr(engine, "concurrency", 1) == 1 and not workers:  # GPU or a plain function: decoders feed it
-            n_workers = extraction_plan("cuda")[0]
-        _extract(list(todo.items()), engine, store, table, spec=spec, batch_size=max(1, batch_size),
-                 workers=n_workers, progress=progress)
+        if key in store:
+            table.cached += 1
+        elif key not in claimed:
+            claimed.add(key)
+            todo.append((path, key))
+    todo += [(path, None) for path in unknown]
+    try:
+        if todo:
+            _Extraction(todo, engine_factory, spec, store, table, memo, unknown, claimed,
+                        batch_size=batch_size, workers=workers).run(progress)
+    finally:
+        memo.save()
+    # Callers' order; a memo key that turned out stale was replaced by the key of what was read.
+    table.keys = {p: table.keys[p] for p in paths if p in table.keys}
     # A file whose content failed to decode is bad wherever it appears (duplicates included).
     bad_keys = {table.keys[p]: table.skipped[p] for p in table.skipped if p in table.keys}
     for path, key in list(table.keys.items()):
@@ -353,68 +340,110 @@ def compute_features(
     return table
 
 
-def _decode_checked(key: bytes, path: str, size: int, resample: str) -> np.ndarray:
-    data = read_image_bytes(path)
-    if content_key(data) != key:  # edited since it was hashed: never cache under the old key
-        raise ImageError("file changed while retrain was reading it")
-    return decode_image(data, size, resample=resample)  # (size, size, 3) uint8
+class _Extraction:
+    """Worker threads that read, hash, decode and batch files, and run the engine on each full batch.
 
+    Each worker holds at most one batch of pixels. Shared state (the work list, the store, the
+    table, the memo, the progress bar) is touched only under ``lock``.
+    """
 
-def _extract(todo: list[tuple[bytes, str]], engine, store: BottleneckStore, table: FeatureTable, *,
-             spec: BackboneSpec, batch_size: int, workers: int, progress: bool) -> None:
-    """Decode and run ``todo`` in batches on ``workers`` threads; at most one batch of pixels per thread."""
-    size, resample = spec.preprocessing.input_size, spec.preprocessing.resample
-    gate = threading.Semaphore(max(1, getattr(engine, "concurrency", 1)))
-    lock = threading.Lock()  # guards the chunk iterator, the store, the table and the bar
-    stop = threading.Event()
-    chunks = iter([todo[i:i + batch_size] for i in range(0, len(todo), batch_size)])
-    bar = progress_bar(len(todo), progress)
+    def __init__(self, todo, engine_factory, spec: BackboneSpec, store: BottleneckStore, table: FeatureTable,
+                 memo: FileKeyMemo, names: dict[str, bytes | None], claimed: set[bytes], *, batch_size: int,
+                 workers: int | None):
+        self.todo, self.store, self.table, self.memo, self.names = todo, store, table, memo, names
+        self.claimed = claimed  # content keys some worker has taken on (or that are already cached)
+        self.size, self.resample = spec.preprocessing.input_size, spec.preprocessing.resample
+        self.batch_size, self.workers = batch_size, workers
+        self.engine_factory = engine_factory
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.items = iter(todo)
 
-    def work() -> None:
-        while not stop.is_set():
-            with lock:
-                chunk = next(chunks, None)
-            if chunk is None:
-                return
-            pixels = np.empty((len(chunk), size, size, 3), dtype=np.uint8)  # (B, H, W, 3)
-            keys: list[bytes] = []
-            failed: dict[str, str] = {}
-            for key, path in chunk:
-                if stop.is_set():
-                    return
+    def run(self, progress: bool) -> None:
+        self.engine = self.engine_factory()
+        concurrency = max(1, getattr(self.engine, "concurrency", 1))
+        self.gate = threading.Semaphore(concurrency)
+        # A GPU engine (or a plain function) runs one batch at a time: many decoding workers feed it.
+        kind = "cuda" if concurrency == 1 else "cpu"
+        n = self.workers or (extraction_plan("cuda")[0] if kind == "cuda" else concurrency)
+        if self.batch_size < 1:
+            self.batch_size = AUTO_BATCH[kind]
+        self.bar = progress_bar(len(self.todo), progress)
+        try:
+            with ThreadPoolExecutor(n, thread_name_prefix="retrain-extract") as pool:
+                futures = [pool.submit(self.work) for _ in range(min(n, len(self.todo)))]
                 try:
-                    pixels[len(keys)] = _decode_checked(key, path, size, resample)
-                    keys.append(key)
-                except ImageError as exc:
-                    failed[path] = exc.reason
-            feats = None
-            if keys:
-                with gate:
-                    feats = engine(pixels[: len(keys)])  # (n, D)
-            with lock:
-                table.skipped.update(failed)
-                if keys:
-                    store.put_many(keys, feats)
-                    table.computed += len(keys)
-                bar.update(len(chunk))
+                    # Wake up often: a Ctrl-C delivered to a worker thread is only acted on when the main
+                    # thread runs Python code, and it should stop the run now, not when extraction ends.
+                    while wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION).not_done:
+                        if any(f.done() and f.exception() for f in futures):
+                            break
+                    for fut in futures:
+                        fut.result()  # re-raises a worker's error
+                except BaseException:  # an engine error or Ctrl-C: the other workers stop after their image
+                    self.stop.set()
+                    raise
+        finally:
+            self.store.flush()  # finished batches survive an interruption
+            self.bar.close()
 
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="retrain-extract") as pool:
-            futures = [pool.submit(work) for _ in range(min(workers, len(todo)))]
+    def work(self) -> None:
+        pixels = np.empty((self.batch_size, self.size, self.size, 3), dtype=np.uint8)  # (B, H, W, 3)
+        keys: list[bytes] = []
+        while not self.stop.is_set():
+            with self.lock:
+                item = next(self.items, None)
+            if item is None:
+                break
+            path, key = item
             try:
-                # Wake up often: a Ctrl-C delivered to a worker thread is only acted on when the main
-                # thread runs Python code, and it should stop the run now, not when extraction ends.
-                while wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION).not_done:
-                    if any(f.done() and f.exception() for f in futures):
-                        break
-                for fut in futures:
-                    fut.result()  # re-raises a worker's error
-            except BaseException:  # an engine error or Ctrl-C: the other workers stop after their image
-                stop.set()
-                raise
-    finally:
-        store.flush()  # finished batches survive an interruption
-        bar.close()
+                key = self._claim(path, key, pixels, len(keys))
+            except ImageError as exc:
+                with self.lock:
+                    self.table.skipped[path] = exc.reason
+                    self.bar.update(1)
+                continue
+            if key is None:  # cached, or another file with the same content has it
+                continue
+            keys.append(key)
+            if len(keys) == self.batch_size:
+                self._run_batch(pixels, keys)
+                keys = []
+        if keys and not self.stop.is_set():
+            self._run_batch(pixels, keys)
+
+    def _claim(self, path: str, memo_key: bytes | None, pixels: np.ndarray, slot: int) -> bytes | None:
+        """Read ``path`` once; decode it into ``pixels[slot]`` and return its key if its content is new."""
+        try:
+            sig = FileKeyMemo.signature(os.stat(path))  # before reading: a later edit changes the signature
+        except OSError:
+            sig = None  # read_image_bytes says why
+        data = read_image_bytes(path)
+        key = content_key(data)
+        with self.lock:
+            self.table.keys[path] = key
+            name = self.names.get(path)
+            if name is None and memo_key is not None and key != memo_key:  # the memo was stale: mend it
+                with contextlib.suppress(ValueError):
+                    name = os.fsencode(os.path.abspath(path))
+            if name is not None and sig is not None:
+                self.memo.remember(name, sig, key)
+            if key != memo_key and (key in self.store or key in self.claimed):
+                if key in self.store:
+                    self.table.cached += 1
+                self.bar.update(1)
+                return None
+            self.claimed.add(key)
+        pixels[slot] = decode_image(data, self.size, resample=self.resample)  # (size, size, 3) uint8
+        return key
+
+    def _run_batch(self, pixels: np.ndarray, keys: list[bytes]) -> None:
+        with self.gate:
+            feats = self.engine(pixels[: len(keys)])  # (n, D)
+        with self.lock:
+            self.store.put_many(keys, feats)
+            self.table.computed += len(keys)
+            self.bar.update(len(keys))
 
 
 def progress_bar(total: int, enabled: bool, desc: str = "Computing bottlenecks"):
