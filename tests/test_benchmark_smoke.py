@@ -48,15 +48,17 @@ def test_table_from_real_runs(tmp_path: Path):
     assert entries == 20 and load_s >= 0
     plain = benchmark.plain_pytorch_pipeline(photos, architecture=TINY, head_steps=5)
     assert plain["images"] == 20 and plain["extraction_seconds"] > 0
-    gflops = benchmark.matmul_gflops(n=128, repeats=1)
-    assert gflops > 0
+    gflops, per_core = benchmark.matmul_gflops(n=128, repeats=1)
+    assert gflops > 0 and per_core > 0
+    assert cold.extraction_cpu_seconds > 0 and cold.cpu_ms_per_image > 0
     report = benchmark.Report(
-        str(photos), 20, TINY, gflops, 0.05, cold, warm,
+        str(photos), 20, TINY, gflops, 0.05, per_core, cold, warm,
         plain=benchmark.PlainRun(cold.seconds * 4, 500.0, plain["extraction_seconds"], 20, plain["test_accuracy"]),
         big_images=20, big=cold, store_load_seconds=load_s, store_entries=entries, machine="test",
     )
     table = benchmark.make_table(report)
     assert "| end to end, warm, s |" in table and "| bar | measured | |" in table
+    assert "| extraction / floor, in CPU time |" in table
     assert "cold end to end <= 0.25x plain PyTorch | 0.25x | met" in table
     verdicts = {name: ok for name, _, ok in benchmark.bars(report)}
     assert verdicts["cold end to end <= 0.25x plain PyTorch"] is True

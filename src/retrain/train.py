@@ -172,6 +172,7 @@ class _Run:
         self.spec = resolve_backbone(cfg)
         self.seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
         self.timings: dict[str, float] = {}
+        self.cpu_timings: dict[str, float] = {}  # CPU seconds, all threads
 
     # -- the stages ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -208,6 +209,7 @@ class _Run:
         self._export(dataset, head, metrics, backbone_onnx)
         self.timings["total"] = time.perf_counter() - t_start
         metrics["seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
+        metrics["cpu_seconds"] = {k: round(v, 3) for k, v in self.cpu_timings.items()}
         atomic_write_bytes(self.paths.run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
         self._link_latest()
         return TrainResult(
@@ -257,6 +259,7 @@ class _Run:
             progress=not cfg.quiet,
         )
         self.timings["features"] = table.seconds
+        self.cpu_timings["features"] = table.cpu_seconds
         rate = table.computed / table.seconds if table.seconds and table.computed else 0.0
         where = printable(str(store.directory))
         if table.computed:
