@@ -294,7 +294,7 @@ def plain_pytorch_pipeline(image_dir, *, architecture: str = "efficientnet_lite0
     net = spec.build().eval()
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    resample = Image.Resampling[pre.resample.upper()]
+    resample = Image.Resampling.BILINEAR  # the straightforward way (retrain's default is its own fast_bilinear)
     dataset = assign_splits(discover(image_dir), validation_percentage=10, testing_percentage=10)
     records = dataset.records
     t0 = time.perf_counter()

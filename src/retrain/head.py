@@ -53,6 +53,8 @@ class SoftmaxHead:
     inverse class frequency; ``"none"`` samples images uniformly with equal weights.
     """
 
+    CHUNK = 16  # most steps drawn and gathered at once (16 x batch x D floats: 8 MB at 100 x 1280)
+
     def __init__(
         self,
         *,
@@ -124,39 +126,62 @@ class SoftmaxHead:
             rng.bit_generator.state = resume_state["rng"]
         self._sampler = _Sampler(y, n_classes, self.class_balance)
         val_rng = np.random.default_rng(None if self.seed is None else self.seed + 1)
-        # Tiny matrix products run fastest on one BLAS thread; fresh 0.5 MB batch arrays would cost a page
-        # fault each, so every step writes into the same buffers.
-        xb = np.empty((self.batch_size, d), dtype=np.float32)  # (B, D)
-        rows = np.arange(self.batch_size)
-        with threadpool_limits(1, user_api="blas"):
-            for step in range(start, self.steps):
-                idx = self._sampler.draw(rng, self.batch_size)  # (B,)
-                np.take(X, idx, axis=0, out=xb, mode="clip")  # indices are valid; 'raise' would buffer
-                yb, wb = y[idx], self._sampler.weights[idx]
-                probs = softmax(xb @ W + b)  # (B, C)
-                grad = probs.copy()
-                grad[rows, yb] -= 1.0
-                grad *= (wb / wb.sum())[:, None]
-                gW, gb = (grad.T @ xb).T, grad.sum(axis=0)  # (D, C), (C,)
-                self._update(W, b, gW, gb, opt, step + 1)
-                if (step + 1) % eval_every == 0 or step + 1 == self.steps:
-                    report, score = self._evaluate(
-                        step + 1, probs, yb, wb, W, b, X_val, y_val, validation_batch_size, val_rng
-                    )
-                    if score > best["score"]:
-                        best = {"score": score, "W": W.copy(), "b": b.copy(), "step": step + 1}
-                    self.coef_, self.intercept_ = W, b
-                    self._resume = {
-                        "W": W, "b": b, "opt": opt, "step": step + 1, "best": best, "rng": rng.bit_generator.state
-                    }
-                    if on_eval is not None:
-                        on_eval(report, self)
+        B, C = self.batch_size, n_classes
+        # The steps up to the next evaluation (at most CHUNK) share one draw of indices and one gather,
+        # so a step is a handful of NumPy calls on small arrays, all writing into buffers made here:
+        # fresh 0.5 MB batch arrays would cost page faults every step. A resumed run starts at an
+        # evaluation, where a chunk starts too, so it draws exactly the numbers the full run drew.
+        chunk = max(1, min(eval_every, self.CHUNK))
+        xc = np.empty((chunk * B, d), dtype=np.float32)  # (chunk*B, D)
+        logits = np.empty((B, C), dtype=np.float32)
+        eye = np.eye(C, dtype=np.float32)
+        adam = _Adam(W, b, opt, self.learning_rate) if self.optimizer == "adam" else None
+        gW = np.empty_like(W)
+        with threadpool_limits(1, user_api="blas"):  # tiny matrix products run fastest on one thread
+            step = start
+            while step < self.steps:
+                stop = min(self.steps, (step // eval_every + 1) * eval_every, step + chunk)
+                k = stop - step
+                idx = self._sampler.draw(rng, k * B)  # (k*B,)
+                np.take(X, idx, axis=0, out=xc[: k * B], mode="clip")  # indices are valid; 'raise' buffers
+                yc, wc = y[idx].reshape(k, B), self._sampler.weights[idx].reshape(k, B)
+                scale = wc / wc.sum(axis=1, keepdims=True)  # (k, B): each step's loss weights, summing to 1
+                onehot = eye[yc]  # (k, B, C)
+                for i in range(k):
+                    xb, yb = xc[i * B:(i + 1) * B], yc[i]
+                    np.matmul(xb, W, out=logits)
+                    logits += b
+                    probs = softmax(logits)  # in place: (B, C)
+                    step += 1
+                    evaluate = step % eval_every == 0 or step == self.steps
+                    report_probs = probs.copy() if evaluate else None
+                    probs -= onehot[i]  # now the gradient of the loss wrt the logits
+                    probs *= scale[i][:, None]
+                    np.matmul(xb.T, probs, out=gW)  # (D, C)
+                    gb = probs.sum(axis=0)  # (C,)
+                    if adam is not None:
+                        adam.step(gW, gb, step)
+                    else:
+                        self._update(W, b, gW, gb, opt, step)
+                    if evaluate:
+                        report, score = self._evaluate(
+                            step, report_probs, yb, wc[i], W, b, X_val, y_val, validation_batch_size, val_rng
+                        )
+                        if score > best["score"]:
+                            best = {"score": score, "W": W.copy(), "b": b.copy(), "step": step}
+                        self.coef_, self.intercept_ = W, b
+                        self._resume = {
+                            "W": W, "b": b, "opt": opt, "step": step, "best": best, "rng": rng.bit_generator.state
+                        }
+                        if on_eval is not None:
+                            on_eval(report, self)
         use_best = self.keep_best and X_val is not None and len(X_val) > 0
         self.best_step_ = best["step"] if use_best else self.steps
         self.coef_, self.intercept_ = (best["W"], best["b"]) if use_best else (W, b)
         return self
 
     def _update(self, W, b, gW, gb, opt, t: int) -> None:
+        """SGD and momentum (Adam is _Adam)."""
         lr = self.learning_rate
         if self.weight_decay:
             gW = gW + self.weight_decay * W
@@ -168,14 +193,8 @@ class SoftmaxHead:
             opt["mb"] = 0.9 * opt["mb"] + gb
             W -= lr * opt["mW"]
             b -= lr * opt["mb"]
-        else:  # Adam
-            b1, b2, eps = 0.9, 0.999, 1e-8
-            for p, g, m, v in ((W, gW, "mW", "vW"), (b, gb, "mb", "vb")):
-                opt[m] = b1 * opt[m] + (1 - b1) * g
-                opt[v] = b2 * opt[v] + (1 - b2) * g * g
-                mhat = opt[m] / (1 - b1**t)
-                vhat = opt[v] / (1 - b2**t)
-                p -= (lr * mhat / (np.sqrt(vhat) + eps)).astype(np.float32)
+        else:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}")
 
     def _evaluate(self, step, probs, yb, wb, W, b, X_val, y_val, validation_batch_size, val_rng):
         train_acc = float((probs.argmax(1) == yb).mean())
@@ -215,6 +234,37 @@ class SoftmaxHead:
         """Everything needed to resume training exactly where the last evaluation left it."""
         self._check_fitted()
         return self._resume
+
+
+class _Adam:
+    """Adam on (W, b) in place, its moments kept in ``opt`` (mW, vW, mb, vb) for checkpoints."""
+
+    B1, B2, EPS = 0.9, 0.999, 1e-8
+
+    def __init__(self, W: np.ndarray, b: np.ndarray, opt: dict, lr: float):
+        self.params = ((W, "mW", "vW", np.empty_like(W), np.empty_like(W)),
+                       (b, "mb", "vb", np.empty_like(b), np.empty_like(b)))
+        self.opt, self.lr = opt, lr
+
+    def step(self, gW: np.ndarray, gb: np.ndarray, t: int) -> None:
+        b1, b2, opt = self.B1, self.B2, self.opt
+        c1, c2 = 1 - b1**t, 1 - b2**t  # bias corrections
+        for (p, m, v, t1, t2), g in zip(self.params, (gW, gb)):
+            m, v = opt[m], opt[v]
+            m *= b1
+            np.multiply(g, 1 - b1, out=t1)
+            m += t1  # m = b1 m + (1 - b1) g
+            v *= b2
+            np.multiply(g, 1 - b2, out=t1)
+            t1 *= g
+            v += t1  # v = b2 v + (1 - b2) g^2
+            np.divide(m, c1, out=t1)
+            t1 *= self.lr  # lr * m_hat
+            np.divide(v, c2, out=t2)
+            np.sqrt(t2, out=t2)
+            t2 += self.EPS  # sqrt(v_hat) + eps
+            t1 /= t2
+            p -= t1
 
 
 class _Sampler:

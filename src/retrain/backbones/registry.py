@@ -29,7 +29,7 @@ class Preprocessing:
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    resample: str = "bilinear"
+    resample: str = "fast_bilinear"  # retrain.images.RESAMPLE_FILTERS lists the choices
 
     def to_dict(self) -> dict:
         return {
@@ -45,7 +45,7 @@ class Preprocessing:
             input_size=int(d["input_size"]),
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
-            resample=str(d.get("resample", "bilinear")),
+            resample=str(d.get("resample", "bilinear")),  # manifests from before fast_bilinear: Pillow's
         )
 
 
