@@ -65,3 +65,33 @@ def test_class_balance_policies_and_errors():
     head = SoftmaxHead(steps=5, seed=0).fit(X, y, n_classes=3)
     with pytest.raises(ValueError, match="expects \\(N, 32\\)"):
         head.predict(np.zeros((2, 10), np.float32))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "momentum"])
+def test_weight_decay_shrinks_the_weights_with_every_optimizer(optimizer):
+    X, y = _blobs()
+    plain = SoftmaxHead(steps=200, seed=0, optimizer=optimizer).fit(X, y, n_classes=3)
+    decayed = SoftmaxHead(steps=200, seed=0, optimizer=optimizer, weight_decay=0.5).fit(X, y, n_classes=3)
+    assert np.abs(decayed.coef_).sum() < 0.8 * np.abs(plain.coef_).sum()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "momentum"])
+def test_per_class_products_and_one_matmul_train_the_same_head(monkeypatch, optimizer):
+    """Few classes take the matrix-vector path, many the matmul path: both must be the same maths."""
+    X, y = _blobs(c=3)
+    fast = SoftmaxHead(steps=150, seed=2, optimizer=optimizer).fit(X, y, n_classes=3, X_val=X[:50], y_val=y[:50])
+    monkeypatch.setattr(SoftmaxHead, "GEMV_CLASSES", 0)
+    general = SoftmaxHead(steps=150, seed=2, optimizer=optimizer).fit(X, y, n_classes=3, X_val=X[:50], y_val=y[:50])
+    assert np.allclose(fast.coef_, general.coef_, atol=1e-5) and np.allclose(fast.intercept_, general.intercept_, atol=1e-5)
+    assert fast.coef_.flags.c_contiguous and fast.coef_.shape == (X.shape[1], 3)
+
+
+def test_resume_with_momentum_and_weight_decay_matches_one_run():
+    X, y = _blobs()
+    kw = {"steps": 120, "seed": 4, "optimizer": "momentum", "weight_decay": 0.01}
+    full = SoftmaxHead(**kw).fit(X, y, n_classes=3, eval_every=10)
+    states = []
+    SoftmaxHead(**kw).fit(X, y, n_classes=3, eval_every=10,
+                          on_eval=lambda r, h: states.append(_copy(h.state_dict())) if r.step == 60 else None)
+    resumed = SoftmaxHead(**kw).fit(X, y, n_classes=3, eval_every=10, resume_state=states[0])
+    assert np.array_equal(full.coef_, resumed.coef_)
