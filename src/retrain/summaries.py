@@ -104,16 +104,26 @@ class EventWriter:
         name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}.retrain"
         self.path = self.logdir / name
         self._f = open(self.path, "ab")
+        self._headers: dict[int, bytes] = {}
         self._write(_event(0, file_version="brain.Event:2"))
 
     def _write(self, payload: bytes) -> None:
-        header = struct.pack("<Q", len(payload))
-        self._f.write(header + struct.pack("<I", _masked_crc(header)) + payload)
-        self._f.write(struct.pack("<I", _masked_crc(payload)))
+        header = self._headers.get(len(payload))
+        if header is None:  # records of one kind have one length: their framed header is computed once
+            header = struct.pack("<Q", len(payload))
+            header = self._headers[len(payload)] = header + struct.pack("<I", _masked_crc(header))
+        self._f.write(header + payload + struct.pack("<I", _masked_crc(payload)))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        value_msg = _bytes_field(1, tag.encode()) + _key(2, 5) + struct.pack("<f", float(value))
-        self._write(_event(step, summary=_bytes_field(1, value_msg)))
+        self.scalars({tag: value}, step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Several scalars of one step in one event (TensorBoard reads each as its own series)."""
+        summary = b"".join(
+            _bytes_field(1, _bytes_field(1, tag.encode()) + _key(2, 5) + struct.pack("<f", float(value)))
+            for tag, value in values.items()
+        )
+        self._write(_event(step, summary=summary))
 
     def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
         value_msg = _bytes_field(1, tag.encode()) + _bytes_field(5, _histogram(values))

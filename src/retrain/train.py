@@ -435,14 +435,13 @@ class _TrainingLogger:
         )
         log.info("Step %d: Train accuracy = %.1f%%, Cross entropy = %.6f%s",
                  r.step, 100 * r.train_accuracy, r.cross_entropy, val)
-        self.train_writer.scalar("accuracy", r.train_accuracy, r.step)
-        self.train_writer.scalar("cross_entropy", r.cross_entropy, r.step)
+        self.train_writer.scalars({"accuracy": r.train_accuracy, "cross_entropy": r.cross_entropy}, r.step)
         if r.step % self.histogram_every == 0 or r.step == head.steps:
             self.train_writer.histogram("final_retrain_ops/weights", head.coef_, r.step)
             self.train_writer.histogram("final_retrain_ops/biases", head.intercept_, r.step)
         if r.validation_accuracy is not None:
-            self.val_writer.scalar("accuracy", r.validation_accuracy, r.step)
-            self.val_writer.scalar("cross_entropy", r.validation_cross_entropy, r.step)
+            self.val_writer.scalars({"accuracy": r.validation_accuracy,
+                                     "cross_entropy": r.validation_cross_entropy}, r.step)
         if self.interval > 0 and r.step % self.interval == 0 and r.step < head.steps:
             self._intermediate(r.step, head)
         now = time.monotonic()
