@@ -85,8 +85,9 @@ def _training_parser() -> _Parser:
     _add(g, "bottleneck_dir", default=d.bottleneck_dir, help="bottleneck cache folder, safe to share between runs "
           "(default ~/.cache/retrain/bottlenecks)")
     _add(g, "device", default=d.device, choices=["auto", "cpu", "cuda"], help="where the network runs")
-    _add(g, "batch_size", type=int, default=d.batch_size, help="images per forward pass when computing bottlenecks (0 = automatic: 8 per CPU core, "
-         "64 on a GPU, 32 for distortions and fine-tuning)")
+    _add(g, "batch_size", type=int, default=d.batch_size,
+         help="images per forward pass when computing bottlenecks (0 = automatic: 8 per CPU core, 64 on a GPU, "
+              "32 for distortions and fine-tuning)")
     _add(g, "num_workers", type=int, default=d.num_workers, help="image decoding threads (0 = automatic)")
     g = p.add_argument_group("training the new layer")
     _add(g, "how_many_training_steps", type=int, default=d.how_many_training_steps, help="training steps")

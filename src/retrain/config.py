@@ -74,6 +74,11 @@ class TrainConfig:
     quiet: bool = False
     logging_verbosity: str = "INFO"
 
+    @property
+    def pixel_batch_size(self) -> int:
+        """Images per forward pass for distortions and fine-tuning: ``batch_size``, or 32 when automatic."""
+        return self.batch_size or 32
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 

@@ -323,7 +323,7 @@ def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
         bar = progress_bar(missing, not cfg.quiet, "Distorted variants")
         for rows, cs, pixels in iter_variant_pixels(
             train.paths, keys, todo, d, spec.preprocessing.input_size,
-            resample=spec.preprocessing.resample, batch_size=cfg.batch_size or 32, workers=cfg.num_workers or None,
+            resample=spec.preprocessing.resample, batch_size=cfg.pixel_batch_size, workers=cfg.num_workers or None,
         ):
             store.put_many([vkeys[i][c] for i, c in zip(rows, cs)], engine(pixels))  # (B, D)
             bar.update(len(rows))

@@ -352,7 +352,7 @@ class _Extraction:
                  memo: FileKeyMemo, names: dict[str, bytes | None], claimed: set[bytes], *, batch_size: int,
                  workers: int | None):
         self.todo, self.store, self.table, self.memo, self.names = todo, store, table, memo, names
-        self.claimed = claimed  # content keys some worker has taken on (or that are already cached)
+        self.claimed = claimed  # content keys being computed in this run (a worker has taken them on)
         self.size, self.resample = spec.preprocessing.input_size, spec.preprocessing.resample
         self.batch_size, self.workers = batch_size, workers
         self.engine_factory = engine_factory

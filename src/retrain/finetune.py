@@ -238,7 +238,7 @@ class _TopInputs:
         shape = _output_shape(frozen, size)
         rows = len(train.y) * (1 + copies) + len(val.y) + len(test.y)
         dtype = _storage_dtype(rows, shape, k)
-        batch, workers = cfg.batch_size or 32, cfg.num_workers or None
+        batch, workers = cfg.pixel_batch_size, cfg.num_workers or None
 
         def run_frozen(paths: Sequence[str]) -> np.ndarray:
             out = np.empty((len(paths), *shape), dtype)

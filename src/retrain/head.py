@@ -146,6 +146,7 @@ class SoftmaxHead:
         z = np.empty((C, B), dtype=np.float32)  # logits, then probabilities, then the loss gradient
         gP = np.empty_like(P)
         per_class = C <= self.GEMV_CLASSES
+        eye = np.eye(C, dtype=np.float32)
         update = _Optimizer(self.optimizer, P, moments, self.learning_rate, self.weight_decay, d)
         with threadpool_limits(1, user_api="blas"):  # tiny matrix products run fastest on one thread
             step = start
@@ -156,7 +157,7 @@ class SoftmaxHead:
                 np.take(X, idx, axis=0, out=xc[: k * B], mode="clip")  # indices are valid; 'raise' buffers
                 yc, wc = y[idx].reshape(k, B), self._sampler.weights[idx].reshape(k, B)
                 scale = wc / wc.sum(axis=1, keepdims=True)  # (k, B): each step's loss weights, summing to 1
-                onehot = np.ascontiguousarray(np.eye(C, dtype=np.float32)[yc].transpose(0, 2, 1))  # (k, C, B)
+                onehot = np.ascontiguousarray(eye[yc].transpose(0, 2, 1))  # (k, C, B)
                 for i in range(k):
                     xb = xc[i * B:(i + 1) * B]  # (B, D)
                     if per_class:

@@ -69,8 +69,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     | ({".avif"} if features.check_module("avif") else set())
 )
 
-# Part of cache keys.  Pillow (and the libjpeg it bundles) can change decoded
-# or resized pixels between releases, so its version is part of ours.
 def _dist_version(*names: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -82,13 +80,14 @@ def _dist_version(*names: str) -> str:
     return "none"
 
 
+# Part of cache keys.  Pillow, simplejpeg and OpenCV (and the libjpeg they bundle)
+# can change decoded or resized pixels between releases, so their versions are part of ours.
 DECODE_VERSION: str = (
     f"2+pillow{PIL.__version__}+simplejpeg{_dist_version('simplejpeg')}"
     f"+opencv{_dist_version('opencv-python-headless', 'opencv-python', 'opencv-contrib-python-headless', 'opencv-contrib-python')}"
 )
 
-# The default filter: libjpeg-turbo + OpenCV (see the module docstring). Its libraries'
-# versions are part of the cache namespace through fast_decode_version().
+# The default filter: libjpeg-turbo + OpenCV (see the module docstring).
 FAST_BILINEAR = "fast_bilinear"
 RESAMPLE_FILTERS: tuple[str, ...] = (FAST_BILINEAR, "bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
@@ -232,18 +231,22 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
+def _load(img: Image.Image, size: int | None) -> tuple[Image.Image, int]:
+    """Decode an opened image (at draft scale when ``size`` is given) to "L" or "RGB"; with its EXIF orientation."""
+    if size is not None:
+        # libjpeg can decode at 1/2, 1/4 or 1/8 scale almost for free; draft
+        # picks the smallest of those that stays >= size in both dimensions.
+        # The target is square, so an EXIF rotation (which swaps width and
+        # height) cannot make the drafted image too small.  No-op for non-JPEG.
+        img.draft("RGB", (size, size))
+    img.load()  # decode now, so truncation errors surface here and not in getexif
+    return _to_l_or_rgb(img), _exif_orientation(img)
+
+
 def _decode(data: bytes, max_pixels: int, size: int | None, method: Image.Resampling) -> Image.Image:
     img = _open(data, max_pixels)
     with _pillow_errors(img.format or "image"):
-        if size is not None:
-            # libjpeg can decode at 1/2, 1/4 or 1/8 scale almost for free; draft
-            # picks the smallest of those that stays >= size in both dimensions.
-            # The target is square, so an EXIF rotation (which swaps width and
-            # height) cannot make the drafted image too small.  No-op for non-JPEG.
-            img.draft("RGB", (size, size))
-        img.load()  # decode now, so truncation errors surface here and not in getexif
-        orientation = _exif_orientation(img)
-        img = _to_l_or_rgb(img)
+        img, orientation = _load(img, size)
         if size is not None:
             img = img.resize((size, size), method)
         if img.mode != "RGB":
@@ -256,18 +259,14 @@ def _decode(data: bytes, max_pixels: int, size: int | None, method: Image.Resamp
 def _decode_fast(data: bytes, max_pixels: int, size: int) -> np.ndarray:
     """``fast_bilinear``: libjpeg-turbo into an array where it can, Pillow otherwise; OpenCV resizes."""
     img = _open(data, max_pixels)
-    fmt = img.format or "image"
-    orientation = _exif_orientation(img)  # JPEG: from the header, nothing decoded yet
-    pixels = _turbo_jpeg(data, img, size) if fmt == "JPEG" and img.mode in ("RGB", "L") else None
+    pixels = None
+    if img.format == "JPEG" and img.mode in ("RGB", "L"):
+        pixels = _turbo_jpeg(data, img, size)
+        orientation = _exif_orientation(img)  # a JPEG's EXIF is in its header: Pillow has read it already
     if pixels is None:
-        with _pillow_errors(fmt):
-            img.draft("RGB", (size, size))
-            img.load()
-            orientation = _exif_orientation(img)
-            img = _to_l_or_rgb(img)
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            pixels = np.asarray(img)
+        with _pillow_errors(img.format or "image"):
+            img, orientation = _load(img, size)
+            pixels = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     import cv2
 
     height, width = pixels.shape[:2]
