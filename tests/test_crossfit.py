@@ -1,0 +1,78 @@
+"""Out-of-fold fits: folds keep groups whole and classes spread, and no row is scored by a layer that saw it."""
+
+import numpy as np
+import pytest
+
+from retrain.crossfit import assign_folds, checkpoint_steps, cross_fit
+
+
+def blobs(n_per_class=30, n_classes=3, d=16, seed=0, spread=0.3):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, size=(n_classes, d))
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    X = centres[y] + spread * rng.normal(0, 1, size=(len(y), d))
+    return X.astype(np.float32), y
+
+
+def test_folds_are_stratified_balanced_and_deterministic():
+    y = np.repeat([0, 1, 2], [50, 20, 7])
+    fold = assign_folds(y, 5, seed=3)
+    assert set(fold) == set(range(5))
+    sizes = np.bincount(fold)
+    assert sizes.max() - sizes.min() <= 1
+    for c in (0, 1):
+        per = np.bincount(fold[y == c], minlength=5)
+        assert per.max() - per.min() <= 1
+    assert np.array_equal(fold, assign_folds(y, 5, seed=3))
+    assert not np.array_equal(fold, assign_folds(y, 5, seed=4))
+
+
+def test_groups_share_a_fold():
+    y = np.repeat([0, 1], 20)
+    groups = [i // 4 for i in range(40)]  # 10 groups of 4 rows
+    fold = assign_folds(y, 5, groups=groups, seed=0)
+    for g in range(10):
+        assert len(set(fold[np.array(groups) == g])) == 1
+
+
+def test_checkpoint_steps_end_at_the_full_count():
+    assert list(checkpoint_steps(4000))[-1] == 4000 and len(checkpoint_steps(4000)) == 20
+    assert list(checkpoint_steps(7)) == [1, 2, 3, 4, 5, 6, 7]
+    assert list(checkpoint_steps(45, 20))[-1] == 45
+
+
+def test_out_of_fold_accuracy_is_high_on_separable_data():
+    X, y = blobs()
+    cf = cross_fit(X, y, n_classes=3, head_params={"steps": 200}, folds=5, seed=0)
+    assert cf.logits.shape == (90, 3) and cf.fold.shape == (90,)
+    assert cf.accuracy > 0.95
+    assert np.allclose(cf.proba.sum(axis=1), 1, atol=1e-5)
+    assert cf.best_steps in cf.curve_steps
+
+
+def test_random_labels_stay_near_chance_out_of_fold():
+    # A layer that saw a row would fit its random label; out-of-fold it cannot.
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(120, 64)).astype(np.float32)
+    y = rng.integers(0, 3, size=120)
+    cf = cross_fit(X, y, n_classes=3, head_params={"steps": 300}, folds=4, seed=0)
+    final = (cf.logits.argmax(1) == y).mean()
+    assert final < 0.55  # chance is 1/3; a layer scoring its own rows reaches ~100% here
+
+
+def test_copies_of_a_row_never_vouch_for_it():
+    # Every row appears twice with a random label. Without groups, a copy sits in the training folds and
+    # the layer memorises it; with the copies grouped, out-of-fold accuracy falls back to chance.
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(60, 64)).astype(np.float32)
+    y = rng.integers(0, 2, size=60)
+    X2, y2, groups = np.concatenate([X, X]), np.concatenate([y, y]), list(range(60)) * 2
+    leaky = cross_fit(X2, y2, n_classes=2, head_params={"steps": 300}, folds=5, seed=0)
+    grouped = cross_fit(X2, y2, n_classes=2, head_params={"steps": 300}, folds=5, groups=groups, seed=0)
+    assert (leaky.logits.argmax(1) == y2).mean() > 0.9
+    assert (grouped.logits.argmax(1) == y2).mean() < 0.75
+
+
+def test_too_few_rows_is_an_error():
+    with pytest.raises(ValueError, match="at least 2"):
+        cross_fit(np.zeros((1, 4), np.float32), np.array([0]), n_classes=2, head_params={"steps": 10})
