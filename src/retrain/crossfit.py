@@ -65,7 +65,9 @@ def group_ids(groups: Sequence[Hashable] | None, n: int) -> np.ndarray:
     return np.array([index.setdefault(g, len(index)) for g in groups], dtype=np.int64)
 
 
-def assign_folds(y: np.ndarray, k: int, *, groups: Sequence[Hashable] | None = None, seed: int = 0) -> np.ndarray:
+def assign_folds(
+    y: np.ndarray, k: int, *, groups: Sequence[Hashable] | None = None, seed: int = 0
+) -> np.ndarray:
     """A fold in [0, k) for every row: stratified by class, groups kept whole, deterministic for ``seed``.
 
     Each class's groups are shuffled and dealt round the folds, starting where the previous
@@ -122,7 +124,7 @@ def fit_and_score(
     taken: list[int] = []
 
     def record(report, fitted: SoftmaxHead) -> None:
-        if report.step in marks[len(taken):]:
+        if report.step in marks[len(taken) :]:
             i = len(taken)
             out[i] = X_score @ fitted.coef_ + fitted.intercept_
             taken.append(report.step)
@@ -163,8 +165,9 @@ def cross_fit(
 
     def run(job):
         train_idx, score_idx, fold_seed = job
-        return fit_and_score(X, y, train_idx, score_idx, n_classes=n_classes, head_params=head_params,
-                             seed=fold_seed)
+        return fit_and_score(
+            X, y, train_idx, score_idx, n_classes=n_classes, head_params=head_params, seed=fold_seed
+        )
 
     with ThreadPoolExecutor(max_workers=workers or min(k, cpu_cores())) as pool:
         results = list(pool.map(run, jobs))
@@ -190,4 +193,3 @@ def _mean_cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     z = logits - logits.max(axis=1, keepdims=True)  # (N, C)
     log_norm = np.log(np.exp(z).sum(axis=1))
     return float((log_norm - z[np.arange(len(y)), y]).mean())
-
