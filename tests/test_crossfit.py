@@ -36,7 +36,8 @@ def test_groups_share_a_fold():
 
 
 def test_checkpoint_steps_end_at_the_full_count():
-    assert list(checkpoint_steps(4000))[-1] == 4000 and len(checkpoint_steps(4000)) == 20
+    marks = checkpoint_steps(4000)
+    assert marks[0] == 40 and marks[-1] == 4000 and len(marks) == 20 and np.all(np.diff(marks) > 0)
     assert list(checkpoint_steps(7)) == [1, 2, 3, 4, 5, 6, 7]
     assert list(checkpoint_steps(45, 20))[-1] == 45
 
@@ -76,3 +77,27 @@ def test_copies_of_a_row_never_vouch_for_it():
 def test_too_few_rows_is_an_error():
     with pytest.raises(ValueError, match="at least 2"):
         cross_fit(np.zeros((1, 4), np.float32), np.array([0]), n_classes=2, head_params={"steps": 10})
+
+
+def test_fits_stop_once_more_steps_no_longer_help():
+    # Overlapping classes in many dimensions: past some point more steps only overfit.
+    X, y = blobs(n_per_class=20, d=256, spread=3.0)
+    cf = cross_fit(X, y, n_classes=3, head_params={"steps": 4000}, folds=5, seed=0, patience=3)
+    assert len(cf.curve_steps) < 20 and cf.best_steps < 4000
+    assert len(cf.curve_accuracy) == len(cf.curve_loss) == len(cf.curve_steps)
+    best = list(cf.curve_steps).index(cf.best_steps)
+    assert len(cf.curve_steps) - 1 - best == 3  # stopped exactly `patience` checkpoints after the best
+
+
+def test_fold_fits_follow_the_head_they_stand_for():
+    # The batched fold fits run SoftmaxHead's algorithm: a single-job fit scores like a SoftmaxHead fit.
+    from retrain.crossfit import fit_and_score
+    from retrain.head import SoftmaxHead
+
+    X, y = blobs(n_per_class=40, spread=1.5, seed=4)
+    train, score = np.arange(0, 120, 2), np.arange(1, 120, 2)
+    marks, logits = fit_and_score(X, y, train, score, n_classes=3, head_params={"steps": 300}, seed=5)
+    ours = (logits[-1].argmax(1) == y[score]).mean()
+    head = SoftmaxHead(steps=300, seed=5, keep_best=False).fit(X[train], y[train], n_classes=3)
+    theirs = (head.predict(X[score]) == y[score]).mean()
+    assert marks[-1] == 300 and abs(ours - theirs) < 0.1

@@ -14,17 +14,17 @@ copy of an image can never vouch for itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from retrain.features import cpu_cores
-from retrain.head import SoftmaxHead, softmax
+from retrain.head import SoftmaxHead, _Optimizer, _Sampler, softmax
 
 DEFAULT_FOLDS = 5
-CHECKPOINTS = 20  # step counts scored per fold fit (evenly spaced up to the full count)
+CHECKPOINTS = 20  # step counts scored per fold fit (spaced geometrically up to the full count)
+PATIENCE = 6  # cross-fitting stops after this many checkpoints without a better out-of-fold score
 
 
 @dataclass
@@ -92,12 +92,13 @@ def assign_folds(
 
 
 def checkpoint_steps(steps: int, count: int = CHECKPOINTS) -> np.ndarray:
-    """``count`` evenly spaced step counts ending at ``steps`` (fewer when ``steps`` is small)."""
-    every = max(1, steps // count)
-    marks = list(range(every, steps + 1, every))
-    if marks[-1] != steps:
-        marks.append(steps)
-    return np.array(marks, dtype=np.int64)
+    """Up to ``count`` step counts from ``steps / 100`` to ``steps``, spaced geometrically.
+
+    Geometric, because a layer on good features often peaks within the first few hundred steps
+    and then only grows more confident; even spacing would never look there.
+    """
+    marks = np.unique(np.round(np.geomspace(max(1.0, steps / 100), steps, count)).astype(np.int64))
+    return marks
 
 
 def fit_and_score(
@@ -115,22 +116,71 @@ def fit_and_score(
     Returns (step counts (S,), logits (S, len(score_idx), C)) at the steps of :func:`checkpoint_steps`.
     ``head_params`` are :class:`SoftmaxHead` keyword arguments (``steps`` included).
     """
-    params = {**head_params, "seed": seed, "keep_best": False}
-    head = SoftmaxHead(**params)
+    marks, (scored,) = fit_and_score_many(
+        X, y, [(train_idx, score_idx, seed)], n_classes=n_classes, head_params=head_params
+    )
+    return marks, scored
+
+
+def fit_and_score_many(
+    X: np.ndarray,
+    y: np.ndarray,
+    jobs: Sequence[tuple[np.ndarray, np.ndarray, int]],
+    *,
+    n_classes: int,
+    head_params: dict,
+    stop: Callable[[list[np.ndarray], int], bool] | None = None,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Fit one layer per job ``(train_idx, score_idx, seed)``, all in one loop, and score each job's rows.
+
+    Each layer follows :class:`SoftmaxHead`'s algorithm (initialisation, ``class_balance`` draws,
+    optimizer, weight decay, steps of ``batch_size``); stacking them turns M layers' small matrix
+    products into one batched product per step, so M fits cost little more than one.
+    Returns (step counts (S,), per job logits (S, len(score_idx), C)). After each checkpoint ``i``,
+    ``stop(outputs, i)`` may end all fits early; the arrays returned then end at that checkpoint.
+    """
+    head = SoftmaxHead(**{**head_params, "keep_best": False})  # validates the parameters
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
     marks = checkpoint_steps(head.steps)
-    every = int(marks[0])
-    X_score = X[score_idx]  # (M, D)
-    out = np.empty((len(marks), len(score_idx), n_classes), dtype=np.float32)
-    taken: list[int] = []
-
-    def record(report, fitted: SoftmaxHead) -> None:
-        if report.step in marks[len(taken) :]:
-            i = len(taken)
-            out[i] = X_score @ fitted.coef_ + fitted.intercept_
-            taken.append(report.step)
-
-    head.fit(X[train_idx], y[train_idx], n_classes=n_classes, eval_every=every, on_eval=record)
-    return marks, out
+    M, C, B, d = len(jobs), n_classes, head.batch_size, X.shape[1]
+    rngs = [np.random.default_rng(seed) for _, _, seed in jobs]
+    samplers = [_Sampler(y[train_idx], C, head.class_balance) for train_idx, _, _ in jobs]
+    P = np.zeros((M, C, d + 1), dtype=np.float32)  # per layer: class weights, then the bias column
+    for m, rng in enumerate(rngs):
+        P[m, :, :d] = np.clip(rng.normal(0.0, 0.001, size=(d, C)), -0.002, 0.002).T
+    moments = (np.zeros_like(P), np.zeros_like(P))
+    update = _Optimizer(head.optimizer, P, moments, head.learning_rate, head.weight_decay, d)
+    eye = np.eye(C, dtype=np.float32)
+    outputs = [np.empty((len(marks), len(score_idx), C), dtype=np.float32) for _, score_idx, _ in jobs]
+    xb = np.empty((M, B, d), dtype=np.float32)  # each layer's batch
+    yb, wb = np.empty((M, B), dtype=np.int64), np.empty((M, B), dtype=np.float32)  # its labels, loss weights
+    gP = np.empty_like(P)
+    step, mark = 0, 0
+    with threadpool_limits(1, user_api="blas"):
+        while step < head.steps:
+            for m, ((train_idx, _, _), sampler, rng) in enumerate(zip(jobs, samplers, rngs)):
+                local = sampler.draw(rng, B)  # (B,) rows of this layer's training subset
+                np.take(X, train_idx[local], axis=0, out=xb[m])
+                yb[m], wb[m] = y[train_idx[local]], sampler.weights[local]
+            z = np.matmul(P[:, :, :d], xb.transpose(0, 2, 1))  # (M, C, B)
+            z += P[:, :, d:]
+            z -= z.max(axis=1, keepdims=True)
+            np.exp(z, out=z)
+            z /= z.sum(axis=1, keepdims=True)  # softmax over classes
+            z -= eye[yb].transpose(0, 2, 1)
+            z *= (wb / wb.sum(axis=1, keepdims=True))[:, None, :]  # the gradient wrt the logits
+            np.matmul(z, xb, out=gP[:, :, :d])
+            z.sum(axis=2, out=gP[:, :, d])
+            step += 1
+            update(gP, step)
+            if step == marks[mark]:
+                for (_, score_idx, _), out, Pm in zip(jobs, outputs, P):
+                    out[mark] = X[score_idx] @ Pm[:, :d].T + Pm[:, d]
+                mark += 1
+                if stop is not None and mark < len(marks) and stop(outputs, mark - 1):
+                    break
+    return marks[:mark], [out[:mark] for out in outputs]
 
 
 def cross_fit(
@@ -142,14 +192,15 @@ def cross_fit(
     folds: int = DEFAULT_FOLDS,
     groups: Sequence[Hashable] | None = None,
     seed: int = 0,
-    workers: int | None = None,
+    patience: int = PATIENCE,
 ) -> CrossFit:
     """Out-of-fold logits for every row of ``X`` (N, D) with labels ``y`` (N,).
 
     ``folds`` layers are fitted, each on all rows but one fold, with ``head_params`` (keyword
     arguments of :class:`SoftmaxHead`); the step count with the best out-of-fold accuracy (ties:
     lower cross entropy, then fewer steps) is ``best_steps``, and ``logits`` are taken there.
-    With fewer rows than folds, the number of folds drops to the number of rows.
+    The fits stop once ``patience`` checkpoints in a row brought no better score. With fewer
+    groups than folds, the number of folds drops to the number of groups.
     """
     t0 = time.perf_counter()
     X = np.ascontiguousarray(X, dtype=np.float32)
@@ -162,24 +213,23 @@ def cross_fit(
         raise ValueError("cross-fitting needs at least 2 distinct groups")
     fold = assign_folds(y, k, groups=groups, seed=seed)
     jobs = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f), seed + 1000 * (f + 1)) for f in range(k)]
+    logits = np.empty((len(checkpoint_steps(head_params.get("steps", 4000))), n, n_classes), np.float32)
+    scores: list[tuple[float, float]] = []  # (out-of-fold accuracy, -cross entropy) per checkpoint
 
-    def run(job):
-        train_idx, score_idx, fold_seed = job
-        return fit_and_score(
-            X, y, train_idx, score_idx, n_classes=n_classes, head_params=head_params, seed=fold_seed
-        )
+    def score(outputs: list[np.ndarray], i: int) -> bool:
+        for (_, score_idx, _), out in zip(jobs, outputs):
+            logits[i, score_idx] = out[i]
+        scores.append((float((logits[i].argmax(axis=1) == y).mean()), -_mean_cross_entropy(logits[i], y)))
+        best = max(range(len(scores)), key=lambda j: scores[j])  # first of equals: fewer steps
+        return i - best >= patience
 
-    with ThreadPoolExecutor(max_workers=workers or min(k, cpu_cores())) as pool:
-        results = list(pool.map(run, jobs))
-    marks = results[0][0]
-    logits = np.empty((len(marks), n, n_classes), dtype=np.float32)  # (S, N, C)
-    for (_, score_idx, _), (_, scored) in zip(jobs, results):
-        logits[:, score_idx] = scored
-    accuracy = (logits.argmax(axis=2) == y).mean(axis=1)  # (S,)
-    loss = np.array([_mean_cross_entropy(z, y) for z in logits])
-    best = max(range(len(marks)), key=lambda i: (accuracy[i], -loss[i], -marks[i]))
+    marks, scored = fit_and_score_many(X, y, jobs, n_classes=n_classes, head_params=head_params, stop=score)
+    if len(scores) < len(marks):  # the last checkpoint is not offered to stop()
+        score(scored, len(marks) - 1)
+    accuracy, loss = np.array([a for a, _ in scores]), np.array([-nl for _, nl in scores])
+    best = max(range(len(scores)), key=lambda j: scores[j])
     return CrossFit(
-        logits=logits[best],
+        logits=logits[best].copy(),
         fold=fold,
         curve_steps=marks,
         curve_accuracy=accuracy,

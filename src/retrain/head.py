@@ -239,7 +239,8 @@ class SoftmaxHead:
 
 
 class _Optimizer:
-    """Updates P (C, D+1: weights, then the bias column) in place from its gradient; weight decay spares the bias.
+    """Updates P (C, D+1: weights, then the bias column; or (M, C, D+1) for M layers at once) in place from
+    its gradient; weight decay spares the bias.
 
     Adam keeps m and v in ``moments``; momentum keeps its velocity in ``moments[0]``. Every
     temporary lives in buffers made once.
@@ -254,7 +255,7 @@ class _Optimizer:
     def __call__(self, g: np.ndarray, t: int) -> None:
         P, t1, t2 = self.P, self.t1, self.t2
         if self.weight_decay:
-            g[:, : self.d] += self.weight_decay * P[:, : self.d]
+            g[..., : self.d] += self.weight_decay * P[..., : self.d]
         if self.name == "sgd":
             np.multiply(g, self.lr, out=t1)
             P -= t1
