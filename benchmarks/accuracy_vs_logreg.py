@@ -40,7 +40,9 @@ def features_of(folder: Path, bottleneck_dir: Path) -> tuple[np.ndarray, np.ndar
     from retrain.backbones import get_backbone
     from retrain.cache import BottleneckStore
     from retrain.data import discover
-    from retrain.features import cache_namespace, compute_features, make_engine
+    from retrain.engines import make_engine
+    from retrain.feature_cache import cache_namespace
+    from retrain.features import compute_features
 
     spec = get_backbone("efficientnet_lite0")
     store = BottleneckStore(bottleneck_dir / cache_namespace(spec), spec.feature_dim)

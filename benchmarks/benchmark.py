@@ -352,7 +352,7 @@ def store_load_seconds(bottleneck_dir, architecture: str = "efficientnet_lite0",
     """Best time to open the bottleneck store and load every cached feature into memory, and how many."""
     from retrain.backbones import get_backbone
     from retrain.cache import BottleneckStore
-    from retrain.features import cache_namespace
+    from retrain.feature_cache import cache_namespace
 
     spec = get_backbone(architecture)
     best, n = float("inf"), 0

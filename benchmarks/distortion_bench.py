@@ -61,8 +61,8 @@ def online_step_seconds(image_dir: Path, work: Path, batch: int = 100, steps: in
     from retrain.backbones import get_backbone
     from retrain.data import discover
     from retrain.distort import Distortions, apply, draw
+    from retrain.engines import OnnxEngine
     from retrain.export import backbone_onnx_path
-    from retrain.features import OnnxEngine
     from retrain.images import decode_image, read_image_bytes
 
     spec = get_backbone("efficientnet_lite0")

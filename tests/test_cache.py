@@ -6,7 +6,7 @@ import numpy as np
 
 from retrain.backbones import get_backbone
 from retrain.cache import BottleneckStore, content_key, namespace_for
-from retrain.features import cache_namespace
+from retrain.feature_cache import cache_namespace
 
 
 def test_keys_depend_on_content_not_name():

@@ -125,7 +125,7 @@ def test_ctrl_c_during_extraction_keeps_finished_entries(tmp_path: Path):
             "--model_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "out"), "--batch_size", "4",
             "--num_workers", "1", "--how_many_training_steps", "50", "--quiet"]
     # Each batch takes 50 ms longer, and the first one leaves a mark: time to interrupt, and a moment to do it.
-    slow = ("import time, pathlib, retrain.features as f; run = f.OnnxEngine.__call__; "
+    slow = ("import time, pathlib, retrain.engines as f; run = f.OnnxEngine.__call__; "
             "f.OnnxEngine.__call__ = lambda self, x: (pathlib.Path('started').touch(), time.sleep(0.05), "
             "run(self, x))[2]; ")
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}

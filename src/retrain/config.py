@@ -68,7 +68,7 @@ class TrainConfig:
     print_misclassified_test_images: bool = False
     # -- running -------------------------------------------------------------------------------
     device: str = "auto"
-    batch_size: int = 0  # images per forward pass; 0 = automatic (see features.AUTO_BATCH)
+    batch_size: int = 0  # images per forward pass; 0 = automatic (the engine's batch_size, engines.AUTO_BATCH)
     num_workers: int = 0  # decode threads; 0 = automatic
     strict: bool = False
     quiet: bool = False

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from retrain.head import SoftmaxHead, _Optimizer, _Sampler, softmax
+from retrain.head import SoftmaxHead, _Optimizer, softmax
+from retrain.sampling import ClassBalancedSampler
 
 DEFAULT_FOLDS = 5
 CHECKPOINTS = 20  # step counts scored per fold fit (spaced geometrically up to the full count)
@@ -145,7 +146,7 @@ def fit_and_score_many(
     marks = checkpoint_steps(head.steps)
     M, C, B, d = len(jobs), n_classes, head.batch_size, X.shape[1]
     rngs = [np.random.default_rng(seed) for _, _, seed in jobs]
-    samplers = [_Sampler(y[train_idx], C, head.class_balance) for train_idx, _, _ in jobs]
+    samplers = [ClassBalancedSampler(y[train_idx], C, head.class_balance) for train_idx, _, _ in jobs]
     P = np.zeros((M, C, d + 1), dtype=np.float32)  # per layer: class weights, then the bias column
     for m, rng in enumerate(rngs):
         P[m, :, :d] = np.clip(rng.normal(0.0, 0.001, size=(d, C)), -0.002, 0.002).T

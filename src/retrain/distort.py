@@ -34,19 +34,21 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from retrain.backbones import BackboneSpec
 from retrain.cache import BottleneckStore
 from retrain.errors import RetrainError
+from retrain.feature_cache import CPU_ENGINE, open_store
 from retrain.images import ImageError, decode_image, read_image_bytes
+from retrain.prefetch import decode_ahead
 
 if TYPE_CHECKING:
     from retrain.config import TrainConfig
+    from retrain.splits import Split
 
 log = logging.getLogger("retrain")
 
@@ -246,8 +248,6 @@ def iter_variant_pixels(
     identity = d.identity()
     source = d.source_size(size)
     wanted = [i for i, copies in enumerate(todo) if len(copies)]
-    chunks = [wanted[s : s + batch_size] for s in range(0, len(wanted), batch_size)]
-    workers = workers or min(8, (os.cpu_count() or 2) + 2)
 
     def decode(i: int) -> np.ndarray:
         try:
@@ -266,53 +266,48 @@ def iter_variant_pixels(
         rows.clear(), copies.clear(), images.clear(), draws.clear()
         return result
 
-    with ThreadPoolExecutor(workers) as pool:
-        ahead = [pool.submit(decode, i) for i in chunks[0]] if chunks else []
-        for n, chunk in enumerate(chunks):
-            # Decode the next chunk in threads while this one is distorted and run through the network.
-            futures, ahead = ahead, ([pool.submit(decode, i) for i in chunks[n + 1]] if n + 1 < len(chunks) else [])
-            for i, future in zip(chunk, futures):
-                px = future.result()  # decoded once, for all of this image's copies
-                wanted_copies = list(todo[i])
-                dr = variant_draws(d, keys[i], wanted_copies, identity)
-                for j, c in enumerate(wanted_copies):
-                    rows.append(i)
-                    copies.append(c)
-                    images.append(px)
-                    draws.append(dr.take([j]))
-                    if len(rows) == batch_size:
-                        yield flush()
-        if rows:
-            yield flush()
+    # The next chunk is decoded in threads while this one is distorted and run through the network.
+    for _, chunk, decoded in decode_ahead(wanted, decode, batch_size, workers):
+        for i, px in zip(chunk, decoded):  # each image decoded once, for all of its copies
+            wanted_copies = list(todo[i])
+            dr = variant_draws(d, keys[i], wanted_copies, identity)
+            for j, c in enumerate(wanted_copies):
+                rows.append(i)
+                copies.append(c)
+                images.append(px)
+                draws.append(dr.take([j]))
+                if len(rows) == batch_size:
+                    yield flush()
+    if rows:
+        yield flush()
 
 
-def variant_store(run) -> BottleneckStore:
+def variant_store(spec: BackboneSpec, bottleneck_dir: str | os.PathLike | None = None, *,
+                  engine: str = CPU_ENGINE) -> BottleneckStore:
     """The cache of distorted-variant features: beside the plain bottlenecks, never mixed into them."""
-    from retrain.config import default_cache_dir
-    from retrain.features import cache_namespace
-
-    cfg = run.cfg
-    root = Path(cfg.bottleneck_dir) if cfg.bottleneck_dir else default_cache_dir() / "bottlenecks"
     # A sibling folder, so a plain run does not load (copies x) more vectors it never uses.
-    return BottleneckStore(root / f"{cache_namespace(run.spec)}-distorted", run.spec.feature_dim)
+    return open_store(spec, bottleneck_dir, engine=engine, suffix="-distorted")
 
 
-def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
+def distorted_training_features(train: Split, spec: BackboneSpec, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """Features of ``copies`` distorted variants of every training image: (N * copies, D), (N * copies,).
 
+    ``config`` gives the distortion flags, ``--distorted_copies`` and where and how to compute
+    (``bottleneck_dir``, ``device``, ``model_dir``, ``batch_size``, ``num_workers``, ``quiet``).
     Variants already in the cache are reused; the rest are computed in batches (each image is
     decoded once). Validation and test images are never distorted.
     """
-    from retrain.features import make_engine, progress_bar
+    from retrain.engines import engine_kind, make_engine
+    from retrain.features import progress_bar
 
-    cfg, spec = run.cfg, run.spec
+    cfg = config
     d = Distortions.from_config(cfg)
     n = len(train.y)
     copies = choose_copies(cfg.distorted_copies, n, d)
     t0 = time.perf_counter()
     identity = d.identity()
     keys = train.keys  # content keys the pipeline already has: a warm run reads no image
-    store = variant_store(run)
+    store = variant_store(spec, cfg.bottleneck_dir, engine=engine_kind(cfg.device))
     store.refresh()
     vkeys = [[variant_key(k, identity, c) for c in range(copies)] for k in keys]
     todo = [[c for c in range(copies) if vk[c] not in store] for vk in vkeys]
@@ -332,10 +327,9 @@ def distorted_training_features(run, train) -> tuple[np.ndarray, np.ndarray]:
         store.compact()
     X = store.get_many([k for vk in vkeys for k in vk])  # (N * copies, D), image-major
     y = np.repeat(np.asarray(train.y), copies)
-    seconds = time.perf_counter() - t0
-    run.timings["distortions"] = seconds
     log.info(
         "Distortions (%s): %d variants of each of %d training images; %d computed, %d reused from the cache "
-        "in %s (%.1f s)", d.describe(), copies, n, missing, n * copies - missing, store.directory, seconds,
+        "in %s (%.1f s)", d.describe(), copies, n, missing, n * copies - missing, store.directory,
+        time.perf_counter() - t0,
     )
     return X, y

@@ -121,7 +121,7 @@ def build_classifier(
     manifest: dict,
 ) -> onnx.ModelProto:
     """Append ``softmax(features @ coef + intercept)`` to a pixels->features graph."""
-    model = _as_model(backbone)
+    model = load_onnx(backbone)
     graph = model.graph
     out_name = manifest["output"]["name"]
     n_classes = coef.shape[1]
@@ -144,12 +144,60 @@ def build_classifier(
     return model
 
 
-def _as_model(source) -> onnx.ModelProto:
+def load_onnx(source: onnx.ModelProto | bytes | str | os.PathLike) -> onnx.ModelProto:
+    """An ONNX model from a model, its bytes or a file; a missing file is a :class:`ModelFileError`."""
     if isinstance(source, onnx.ModelProto):
         return source
     if isinstance(source, bytes):
         return onnx.load_from_string(source)
-    return onnx.load(os.fspath(source))
+    try:
+        return onnx.load(os.fspath(source))
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {str(source)!r} does not exist") from None
+
+
+def classifier_model(
+    spec: BackboneSpec,
+    labels: list[str],
+    head,
+    *,
+    backbone_onnx: bytes | None = None,
+    model_dir: str | os.PathLike | None = None,
+    output_name: str = "final_result",
+    metrics: dict | None = None,
+) -> tuple[onnx.ModelProto, dict]:
+    """(model, manifest): ``spec``'s backbone (or ``backbone_onnx``, a fine-tuned one) + ``head``'s layer."""
+    manifest = make_manifest(
+        spec, labels, output_name=output_name, fine_tuned=backbone_onnx is not None, metrics=metrics
+    )
+    source = backbone_onnx if backbone_onnx is not None else backbone_onnx_path(spec, model_dir)
+    return build_classifier(source, head.coef_, head.intercept_, manifest), manifest
+
+
+def export_model(
+    head,
+    labels: list[str],
+    path: str | os.PathLike,
+    *,
+    architecture: str | BackboneSpec = "efficientnet_lite0",
+    backbone_onnx: bytes | None = None,
+    model_dir: str | os.PathLike | None = None,
+    output_name: str = "final_result",
+    metrics: dict | None = None,
+) -> Path:
+    """Write the self-contained model: uint8 RGB (N, H, W, 3) in, probabilities over ``labels`` out.
+
+    ``head`` is a fitted :class:`~retrain.head.SoftmaxHead` (or fine-tuned head: then pass the
+    ``backbone_onnx`` that :func:`~retrain.finetune.fine_tune` returned). Returns the path written.
+    """
+    from retrain.backbones import get_backbone
+
+    spec = architecture if not isinstance(architecture, str) else get_backbone(architecture)
+    model, _ = classifier_model(
+        spec, labels, head, backbone_onnx=backbone_onnx, model_dir=model_dir, output_name=output_name,
+        metrics=metrics,
+    )
+    return save_model(model, path)
 
 
 def set_manifest(model: onnx.ModelProto, manifest: dict) -> None:

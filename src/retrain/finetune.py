@@ -36,7 +36,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,15 +43,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from retrain.backbones import BackboneSpec, get_backbone
 from retrain.cache import atomic_write_bytes
-from retrain.data import TESTING, TRAINING, VALIDATION
+from retrain.config import TrainConfig
 from retrain.errors import RetrainError
-from retrain.head import CLASS_BALANCE, softmax
+from retrain.head import softmax
 from retrain.images import ImageError, decode_image, read_image_bytes
+from retrain.prefetch import decode_ahead
+from retrain.sampling import CLASS_BALANCE, ClassBalancedSampler
+from retrain.splits import Splits
+from retrain.torch_modules import NormalizePixels
 
 log = logging.getLogger("retrain")
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the pixel normalisation's buffers moved into their own module
 HEAD_LR_MULTIPLIER = 10  # the new layer learns this many times faster than the backbone
 MAX_BATCH = 64  # images per fine-tuning step: cfg.train_batch_size, at most this
 # Cached activations go to float16 above this share of the machine's memory, and are refused above
@@ -114,17 +118,55 @@ def first_unfrozen_block(blocks: str | int, n_blocks: int) -> int:
     return n_blocks - n
 
 
-def fine_tune(run, dataset, splits: dict, head) -> tuple[FineTunedHead, bytes | None, dict]:
-    """Fine-tune ``run``'s backbone top and ``head``; returns (new head, backbone ONNX bytes, new splits).
+@dataclass
+class FineTuned:
+    """What :func:`fine_tune` returns. When no epoch beat the start on validation, ``backbone_onnx`` is
+    None and ``head`` and ``splits`` are the ones passed in: keep the pretrained backbone."""
 
-    The splits' features are recomputed with the fine-tuned network, so the test accuracy that
-    follows is the fine-tuned model's. If no epoch beat the starting point on the validation split,
-    the inputs are returned unchanged (with ``None`` for the backbone: keep the pretrained one).
+    head: object  # FineTunedHead, or the head passed in
+    backbone_onnx: bytes | None  # the fine-tuned pixels -> features graph, for export_model()
+    splits: Splits  # features recomputed with the fine-tuned backbone
+    result: FineTuneResult
+    first_unfrozen_block: int
+    n_blocks: int
+
+    def report(self) -> dict:
+        """The contents of ``fine_tune.json``."""
+        r = self.result
+        return {
+            "first_unfrozen_block": self.first_unfrozen_block,
+            "unfrozen_blocks": self.n_blocks - self.first_unfrozen_block,
+            "epochs_run": r.epochs_run,
+            "best_epoch": r.best_epoch,
+            "stopped_early": r.stopped_early,
+            "resumed_after_epoch": r.resumed_from_epoch,
+            "history": [dataclasses.asdict(h) for h in r.history],
+        }
+
+
+def fine_tune(
+    head,
+    splits: Splits,
+    *,
+    architecture: str | BackboneSpec = "efficientnet_lite0",
+    config: TrainConfig | None = None,
+    seed: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    summaries_dir: str | os.PathLike | None = None,
+) -> FineTuned:
+    """Fine-tune the top of the backbone together with ``head`` (fitted on ``splits.train``'s features).
+
+    ``config`` gives the ``fine_tune_*`` settings, ``class_balance``, ``train_batch_size``,
+    ``weight_decay``, the distortion flags, ``device`` and ``resume``. ``checkpoint``: where the
+    state is saved after every epoch (and read back with ``config.resume``); ``summaries_dir``:
+    TensorBoard curves. Both optional. The splits' features are recomputed with the fine-tuned
+    network, so a test accuracy measured on the returned splits is the fine-tuned model's.
     """
+    from retrain.devices import resolve_device
     from retrain.distort import Distortions, choose_copies
-    from retrain.features import resolve_device
 
-    cfg, spec = run.cfg, run.spec
+    cfg = config or TrainConfig()
+    spec = architecture if isinstance(architecture, BackboneSpec) else get_backbone(architecture)
     t0 = time.perf_counter()
     _check_settings(cfg)
     device = torch.device(resolve_device(cfg.device))
@@ -133,36 +175,31 @@ def fine_tune(run, dataset, splits: dict, head) -> tuple[FineTunedHead, bytes | 
     top = _TopOfNet(list(net.blocks)[k:], spec.preprocessing if k == 0 else None)
     _check_contract(spec.name, net, spec.preprocessing.input_size)
 
-    train, val, test = splits[TRAINING], splits[VALIDATION], splits[TESTING]
+    train, val = splits.train, splits.validation
     distortions = Distortions.from_config(cfg)
     copies = choose_copies(cfg.distorted_copies, len(train.y), distortions) if distortions.active else 0
-    inputs = _TopInputs.compute(run, net, k, device, train, val, test, distortions, copies)
+    inputs = _TopInputs.compute(cfg, spec, net, k, device, splits, distortions, copies)
     log.info(
         "Fine-tuning the top %d of %d backbone blocks (%s) on %s; the frozen part ran once per image (%.1f s)",
         len(net.blocks) - k, len(net.blocks), "all" if k == 0 else f"from block {k}", device.type,
         time.perf_counter() - t0,
     )
 
-    tuner = _Tuner(run, dataset, top, head, inputs, device, copies, train.y, val.y)
+    tuner = _Tuner(cfg, spec, seed, splits.labels, top, head, inputs, device, copies, train.y, val.y,
+                   checkpoint=checkpoint, summaries_dir=summaries_dir)
     result = tuner.fit()
-    run.timings["fine_tune"] = time.perf_counter() - t0
-    _write_report(run, result, k, len(net.blocks))
+    n_blocks = len(net.blocks)
     if result.best_epoch == 0:
         log.info("Fine-tuning did not improve on the validation split; keeping the model with the frozen backbone.")
-        return head, None, splits
+        return FineTuned(head, None, splits, result, k, n_blocks)
 
-    new_splits = {
-        TRAINING: dataclasses.replace(train, X=tuner.features(inputs.train)),
-        VALIDATION: dataclasses.replace(val, X=tuner.features(inputs.val)),
-        TESTING: dataclasses.replace(test, X=tuner.features(inputs.test)),
-    }
+    new_splits = splits.with_features(tuner.features(inputs.train), tuner.features(inputs.val),
+                                      tuner.features(inputs.test))
     W, b = tuner.head_weights()
     tuned = FineTunedHead(W, b, getattr(head, "best_step_", None), result.best_epoch, result.epochs_run)
-    if len(val.y):
-        run.validation_accuracy = float((tuned.predict(new_splits[VALIDATION].X) == val.y).mean())
     from retrain.export import backbone_onnx_bytes
 
-    return tuned, backbone_onnx_bytes(spec, net.cpu().eval()), new_splits
+    return FineTuned(tuned, backbone_onnx_bytes(spec, net.cpu().eval()), new_splits, result, k, n_blocks)
 
 
 def _check_settings(cfg) -> None:
@@ -188,13 +225,11 @@ class _TopOfNet(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.pixels = preprocessing is not None
-        if self.pixels:
-            self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.normalize = NormalizePixels(preprocessing) if self.pixels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pixels:
-            x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        if self.normalize is not None:
+            x = self.normalize(x)
         for block in self.blocks:
             x = block(x)
         return x.mean(dim=(2, 3))
@@ -229,10 +264,10 @@ class _TopInputs:
     pool_copies: int  # 0: pool is train; c > 0: row i * c + j is copy j of training image i
 
     @classmethod
-    def compute(cls, run, net, k, device, train, val, test, distortions, copies) -> _TopInputs:
+    def compute(cls, cfg, spec, net, k, device, splits: Splits, distortions, copies) -> _TopInputs:
         from retrain.distort import iter_variant_pixels
 
-        cfg, spec = run.cfg, run.spec
+        train, val, test = splits.train, splits.validation, splits.test
         size, resample = spec.preprocessing.input_size, spec.preprocessing.resample
         frozen = _frozen_part(spec, net, k, device)
         shape = _output_shape(frozen, size)
@@ -263,8 +298,8 @@ def _frozen_part(spec, net, k: int, device) -> Callable[[np.ndarray], np.ndarray
     """uint8 pixels (B, H, W, 3) -> input of block k, as NumPy; the identity for k = 0."""
     if k == 0:
         return lambda pixels: pixels
+    from retrain.engines import OnnxEngine, TorchEngine
     from retrain.export import backbone_onnx_bytes
-    from retrain.features import OnnxEngine, TorchEngine
 
     lower = nn.Sequential(*list(net.blocks)[:k]).eval()
     if device.type == "cuda":
@@ -313,14 +348,8 @@ def _pixel_batches(
         except ImageError as exc:
             raise RetrainError(f"cannot fine-tune on {path!r}: {exc.reason} (it was readable a moment ago)") from None
 
-    starts = list(range(0, len(paths), batch))
-    with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) + 2)) as pool:
-        ahead = [pool.submit(decode, p) for p in paths[:batch]]
-        for n, start in enumerate(starts):
-            futures = ahead
-            nxt = starts[n + 1] if n + 1 < len(starts) else None
-            ahead = [pool.submit(decode, p) for p in paths[nxt : nxt + batch]] if nxt is not None else []
-            yield np.arange(start, start + len(futures)), np.stack([f.result() for f in futures])
+    for start, _, pixels in decode_ahead(list(paths), decode, batch, workers):
+        yield np.arange(start, start + len(pixels)), np.stack(pixels)
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -329,11 +358,12 @@ def _pixel_batches(
 class _Tuner:
     """The training loop: epochs, validation, early stopping, best weights, checkpoints."""
 
-    def __init__(self, run, dataset, top: _TopOfNet, head, inputs: _TopInputs, device, copies: int,
-                 y_train: np.ndarray, y_val: np.ndarray):
-        cfg = run.cfg
-        self.cfg, self.run, self.device = cfg, run, device
-        self.labels = list(dataset.labels)
+    def __init__(self, cfg: TrainConfig, spec: BackboneSpec, seed: int, labels: Sequence[str], top: _TopOfNet,
+                 head, inputs: _TopInputs, device, copies: int, y_train: np.ndarray, y_val: np.ndarray, *,
+                 checkpoint: str | os.PathLike | None, summaries_dir: str | os.PathLike | None):
+        self.cfg, self.device = cfg, device
+        self.summaries_dir = summaries_dir
+        self.labels = list(labels)
         self.inputs, self.copies = inputs, copies
         self.top = top.to(device).eval()  # eval for good: batch-norm statistics stay frozen
         n_features, n_classes = head.coef_.shape
@@ -354,14 +384,14 @@ class _Tuner:
         self.y_train = np.asarray(y_train, np.int64)
         self.y_val = np.asarray(y_val, np.int64)
         self.n_classes = n_classes
-        seed = run.seed
+        self.sampler = ClassBalancedSampler(self.y_train, n_classes, cfg.class_balance)
         self.rng = np.random.default_rng([seed, 7])
-        self.path = Path(run.paths.checkpoint).with_name(Path(run.paths.checkpoint).stem + "-finetune.pt")
-        self.fingerprint = self._fingerprint(head, run, dataset)
+        self.path = Path(checkpoint) if checkpoint is not None else None
+        self.fingerprint = self._fingerprint(head, spec)
 
     # -- one epoch ---------------------------------------------------------------------------
     def _epoch_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        return epoch_rows(self.y_train, self.n_classes, self.cfg.class_balance, self.rng, self.copies)
+        return _rows(self.sampler, self.rng, self.copies)
 
     def _train_epoch(self) -> tuple[float, float]:
         rows, weights = self._epoch_rows()
@@ -409,7 +439,7 @@ class _Tuner:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> FineTuneResult:
         cfg = self.cfg
-        state = self._load_checkpoint() if cfg.resume else None
+        state = self._load_checkpoint() if cfg.resume and self.path is not None else None
         if state is None:
             acc, loss = self._validate()
             history = [EpochReport(0, None, None, acc, loss)]
@@ -473,10 +503,12 @@ class _Tuner:
                  " *" if best else "", r.seconds)
 
     def _summary_writer(self):
+        if self.summaries_dir is None:
+            return None
         try:
             from retrain.summaries import EventWriter
 
-            return EventWriter(Path(self.run.paths.summaries_dir) / "fine_tune")
+            return EventWriter(Path(self.summaries_dir) / "fine_tune")
         except OSError as exc:
             log.warning("cannot write fine-tuning summaries: %s", exc)
             return None
@@ -498,9 +530,9 @@ class _Tuner:
         return W, self.head.bias.detach().cpu().numpy().copy()
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _fingerprint(self, head, run, dataset) -> dict:
+    def _fingerprint(self, head, spec: BackboneSpec) -> dict:
         """What a checkpoint must agree on to be continued."""
-        cfg, spec = run.cfg, run.spec
+        cfg = self.cfg
         digest = hashlib.sha1()
         digest.update(np.ascontiguousarray(head.coef_, np.float32).tobytes())
         digest.update(np.ascontiguousarray(head.intercept_, np.float32).tobytes())
@@ -509,7 +541,7 @@ class _Tuner:
             "backbone": spec.name,
             "weights": spec.weights_id,
             "blocks": str(cfg.fine_tune_blocks),
-            "labels": list(dataset.labels),
+            "labels": self.labels,
             "learning_rate": float(cfg.fine_tune_learning_rate),
             "batch": self.batch,
             "class_balance": cfg.class_balance,
@@ -520,6 +552,8 @@ class _Tuner:
         }
 
     def _save_checkpoint(self, history, best, epoch, bad_epochs, done) -> None:
+        if self.path is None:
+            return
         state = {
             "version": CHECKPOINT_VERSION,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
@@ -564,43 +598,17 @@ class _Tuner:
 def epoch_rows(
     y: np.ndarray, n_classes: int, policy: str, rng: np.random.Generator, copies: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One epoch of training draws, as many as there are images, by the ``--class_balance`` policy.
+    """One epoch of training draws, as many as there are images, by the ``--class_balance`` policy
+    (see :mod:`retrain.sampling`). Returns (rows (N,), loss weights (N,)); with ``copies`` > 0 a row
+    is ``image * copies + copy`` with a random copy."""
+    return _rows(ClassBalancedSampler(np.asarray(y, np.int64), n_classes, policy), rng, copies)
 
-    ``sample`` (retrain.py's and the new layer's default): a class uniformly, then one of its images,
-    with replacement; ``weight``: every image once, the loss weighted by inverse class frequency;
-    ``none``: every image once. Returns (rows (N,), loss weights (N,)); with ``copies`` > 0 a row
-    is ``image * copies + copy`` with a random copy.
-    """
-    n = len(y)
-    counts = np.bincount(y, minlength=n_classes)
-    if policy == "sample":
-        present = np.flatnonzero(counts)
-        order = np.argsort(y, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        cls = present[rng.integers(0, len(present), size=n)]
-        images = order[starts[cls] + (rng.random(n) * counts[cls]).astype(np.int64)]
-    else:
-        images = rng.permutation(n)
-    if policy == "weight":
-        weights = n / (np.count_nonzero(counts) * counts[y[images]])
-    else:
-        weights = np.ones(n)
-    rows = images * copies + rng.integers(0, copies, size=n) if copies else images
-    return rows, weights.astype(np.float32)
+
+def _rows(sampler: ClassBalancedSampler, rng: np.random.Generator, copies: int) -> tuple[np.ndarray, np.ndarray]:
+    images, weights = sampler.epoch(rng)
+    rows = images * copies + rng.integers(0, copies, size=len(images)) if copies else images
+    return rows, weights
 
 
 def _score(acc: float | None, loss: float | None) -> tuple[float, float]:
     return (-1.0, -math.inf) if acc is None else (acc, -loss)
-
-
-def _write_report(run, result: FineTuneResult, k: int, n_blocks: int) -> None:
-    report = {
-        "first_unfrozen_block": k,
-        "unfrozen_blocks": n_blocks - k,
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "resumed_after_epoch": result.resumed_from_epoch,
-        "history": [dataclasses.asdict(r) for r in result.history],
-    }
-    atomic_write_bytes(Path(run.paths.run_dir) / "fine_tune.json", json.dumps(report, indent=2).encode())

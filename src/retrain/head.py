@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from retrain.sampling import CLASS_BALANCE, ClassBalancedSampler
+
 OPTIMIZERS = ("adam", "sgd", "momentum")
-CLASS_BALANCE = ("sample", "weight", "none")
 
 
 @dataclass
@@ -135,7 +136,7 @@ class SoftmaxHead:
             rng.bit_generator.state = resume_state["rng"]
         opt = {f"{key}{part}": view for key, m in zip(("m", "v"), moments)
                for part, view in (("W", m[:, :d].T), ("b", m[:, d]))}  # checkpoint views
-        self._sampler = _Sampler(y, C, self.class_balance)
+        self._sampler = ClassBalancedSampler(y, C, self.class_balance)
         val_rng = np.random.default_rng(None if self.seed is None else self.seed + 1)
         # The steps up to the next evaluation (at most CHUNK) share one draw of indices and one gather,
         # so a step is a handful of NumPy calls on small arrays, all writing into buffers made here:
@@ -282,28 +283,3 @@ class _Optimizer:
             t2 += self.EPS  # sqrt(v_hat) + eps
             t1 /= t2
             P -= t1
-
-
-class _Sampler:
-    """Draws training batches (with replacement) according to the class-balance policy."""
-
-    def __init__(self, y: np.ndarray, n_classes: int, policy: str):
-        self.policy = policy
-        counts = np.bincount(y, minlength=n_classes)
-        self.present = np.flatnonzero(counts)
-        order = np.argsort(y, kind="stable")
-        self.order = order
-        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self.counts = counts
-        self.n = len(y)
-        if policy == "weight":
-            self.weights = (len(y) / (len(self.present) * counts[y])).astype(np.float32)
-        else:
-            self.weights = np.ones(len(y), dtype=np.float32)
-
-    def draw(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        if self.policy == "sample":
-            cls = self.present[rng.integers(0, len(self.present), size=size)]
-            offset = (rng.random(size) * self.counts[cls]).astype(np.int64)
-            return self.order[self.starts[cls] + offset]
-        return rng.integers(0, self.n, size=size)

@@ -34,8 +34,8 @@ class Classifier:
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
         import onnx
 
+        from retrain.engines import OnnxEngine
         from retrain.export import get_manifest
-        from retrain.features import OnnxEngine
 
         path = Path(path)
         if path.is_dir():  # a --saved_model_dir folder

@@ -25,7 +25,6 @@ model's size.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -40,7 +39,7 @@ import numpy as np
 import onnx
 
 from retrain.errors import RetrainError
-from retrain.export import FEATURES_NAME, get_manifest, save_model, set_manifest
+from retrain.export import FEATURES_NAME, get_manifest, load_onnx, save_model, set_manifest
 from retrain.images import ImageError
 
 if TYPE_CHECKING:
@@ -133,7 +132,7 @@ def quantize(
     ``calibration`` (int8 only): uint8 pixels, ``(N, H, W, 3)`` at the model's input
     size, or an iterable of such batches; real images from the training data.
     """
-    model = _as_model(model)
+    model = load_onnx(model)
     if fmt == "int8":
         if calibration is None:
             raise QuantizeError("int8 quantization needs calibration images (real photos like the training set)")
@@ -297,15 +296,6 @@ def _quiet():
             logging.getLogger().setLevel(root_level)
 
 
-def _as_model(source) -> onnx.ModelProto:
-    if isinstance(source, onnx.ModelProto):
-        return source
-    try:
-        return onnx.load(os.fspath(source))
-    except FileNotFoundError:
-        raise QuantizeError(f"model file {str(source)!r} does not exist") from None
-
-
 # -- images and measurements ------------------------------------------------------------------------
 def load_pixels(clf: Classifier, paths: Sequence[str]) -> tuple[np.ndarray, list[int]]:
     """Decode ``paths`` as the model expects; returns ``(N, H, W, 3)`` and the indices that could be read."""
@@ -420,22 +410,22 @@ def converted_path(output_graph: str | os.PathLike, fmt: str) -> Path:
 
 
 # -- at training time ---------------------------------------------------------------------------------
-def quantize_after_training(run, dataset: Dataset, model: onnx.ModelProto, manifest: dict) -> QuantizeReport:
-    """``retrain --quantize int8|fp16``: convert the model just written, calibrating on training images
-    and measuring on the run's test split; log the size and accuracy change and save them as JSON."""
+def quantize_after_training(model_path: str | os.PathLike, fmt: str, dataset: Dataset) -> QuantizeReport:
+    """``retrain --quantize int8|fp16``: convert the model at ``model_path``, calibrating on ``dataset``'s
+    training images and measuring on its test split (records carry their split); logs the size and
+    accuracy change. Writes ``<model>.<fmt>.onnx`` beside it."""
     from retrain.data import TESTING, TRAINING
 
-    fmt = run.cfg.quantize
     if fmt not in FORMATS:
         raise QuantizeError(f"--quantize must be one of {', '.join(FORMATS)}, got {fmt!r}")
     by_class: list[list[str]] = [[] for _ in dataset.labels]
     for r in dataset.split(TRAINING):
         by_class[r.label_index].append(r.path)
     test = dataset.split(TESTING)
-    out = converted_path(run.paths.output_graph, fmt)
+    out = converted_path(model_path, fmt)
     log.info("Writing the %s model %s ...", fmt, out)
     report = convert_file(
-        run.paths.output_graph, fmt, out,
+        model_path, fmt, out,
         calibration_paths=pick_calibration(by_class) if fmt == "int8" else (),
         eval_paths=[r.path for r in test],
         eval_labels=[r.label_index for r in test],
@@ -443,7 +433,4 @@ def quantize_after_training(run, dataset: Dataset, model: onnx.ModelProto, manif
     log.info("%s", report.summary("test"))
     for note in report.notes:
         log.warning("%s", note)
-    from retrain.cache import atomic_write_bytes
-
-    atomic_write_bytes(run.paths.run_dir / f"quantize_{fmt}.json", json.dumps(report.to_dict(), indent=2).encode())
     return report

@@ -1,6 +1,10 @@
-"""The whole run: data -> features (cache) -> new layer [-> fine-tune] -> test -> export.
+"""The whole run: discover -> features (cache) -> split -> fit head [-> fine-tune] -> test -> export -> metrics.
 
-``train()`` is the library entry point; the ``retrain`` command parses flags and calls it.
+``train()`` is the library entry point; the ``retrain`` command parses flags and calls it. Each
+step is a function with explicit inputs and outputs (the same ones a Python user can call one by
+one: ``extract_features``, ``split_features``, ``SoftmaxHead.fit``, ``fine_tune``, ``export_model``);
+``train()`` strings them together and owns what a run adds around them: the run folder and its
+paths, timings, logging, checkpoints and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -12,27 +16,20 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from retrain.backbones import BackboneSpec, get_backbone
-from retrain.cache import BottleneckStore, atomic_write_bytes
-from retrain.config import TrainConfig, default_cache_dir
-from retrain.data import (
-    TESTING,
-    TRAINING,
-    VALIDATION,
-    Dataset,
-    assign_splits,
-    discover,
-    drop_records,
-    printable,
-)
+from retrain.cache import atomic_write_bytes
+from retrain.config import TrainConfig
+from retrain.data import TESTING, TRAINING, VALIDATION, Dataset, discover, printable
 from retrain.errors import RetrainError, SkippedFilesError
-from retrain.features import FeatureTable, cache_namespace, compute_features, make_engine
+from retrain.features import FeatureTable, extract_features
 from retrain.head import SoftmaxHead, StepReport
+from retrain.splits import Split, Splits, split_features
 
 log = logging.getLogger("retrain")
 
@@ -55,13 +52,12 @@ class TrainResult:
 
 
 @dataclass
-class Split:
-    """Features and labels of one split; ``paths`` and their content ``keys`` align with rows."""
+class TestReport:
+    """The head on the test split: accuracy (None without test images), images counted, the misclassified."""
 
-    X: np.ndarray
-    y: np.ndarray
-    paths: list[str]
-    keys: list[bytes]
+    accuracy: float | None
+    count: int
+    misclassified: list[tuple[str, str]]  # (path, predicted label)
 
 
 @dataclass
@@ -84,7 +80,69 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     if image_dir is not None:
         cfg.image_dir = os.fspath(image_dir)
-    return _Run(cfg).run()
+    t_start = time.perf_counter()
+    spec = resolve_backbone(cfg)
+    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+    timings: dict[str, float] = {}
+    cpu_timings: dict[str, float] = {}  # CPU seconds, all threads
+
+    dataset = _discover(cfg)
+    # After discovery, so that a bad --image_dir leaves no empty run folder behind.
+    paths = _resolve_paths(cfg, reserve=True)
+    _check_writable(paths, cfg)
+    table = _features(cfg, spec, dataset)
+    timings["features"], cpu_timings["features"] = table.seconds, table.cpu_seconds
+    splits = split_features(dataset, table, validation_percentage=cfg.validation_percentage,
+                            testing_percentage=cfg.testing_percentage)
+    _report_split(splits.dataset, already_said=len(dataset.notices))
+
+    head = _fit_head(cfg, spec, seed, splits, paths, timings)
+    validation_accuracy = _validation_accuracy(head, splits.validation)
+    backbone_onnx = None
+    if cfg.fine_tune:
+        from retrain.finetune import fine_tune
+
+        t0 = time.perf_counter()
+        tuned = fine_tune(head, splits, architecture=spec, config=cfg, seed=seed,
+                          checkpoint=_finetune_checkpoint(paths.checkpoint), summaries_dir=paths.summaries_dir)
+        timings["fine_tune"] = time.perf_counter() - t0
+        atomic_write_bytes(paths.run_dir / "fine_tune.json", json.dumps(tuned.report(), indent=2).encode())
+        if tuned.backbone_onnx is not None:
+            head, backbone_onnx, splits = tuned.head, tuned.backbone_onnx, tuned.splits
+            validation_accuracy = _validation_accuracy(head, splits.validation, log_it=False)
+
+    test = evaluate(head, splits.test, splits.labels, test_batch_size=cfg.test_batch_size, seed=seed,
+                    print_misclassified=cfg.print_misclassified_test_images)
+    metrics = {
+        "test_accuracy": test.accuracy,
+        "test_count": test.count,
+        "validation_accuracy": validation_accuracy,
+        "best_step": getattr(head, "best_step_", None),
+        "train_count": len(splits.train.y),
+        "skipped_files": len(table.skipped),
+        "seed": seed,
+    }
+    t0 = time.perf_counter()
+    _export(cfg, spec, splits.dataset, head, metrics, backbone_onnx, paths)
+    timings["export"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    metrics["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    metrics["cpu_seconds"] = {k: round(v, 3) for k, v in cpu_timings.items()}
+    atomic_write_bytes(paths.run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    _link_latest(cfg, paths)
+    return TrainResult(
+        labels=splits.labels,
+        test_accuracy=test.accuracy,
+        test_count=test.count,
+        validation_accuracy=validation_accuracy,
+        output_graph=paths.output_graph,
+        output_labels=paths.output_labels,
+        run_dir=paths.run_dir,
+        metrics=metrics,
+        skipped=table.skipped,
+        misclassified=test.misclassified,
+        config=cfg,
+    )
 
 
 def resolve_backbone(cfg: TrainConfig) -> BackboneSpec:
@@ -166,266 +224,211 @@ def _check_writable(paths: RunPaths, cfg: TrainConfig) -> None:
             ) from None
 
 
-class _Run:
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.spec = resolve_backbone(cfg)
-        self.seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-        self.timings: dict[str, float] = {}
-        self.cpu_timings: dict[str, float] = {}  # CPU seconds, all threads
+# -- the steps of a run, in order ---------------------------------------------------------------------
+def _discover(cfg: TrainConfig) -> Dataset:
+    if not cfg.image_dir:
+        from retrain.sample_data import sample_image_dir
 
-    # -- the stages ---------------------------------------------------------------------------
-    def run(self) -> TrainResult:
-        cfg, t_start = self.cfg, time.perf_counter()
-        dataset = self._discover()
-        # After discovery, so that a bad --image_dir leaves no empty run folder behind.
-        self.paths = _resolve_paths(cfg, reserve=True)
-        _check_writable(self.paths, cfg)
-        table, store = self._features(dataset)
-        dataset = drop_records(dataset, set(table.skipped))
-        dataset = assign_splits(
-            dataset, validation_percentage=cfg.validation_percentage, testing_percentage=cfg.testing_percentage
-        )
-        for notice in dataset.notices[len(self._early_notices):]:
-            log.warning("%s", notice)
-        self._report_counts(dataset)
-        splits = {name: self._split(dataset, table, store, name) for name in (TRAINING, VALIDATION, TESTING)}
-        head = self._train_head(dataset, splits)
-        backbone_onnx = None
-        if cfg.fine_tune:
-            from retrain.finetune import fine_tune
+        cfg.image_dir = str(sample_image_dir())
+        log.info("No --image_dir given: training on the bundled sample photos in %s", cfg.image_dir)
+    dataset = discover(cfg.image_dir)
+    for notice in dataset.notices:
+        log.warning("%s", notice)
+    log.info("Found %d images in %d classes under %s", len(dataset.records), len(dataset.labels),
+             printable(str(dataset.image_dir)))
+    return dataset
 
-            head, backbone_onnx, splits = fine_tune(self, dataset, splits, head)
-        test = self._test(dataset, splits[TESTING], head)
-        metrics = {
-            "test_accuracy": test[0],
-            "test_count": test[1],
-            "validation_accuracy": self.validation_accuracy,
-            "best_step": getattr(head, "best_step_", None),
-            "train_count": len(splits[TRAINING].y),
-            "skipped_files": len(table.skipped),
-            "seed": self.seed,
-        }
-        self._export(dataset, head, metrics, backbone_onnx)
-        self.timings["total"] = time.perf_counter() - t_start
-        metrics["seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
-        metrics["cpu_seconds"] = {k: round(v, 3) for k, v in self.cpu_timings.items()}
-        atomic_write_bytes(self.paths.run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
-        self._link_latest()
-        return TrainResult(
-            labels=dataset.labels,
-            test_accuracy=test[0],
-            test_count=test[1],
-            validation_accuracy=self.validation_accuracy,
-            output_graph=self.paths.output_graph,
-            output_labels=self.paths.output_labels,
-            run_dir=self.paths.run_dir,
-            metrics=metrics,
-            skipped=table.skipped,
-            misclassified=test[2],
-            config=cfg,
-        )
 
-    def _discover(self) -> Dataset:
-        cfg = self.cfg
-        if not cfg.image_dir:
-            from retrain.sample_data import sample_image_dir
+def _features(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset) -> FeatureTable:
+    table = extract_features(
+        dataset, architecture=spec, bottleneck_dir=cfg.bottleneck_dir, model_dir=cfg.model_dir or None,
+        device=cfg.device, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=not cfg.quiet,
+    )
+    rate = table.computed / table.seconds if table.seconds and table.computed else 0.0
+    where = printable(str(table.store.directory))
+    if table.computed:
+        log.info("Bottlenecks: %d computed in %.1f s (%.1f images/s), %d reused from the cache in %s",
+                 table.computed, table.seconds, rate, table.cached, where)
+    else:
+        log.info("Bottlenecks: all %d reused from the cache in %s", table.cached, where)
+    _report_skipped(table, strict=cfg.strict)
+    _report_duplicates(dataset, table)
+    return table
 
-            cfg.image_dir = str(sample_image_dir())
-            log.info("No --image_dir given: training on the bundled sample photos in %s", cfg.image_dir)
-        dataset = discover(cfg.image_dir)
-        self._early_notices = list(dataset.notices)
-        for notice in dataset.notices:
-            log.warning("%s", notice)
-        log.info("Found %d images in %d classes under %s", len(dataset.records), len(dataset.labels),
-                 printable(str(dataset.image_dir)))
-        return dataset
 
-    def _features(self, dataset: Dataset) -> tuple[FeatureTable, BottleneckStore]:
-        cfg, spec = self.cfg, self.spec
-        root = Path(cfg.bottleneck_dir) if cfg.bottleneck_dir else default_cache_dir() / "bottlenecks"
-        try:
-            store = BottleneckStore(root / cache_namespace(spec), spec.feature_dim)
-        except OSError as exc:
-            raise RetrainError(f"cannot use --bottleneck_dir {printable(str(root))!r}: {exc.strerror or exc}") from None
-        model_dir = cfg.model_dir or None
-        table = compute_features(
-            [r.path for r in dataset.records],
-            spec,
-            store,
-            engine_factory=lambda: make_engine(spec, device=cfg.device, model_dir=model_dir),
-            batch_size=cfg.batch_size,
-            workers=cfg.num_workers or None,
-            progress=not cfg.quiet,
-        )
-        self.timings["features"] = table.seconds
-        self.cpu_timings["features"] = table.cpu_seconds
-        rate = table.computed / table.seconds if table.seconds and table.computed else 0.0
-        where = printable(str(store.directory))
-        if table.computed:
-            log.info("Bottlenecks: %d computed in %.1f s (%.1f images/s), %d reused from the cache in %s",
-                     table.computed, table.seconds, rate, table.cached, where)
-        else:
-            log.info("Bottlenecks: all %d reused from the cache in %s", table.cached, where)
-        self._report_skipped(table)
-        self._report_duplicates(dataset, table)
-        store.compact()
-        return table, store
-
-    def _report_skipped(self, table: FeatureTable) -> None:
-        for path, reason in sorted(table.skipped.items()):
-            log.warning("Skipped %s: %s", printable(path), reason)
-        if table.skipped:
-            log.warning("Skipped %d file(s) that could not be used (listed above).", len(table.skipped))
-            if self.cfg.strict:
-                raise SkippedFilesError(
-                    f"--strict: {len(table.skipped)} file(s) could not be used (listed above); "
-                    "fix or remove them, or run without --strict to skip them."
-                )
-
-    def _report_duplicates(self, dataset: Dataset, table: FeatureTable) -> None:
-        classes_of: dict[bytes, set[int]] = defaultdict(set)
-        example: dict[bytes, list[str]] = defaultdict(list)
-        for r in dataset.records:
-            key = table.keys.get(r.path)
-            if key is not None:
-                classes_of[key].add(r.label_index)
-                example[key].append(r.rel_path)
-        for key, classes in classes_of.items():
-            if len(classes) > 1:
-                names = ", ".join(printable(p) for p in example[key])
-                log.warning("The same image is in %d classes: %s", len(classes), names)
-
-    def _report_counts(self, dataset: Dataset) -> None:
-        counts = dataset.counts()
-        width = max(len(printable(label)) for label in dataset.labels)
-        log.info("%-*s  %8s %10s %7s", width, "class", "training", "validation", "testing")
-        for label, c in counts.items():
-            log.info("%-*s  %8d %10d %7d", width, printable(label), c[TRAINING], c[VALIDATION], c[TESTING])
-
-    def _split(self, dataset: Dataset, table: FeatureTable, store: BottleneckStore, name: str) -> Split:
-        records = dataset.split(name)
-        keys = [table.keys[r.path] for r in records]
-        X = store.get_many(keys) if records else np.zeros((0, self.spec.feature_dim), np.float32)
-        return Split(X, np.array([r.label_index for r in records], dtype=np.int64), [r.path for r in records], keys)
-
-    def _train_head(self, dataset: Dataset, splits: dict[str, Split]) -> SoftmaxHead:
-        cfg = self.cfg
-        train, val = splits[TRAINING], splits[VALIDATION]
-        X_train, y_train = train.X, train.y
-        if cfg.flip_left_right or cfg.random_crop or cfg.random_scale or cfg.random_brightness:
-            from retrain.distort import distorted_training_features
-
-            X_train, y_train = distorted_training_features(self, train)
-        head = SoftmaxHead(
-            steps=cfg.how_many_training_steps,
-            learning_rate=cfg.learning_rate,
-            batch_size=cfg.train_batch_size,
-            optimizer=cfg.optimizer,
-            weight_decay=cfg.weight_decay,
-            class_balance=cfg.class_balance,
-            seed=self.seed,
-        )
-        logger = _TrainingLogger(self, dataset, head)
-        resume_state = logger.load_checkpoint() if cfg.resume else None
-        t0 = time.perf_counter()
-        try:
-            head.fit(
-                X_train, y_train,
-                n_classes=len(dataset.labels),
-                X_val=val.X, y_val=val.y,
-                eval_every=max(1, cfg.eval_step_interval),
-                validation_batch_size=cfg.validation_batch_size,
-                on_eval=logger,
-                resume_state=resume_state,
+def _report_skipped(table: FeatureTable, *, strict: bool) -> None:
+    for path, reason in sorted(table.skipped.items()):
+        log.warning("Skipped %s: %s", printable(path), reason)
+    if table.skipped:
+        log.warning("Skipped %d file(s) that could not be used (listed above).", len(table.skipped))
+        if strict:
+            raise SkippedFilesError(
+                f"--strict: {len(table.skipped)} file(s) could not be used (listed above); "
+                "fix or remove them, or run without --strict to skip them."
             )
-        finally:
-            logger.close()
-        self.timings["train_head"] = time.perf_counter() - t0
-        if len(val.y):
-            self.validation_accuracy = float((head.predict(val.X) == val.y).mean())
-            log.info("Kept the weights of step %d (best validation accuracy %.1f%%, N=%d)",
-                     head.best_step_, 100 * self.validation_accuracy, len(val.y))
-        else:
-            self.validation_accuracy = None
-        return head
 
-    def _test(self, dataset: Dataset, test: Split, head) -> tuple[float | None, int, list[tuple[str, str]]]:
-        cfg = self.cfg
-        if not len(test.y):
-            log.warning("No test images (every class is too small or --testing_percentage is 0): test accuracy "
-                        "is not measured.")
-            return None, 0, []
-        idx = np.arange(len(test.y))
-        if 0 < cfg.test_batch_size < len(idx):
-            idx = np.random.default_rng(self.seed + 2).choice(idx, size=cfg.test_batch_size, replace=False)
-        pred = head.predict(test.X[idx])
-        acc = float((pred == test.y[idx]).mean())
-        log.info("Final test accuracy = %.1f%% (N=%d)", 100 * acc, len(idx))
-        wrong = [(test.paths[i], dataset.labels[p]) for i, p in zip(idx, pred) if p != test.y[i]]
-        if cfg.print_misclassified_test_images:
-            log.info("=== MISCLASSIFIED TEST IMAGES ===")
-            for path, label in wrong:
-                log.info("%70s  %s", printable(path), printable(label))
-        return acc, len(idx), wrong
 
-    # -- outputs ------------------------------------------------------------------------------
-    def classifier_model(self, dataset: Dataset, head, metrics: dict, backbone_onnx=None):
-        from retrain.export import backbone_onnx_path, build_classifier, make_manifest
+def _report_duplicates(dataset: Dataset, table: FeatureTable) -> None:
+    classes_of: dict[bytes, set[int]] = defaultdict(set)
+    example: dict[bytes, list[str]] = defaultdict(list)
+    for r in dataset.records:
+        key = table.keys.get(r.path)
+        if key is not None:
+            classes_of[key].add(r.label_index)
+            example[key].append(r.rel_path)
+    for key, classes in classes_of.items():
+        if len(classes) > 1:
+            names = ", ".join(printable(p) for p in example[key])
+            log.warning("The same image is in %d classes: %s", len(classes), names)
 
-        manifest = make_manifest(
-            self.spec, dataset.labels, output_name=self.cfg.final_tensor_name,
-            fine_tuned=backbone_onnx is not None, metrics=metrics,
-        )
-        source = backbone_onnx if backbone_onnx is not None else backbone_onnx_path(self.spec, self.cfg.model_dir or None)
-        return build_classifier(source, head.coef_, head.intercept_, manifest), manifest
 
-    def _export(self, dataset: Dataset, head, metrics: dict, backbone_onnx) -> None:
-        from retrain.export import save_model, write_labels, write_saved_model_dir
+def _report_split(dataset: Dataset, *, already_said: int) -> None:
+    """The split's notices (those discovery did not already log) and the per-class counts table."""
+    for notice in dataset.notices[already_said:]:
+        log.warning("%s", notice)
+    counts = dataset.counts()
+    width = max(len(printable(label)) for label in dataset.labels)
+    log.info("%-*s  %8s %10s %7s", width, "class", "training", "validation", "testing")
+    for label, c in counts.items():
+        log.info("%-*s  %8d %10d %7d", width, printable(label), c[TRAINING], c[VALIDATION], c[TESTING])
+
+
+def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, paths: RunPaths,
+              timings: dict[str, float]) -> SoftmaxHead:
+    """The new layer on the training features (distorted variants with the distortion flags)."""
+    train, val = splits.train, splits.validation
+    X_train, y_train = train.X, train.y
+    if cfg.flip_left_right or cfg.random_crop or cfg.random_scale or cfg.random_brightness:
+        from retrain.distort import distorted_training_features
 
         t0 = time.perf_counter()
-        paths = self.paths
-        model, manifest = self.classifier_model(dataset, head, metrics, backbone_onnx)
-        save_model(model, paths.output_graph)
-        write_labels(dataset.labels, paths.output_labels)
-        log.info("Wrote the model to %s and its labels to %s", paths.output_graph, paths.output_labels)
-        if paths.saved_model_dir is not None:
-            write_saved_model_dir(paths.saved_model_dir, model, manifest)
-            log.info("Wrote the serving folder %s", paths.saved_model_dir)
-        if self.cfg.quantize:
-            from retrain.quantize import quantize_after_training
+        X_train, y_train = distorted_training_features(train, spec, cfg)
+        timings["distortions"] = time.perf_counter() - t0
+    head = SoftmaxHead(
+        steps=cfg.how_many_training_steps,
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.train_batch_size,
+        optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        class_balance=cfg.class_balance,
+        seed=seed,
+    )
 
-            quantize_after_training(self, dataset, model, manifest)
-        atomic_write_bytes(paths.run_dir / "config.json", self.cfg.to_json().encode())
-        self.timings["export"] = time.perf_counter() - t0
+    def snapshot(step: int, head: SoftmaxHead) -> None:
+        from retrain.export import classifier_model, save_model
 
-    def _link_latest(self) -> None:
-        """Point ``retrain_runs/latest`` at this run, so ``label_image`` finds it without flags."""
-        if self.cfg.output_dir:
-            return
-        latest = self.paths.run_dir.parent / "latest"
-        with contextlib.suppress(OSError):
-            tmp = latest.with_name(f".latest-{os.getpid()}")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            tmp.symlink_to(self.paths.run_dir.name)
-            os.replace(tmp, latest)
+        model, _ = classifier_model(spec, splits.labels, head, model_dir=cfg.model_dir or None,
+                                    output_name=cfg.final_tensor_name, metrics={"step": step})
+        path = paths.intermediate_dir / f"intermediate_{step}.onnx"
+        save_model(model, path)
+        log.info("Saved intermediate model %s", path)
+
+    logger = _TrainingLogger(cfg, splits.labels, paths, snapshot)
+    resume_state = logger.load_checkpoint() if cfg.resume else None
+    t0 = time.perf_counter()
+    try:
+        head.fit(
+            X_train, y_train,
+            n_classes=len(splits.labels),
+            X_val=val.X, y_val=val.y,
+            eval_every=max(1, cfg.eval_step_interval),
+            validation_batch_size=cfg.validation_batch_size,
+            on_eval=logger,
+            resume_state=resume_state,
+        )
+    finally:
+        logger.close()
+    timings["train_head"] = time.perf_counter() - t0
+    return head
+
+
+def _validation_accuracy(head, val: Split, *, log_it: bool = True) -> float | None:
+    if not len(val.y):
+        return None
+    accuracy = float((head.predict(val.X) == val.y).mean())
+    if log_it:
+        log.info("Kept the weights of step %d (best validation accuracy %.1f%%, N=%d)",
+                 head.best_step_, 100 * accuracy, len(val.y))
+    return accuracy
+
+
+def evaluate(head, test: Split, labels: list[str], *, test_batch_size: int = -1, seed: int = 0,
+             print_misclassified: bool = False) -> TestReport:
+    """``head``'s accuracy on the test split (a random ``test_batch_size`` of it when > 0), logged."""
+    if not len(test.y):
+        log.warning("No test images (every class is too small or --testing_percentage is 0): test accuracy "
+                    "is not measured.")
+        return TestReport(None, 0, [])
+    idx = np.arange(len(test.y))
+    if 0 < test_batch_size < len(idx):
+        idx = np.random.default_rng(seed + 2).choice(idx, size=test_batch_size, replace=False)
+    pred = head.predict(test.X[idx])
+    acc = float((pred == test.y[idx]).mean())
+    log.info("Final test accuracy = %.1f%% (N=%d)", 100 * acc, len(idx))
+    wrong = [(test.paths[i], labels[p]) for i, p in zip(idx, pred) if p != test.y[i]]
+    if print_misclassified:
+        log.info("=== MISCLASSIFIED TEST IMAGES ===")
+        for path, label in wrong:
+            log.info("%70s  %s", printable(path), printable(label))
+    return TestReport(acc, len(idx), wrong)
+
+
+def _export(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset, head, metrics: dict, backbone_onnx,
+            paths: RunPaths) -> None:
+    """The model, its labels, the serving folder, the quantized copy and ``config.json``."""
+    from retrain.export import classifier_model, save_model, write_labels, write_saved_model_dir
+
+    model, manifest = classifier_model(spec, dataset.labels, head, backbone_onnx=backbone_onnx,
+                                       model_dir=cfg.model_dir or None, output_name=cfg.final_tensor_name,
+                                       metrics=metrics)
+    save_model(model, paths.output_graph)
+    write_labels(dataset.labels, paths.output_labels)
+    log.info("Wrote the model to %s and its labels to %s", paths.output_graph, paths.output_labels)
+    if paths.saved_model_dir is not None:
+        write_saved_model_dir(paths.saved_model_dir, model, manifest)
+        log.info("Wrote the serving folder %s", paths.saved_model_dir)
+    if cfg.quantize:
+        from retrain.quantize import quantize_after_training
+
+        report = quantize_after_training(paths.output_graph, cfg.quantize, dataset)
+        atomic_write_bytes(paths.run_dir / f"quantize_{cfg.quantize}.json",
+                           json.dumps(report.to_dict(), indent=2).encode())
+    atomic_write_bytes(paths.run_dir / "config.json", cfg.to_json().encode())
+
+
+def _link_latest(cfg: TrainConfig, paths: RunPaths) -> None:
+    """Point ``retrain_runs/latest`` at this run, so ``label_image`` finds it without flags."""
+    if cfg.output_dir:
+        return
+    latest = paths.run_dir.parent / "latest"
+    with contextlib.suppress(OSError):
+        tmp = latest.with_name(f".latest-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        tmp.symlink_to(paths.run_dir.name)
+        os.replace(tmp, latest)
+
+
+def _finetune_checkpoint(checkpoint: Path) -> Path:
+    """Fine-tuning's checkpoint, beside the head's: ``checkpoint.npz`` -> ``checkpoint-finetune.pt``."""
+    return checkpoint.with_name(checkpoint.stem + "-finetune.pt")
 
 
 class _TrainingLogger:
     """Called at every evaluation step: the log line, TensorBoard, snapshots and checkpoints."""
 
-    def __init__(self, run: _Run, dataset: Dataset, head: SoftmaxHead):
+    def __init__(self, cfg: TrainConfig, labels: list[str], paths: RunPaths,
+                 snapshot: Callable[[int, SoftmaxHead], None]):
         from retrain.summaries import EventWriter, new_run_dirs
 
-        self.run, self.dataset, self.head = run, dataset, head
-        train_dir, val_dir = new_run_dirs(run.paths.summaries_dir)
+        self.labels, self.checkpoint, self.snapshot = labels, paths.checkpoint, snapshot
+        train_dir, val_dir = new_run_dirs(paths.summaries_dir)
         self.train_writer, self.val_writer = EventWriter(train_dir), EventWriter(val_dir)
         self.last_checkpoint = time.monotonic()
-        self.interval = run.cfg.intermediate_store_frequency
+        self.interval = cfg.intermediate_store_frequency
         # About 100 histogram snapshots per run: TensorBoard shows no more, and each costs a few ms.
-        every = max(1, run.cfg.eval_step_interval)
-        self.histogram_every = every * max(1, run.cfg.how_many_training_steps // (100 * every))
+        every = max(1, cfg.eval_step_interval)
+        self.histogram_every = every * max(1, cfg.how_many_training_steps // (100 * every))
 
     def __call__(self, r: StepReport, head: SoftmaxHead) -> None:
         val = (
@@ -443,19 +446,11 @@ class _TrainingLogger:
             self.val_writer.scalars({"accuracy": r.validation_accuracy,
                                      "cross_entropy": r.validation_cross_entropy}, r.step)
         if self.interval > 0 and r.step % self.interval == 0 and r.step < head.steps:
-            self._intermediate(r.step, head)
+            self.snapshot(r.step, head)
         now = time.monotonic()
         if now - self.last_checkpoint > 2.0 or r.step == head.steps:
             self.save_checkpoint(head)
             self.last_checkpoint = now
-
-    def _intermediate(self, step: int, head: SoftmaxHead) -> None:
-        from retrain.export import save_model
-
-        model, _ = self.run.classifier_model(self.dataset, head, {"step": step})
-        path = self.run.paths.intermediate_dir / f"intermediate_{step}.onnx"
-        save_model(model, path)
-        log.info("Saved intermediate model %s", path)
 
     def save_checkpoint(self, head: SoftmaxHead) -> None:
         import io
@@ -467,18 +462,18 @@ class _TrainingLogger:
             buf, W=state["W"], b=state["b"], step=state["step"],
             opt_keys=np.array(sorted(state["opt"])), **{f"opt_{k}": v for k, v in state["opt"].items()},
             best_W=best["W"], best_b=best["b"], best_step=best["step"], best_score=np.array(best["score"]),
-            rng=json.dumps(state["rng"]), labels=np.array(self.dataset.labels, dtype=object).astype(str),
+            rng=json.dumps(state["rng"]), labels=np.array(self.labels, dtype=object).astype(str),
         )
-        atomic_write_bytes(self.run.paths.checkpoint, buf.getvalue())
+        atomic_write_bytes(self.checkpoint, buf.getvalue())
 
     def load_checkpoint(self) -> dict | None:
-        path = self.run.paths.checkpoint
+        path = self.checkpoint
         if not path.exists():
             log.warning("--resume: no checkpoint at %s; starting from step 0", path)
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
-                if list(z["labels"]) != list(self.dataset.labels):
+                if list(z["labels"]) != list(self.labels):
                     raise RetrainError(f"--resume: checkpoint {path} was trained on other classes; remove it or "
                                        "use another --checkpoint_path")
                 state = {
