@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import retrain.engines as engines
 import retrain.features as features
 from conftest import TINY, make_image_folder
 from retrain.backbones import get_backbone
 from retrain.cache import BottleneckStore, content_key
+from retrain.feature_cache import cache_namespace
+from retrain.keymemo import FileKeyMemo
 
 
 def _engine(pixels: np.ndarray) -> np.ndarray:
@@ -34,7 +37,7 @@ def counted_hashing(monkeypatch):
     calls: list[str] = []
     real = features.read_image_bytes
     monkeypatch.setattr(features, "read_image_bytes", lambda p, *a, **k: (calls.append(p), real(p, *a, **k))[1])
-    monkeypatch.setattr(features.FileKeyMemo, "RACY_SECONDS", -60.0)  # trust files written just now
+    monkeypatch.setattr(FileKeyMemo, "RACY_SECONDS", -60.0)  # trust files written just now
     return calls
 
 
@@ -57,7 +60,7 @@ def test_warm_run_reads_no_image_and_an_edit_is_noticed(tmp_path: Path, counted_
 def test_damaged_memo_is_ignored(tmp_path: Path, counted_hashing):
     paths = sorted(str(p) for p in make_image_folder(tmp_path / "img", per_class=2).rglob("*.jpg"))
     _run(paths, BottleneckStore(tmp_path / "bn", 16))
-    memo = tmp_path / "bn" / features.FileKeyMemo.FILE_NAME
+    memo = tmp_path / "bn" / FileKeyMemo.FILE_NAME
     memo.write_bytes(memo.read_bytes()[:-7] + b"garbage")
     counted_hashing.clear()
     again = _run(paths, BottleneckStore(tmp_path / "bn", 16))
@@ -114,8 +117,8 @@ def test_stale_memo_key_is_replaced_by_the_key_of_what_was_decoded(tmp_path: Pat
     """If the memo ever names the wrong content, the features still go under the key of the bytes decoded."""
     paths = sorted(str(p) for p in make_image_folder(tmp_path / "img", per_class=2).rglob("*.jpg"))
     stale = b"\x01" * 20
-    real_lookup = features.FileKeyMemo.lookup
-    monkeypatch.setattr(features.FileKeyMemo, "lookup",
+    real_lookup = FileKeyMemo.lookup
+    monkeypatch.setattr(FileKeyMemo, "lookup",
                         lambda self, name, sig: stale if name.endswith(b"red/img_000.jpg") else real_lookup(self, name, sig))
     store = BottleneckStore(tmp_path / "bn", 16)
     table = _run(paths, store)
@@ -125,3 +128,45 @@ def test_stale_memo_key_is_replaced_by_the_key_of_what_was_decoded(tmp_path: Pat
         assert table.keys[path] == content_key(Path(path).read_bytes())
     store.refresh()
     assert stale not in store and all(key in store for key in table.keys.values())
+
+
+def test_one_core_cpu_gets_the_cpu_batch_plan(tmp_path: Path, monkeypatch):
+    """A CPU engine that runs one call at a time (one core) is still a CPU engine: CPU batches, one worker.
+    (It used to be taken for a GPU, because the device was guessed from the engine's concurrency.)"""
+    monkeypatch.setattr(engines, "cpu_cores", lambda: 1)
+    paths = sorted(str(p) for p in make_image_folder(tmp_path / "img", per_class=10).rglob("*.jpg"))  # 30 files
+    engine = engines.make_engine(get_backbone(TINY), device="cpu", model_dir=tmp_path / "models")
+    assert (engine.device, engine.concurrency, engine.batch_size) == ("cpu", 1, engines.AUTO_BATCH["cpu"])
+    batches, threads = [], set()
+    real_call = type(engine).__call__
+
+    def spy(self, pixels):
+        import threading
+
+        batches.append(len(pixels))
+        threads.add(threading.current_thread().name)
+        return real_call(self, pixels)
+
+    monkeypatch.setattr(type(engine), "__call__", spy)
+    table = _run(paths, BottleneckStore(tmp_path / "bn", 16), lambda: engine)
+    assert table.computed == 30 and max(batches) == engines.AUTO_BATCH["cpu"] and len(threads) == 1
+
+
+def test_engines_keep_their_features_apart_in_the_cache(tmp_path: Path, monkeypatch, colour_dir: Path):
+    """ONNX Runtime on the CPU and PyTorch on a GPU differ by ~1e-5: a GPU run must not reuse CPU features."""
+    spec = get_backbone(TINY)
+    # The CPU engine keeps the namespace caches have always had (existing caches stay valid).
+    assert cache_namespace(spec) == cache_namespace(spec, "onnxruntime-cpu")
+    assert cache_namespace(get_backbone("efficientnet_lite0")) == "efficientnet_lite0-c77bea98a721"
+    assert cache_namespace(spec, "torch-cuda") != cache_namespace(spec)
+    kw = dict(architecture=TINY, bottleneck_dir=tmp_path / "bn", model_dir=tmp_path / "models")
+    cpu = features.extract_features(sorted(str(p) for p in colour_dir.rglob("*.jpg")), **kw)
+    # A "GPU" run: PyTorch's engine (on the CPU here), as make_engine builds it for --device cuda.
+    monkeypatch.setattr(features, "engine_kind", lambda device: "torch-cuda")
+    monkeypatch.setattr(features, "make_engine", lambda spec, **_: engines.TorchEngine(spec, "cpu"))
+    gpu = features.extract_features(sorted(str(p) for p in colour_dir.rglob("*.jpg")), **kw)
+    assert cpu.computed == gpu.computed == 36 and gpu.cached == 0
+    assert gpu.store.directory != cpu.store.directory
+    paths = sorted(cpu.keys)
+    a, b = cpu.matrix(paths), gpu.matrix(paths)
+    np.testing.assert_allclose(a, b, atol=1e-4)  # close, yet computed and kept separately
