@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,9 @@ from retrain.head import SoftmaxHead, StepReport
 from retrain.splits import Split, Splits, split_features
 
 log = logging.getLogger("retrain")
+
+# Written last, when everything else is: a run folder that has it finished, and --resume leaves it alone.
+FINISHED_MARKER = "metrics.json"
 
 
 @dataclass
@@ -157,9 +161,11 @@ def _resolve_paths(cfg: TrainConfig, *, reserve: bool = False) -> RunPaths:
     started in the same second can never pick the same one."""
     if cfg.output_dir:
         run_dir = Path(cfg.output_dir)
-    elif cfg.resume and not cfg.checkpoint_path and (last := _last_checkpointed_run(Path("retrain_runs"))):
+    elif cfg.resume and not cfg.checkpoint_path and (last := _last_unfinished_run(Path("retrain_runs"))):
         run_dir = last  # --resume alone continues the interrupted run instead of starting a new folder
     else:
+        if cfg.resume and not cfg.checkpoint_path and reserve:
+            log.info("--resume: no unfinished run under retrain_runs; starting a new one")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("retrain_runs") / stamp
         n = 1
@@ -181,13 +187,15 @@ def _resolve_paths(cfg: TrainConfig, *, reserve: bool = False) -> RunPaths:
     )
 
 
-def _last_checkpointed_run(root: Path) -> Path | None:
-    """The run folder under ``root`` whose checkpoint was written last: the one an interruption left.
+def _last_unfinished_run(root: Path) -> Path | None:
+    """The unfinished run folder under ``root`` whose checkpoint was written last: the one an interruption left.
 
-    (``root/latest`` moves only when a run finishes, so it cannot name an interrupted run.)
+    (``root/latest`` moves only when a run finishes, so it cannot name an interrupted run. A folder
+    with the ``FINISHED_MARKER`` is a finished run: continuing it would overwrite its outputs.)
     """
     found = [(f.stat().st_mtime, f.parent) for pattern in ("*/checkpoint.npz", "*/checkpoint-finetune.pt")
-             for f in root.glob(pattern) if not f.parent.is_symlink()]
+             for f in root.glob(pattern)
+             if not f.parent.is_symlink() and not (f.parent / FINISHED_MARKER).exists()]
     return max(found)[1] if found else None
 
 
@@ -323,7 +331,7 @@ def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, p
         save_model(model, path)
         log.info("Saved intermediate model %s", path)
 
-    logger = _TrainingLogger(cfg, splits.labels, paths, snapshot)
+    logger = _TrainingLogger(cfg, splits.labels, paths, snapshot, _head_fingerprint(cfg, spec, train, len(y_train)))
     resume_state = logger.load_checkpoint() if cfg.resume else None
     t0 = time.perf_counter()
     try:
@@ -340,6 +348,27 @@ def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, p
         logger.close()
     timings["train_head"] = time.perf_counter() - t0
     return head
+
+
+def _head_fingerprint(cfg: TrainConfig, spec: BackboneSpec, train: Split, rows: int) -> dict:
+    """What a head checkpoint must agree on to be continued, by flag name (the labels are checked on their own)."""
+    images = hashlib.sha1(b"".join(train.keys) + np.ascontiguousarray(train.y).tobytes()).hexdigest()
+    return {
+        "architecture": spec.name,
+        "weights": spec.weights_id,
+        "optimizer": cfg.optimizer,
+        "learning_rate": float(cfg.learning_rate),
+        "train_batch_size": int(cfg.train_batch_size),
+        "weight_decay": float(cfg.weight_decay),
+        "class_balance": cfg.class_balance,
+        "eval_step_interval": max(1, cfg.eval_step_interval),
+        "flip_left_right": bool(cfg.flip_left_right),
+        "random_crop": float(cfg.random_crop),
+        "random_scale": float(cfg.random_scale),
+        "random_brightness": float(cfg.random_brightness),
+        "training_rows": int(rows),  # images x distorted copies
+        "training_images": images,
+    }
 
 
 def _validation_accuracy(head, val: Split, *, log_it: bool = True) -> float | None:
@@ -418,10 +447,11 @@ class _TrainingLogger:
     """Called at every evaluation step: the log line, TensorBoard, snapshots and checkpoints."""
 
     def __init__(self, cfg: TrainConfig, labels: list[str], paths: RunPaths,
-                 snapshot: Callable[[int, SoftmaxHead], None]):
+                 snapshot: Callable[[int, SoftmaxHead], None], fingerprint: dict):
         from retrain.summaries import EventWriter, new_run_dirs
 
         self.labels, self.checkpoint, self.snapshot = labels, paths.checkpoint, snapshot
+        self.fingerprint = fingerprint
         train_dir, val_dir = new_run_dirs(paths.summaries_dir)
         self.train_writer, self.val_writer = EventWriter(train_dir), EventWriter(val_dir)
         self.last_checkpoint = time.monotonic()
@@ -463,6 +493,7 @@ class _TrainingLogger:
             opt_keys=np.array(sorted(state["opt"])), **{f"opt_{k}": v for k, v in state["opt"].items()},
             best_W=best["W"], best_b=best["b"], best_step=best["step"], best_score=np.array(best["score"]),
             rng=json.dumps(state["rng"]), labels=np.array(self.labels, dtype=object).astype(str),
+            settings=json.dumps(self.fingerprint, sort_keys=True),
         )
         atomic_write_bytes(self.checkpoint, buf.getvalue())
 
@@ -476,6 +507,14 @@ class _TrainingLogger:
                 if list(z["labels"]) != list(self.labels):
                     raise RetrainError(f"--resume: checkpoint {path} was trained on other classes; remove it or "
                                        "use another --checkpoint_path")
+                saved = json.loads(str(z["settings"])) if "settings" in z.files else {}
+                if saved != self.fingerprint:
+                    changed = sorted(k for k in self.fingerprint if saved.get(k) != self.fingerprint[k])
+                    raise RetrainError(
+                        f"--resume: checkpoint {path} belongs to a run with other settings "
+                        f"({', '.join(changed)} differ); run with the same flags, or remove it (or use another "
+                        "--checkpoint_path) to start from step 0"
+                    )
                 state = {
                     "W": z["W"], "b": z["b"], "step": int(z["step"]),
                     "opt": {k: z[f"opt_{k}"] for k in z["opt_keys"]},
