@@ -3,10 +3,10 @@ registry answers bad names helpfully."""
 
 from __future__ import annotations
 
-import io
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -78,29 +78,34 @@ def test_matches_reference_implementation(name: str) -> None:
 
 @pytest.mark.parametrize("name", LITE)
 def test_onnx_export_matches_torch(name: str) -> None:
-    ort = pytest.importorskip("onnxruntime")
+    """The shipped export path (backbone_onnx_bytes + build_classifier, as train() and export_model() use it):
+    uint8 NHWC pixels in, probabilities out, equal to the PyTorch modules it was made from."""
+    pytest.importorskip("onnxruntime")
+    from retrain.engines import OnnxEngine
+    from retrain.export import backbone_onnx_bytes, build_classifier, make_manifest
+    from retrain.torch_modules import PixelsToFeatures
+
     spec = get_backbone(name)
-    net = spec.build()
     s = spec.preprocessing.input_size
-    buf = io.BytesIO()
-    torch.onnx.export(
-        net,
-        (torch.zeros(1, 3, s, s),),
-        buf,
-        dynamo=False,
-        opset_version=17,
-        input_names=["image"],
-        output_names=["features"],
-        dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
-    )
-    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    x = _inputs(spec)
-    for batch in (x[:1], x):  # batch sizes 1 and 3 through the same graph
-        (onnx_out,) = session.run(None, {"image": batch.numpy()})
-        with torch.no_grad():
-            expected = net(batch).numpy()
-        assert onnx_out.shape == (len(batch), 1280)
-        np.testing.assert_allclose(onnx_out, expected, atol=1e-4, rtol=0)
+    noise = np.random.default_rng(1).integers(0, 256, (2, s, s, 3), dtype=np.uint8)
+    pixels = np.concatenate([noise, _photo_like(s)])  # (3, S, S, 3) uint8
+    rng = np.random.default_rng(0)
+    coef = rng.normal(0, 0.1, (spec.feature_dim, 4)).astype(np.float32)  # logits of a few units: probabilities
+    intercept = rng.normal(0, 0.5, 4).astype(np.float32)                 # far from 0 and 1
+    model = build_classifier(backbone_onnx_bytes(spec), coef, intercept, make_manifest(spec, list("abcd")))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    engine = OnnxEngine(model.SerializeToString())
+    with torch.no_grad():
+        features = PixelsToFeatures(spec.build(), spec.preprocessing).eval()(torch.from_numpy(pixels)).numpy()
+    want = torch.softmax(torch.from_numpy(features @ coef + intercept), dim=1).numpy()
+    assert 0.001 < want.min() and want.max() < 0.999  # the comparison sees the probabilities, not 0s and 1s
+    for batch in (slice(0, 1), slice(0, 3)):  # batch sizes 1 and 3 through the same graph
+        got = engine(pixels[batch])
+        assert got.shape == (batch.stop, 4)
+        np.testing.assert_allclose(got, want[batch], atol=1e-5, rtol=0)
+    # and the features themselves (what the cache stores) match PyTorch's
+    feats = OnnxEngine(backbone_onnx_bytes(spec))(pixels)
+    np.testing.assert_allclose(feats, features, atol=1e-4, rtol=0)
 
 
 def test_pretrained_weights_are_real() -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 import retrain
 import retrain.distort as distort
 from conftest import TINY
+from retrain.backbones import get_backbone
 from retrain.distort import Distortions, Draws, apply, choose_copies, draw, variant_draws
 from retrain.errors import RetrainError
 
@@ -164,7 +167,17 @@ def test_training_images_only_and_variants_cached(colour_dir, fast_config, monke
     assert spy.variants == 2 * n_train + 3 * n_train  # other settings, other variants
 
 
-def test_distorted_training_still_learns(colour_dir, fast_config):
+def test_distorted_training_still_learns(colour_dir, fast_config, caplog):
+    caplog.set_level("INFO", logger="retrain")
     result = retrain.train(colour_dir, **fast_config, flip_left_right=True, random_crop=20, random_brightness=20)
     assert result.test_accuracy == 1.0
-    assert fast_config["architecture"] == TINY
+    # ... and what it learnt from were distorted variants of every training image, through the stand-in.
+    found = re.search(r"Distortions \(flip, crop 20%, brightness 20%\): (\d+) variants of each of (\d+) training "
+                      r"images; (\d+) computed", caplog.text)
+    assert found, caplog.text
+    copies, n_train, computed = map(int, found.groups())
+    assert n_train == result.metrics["train_count"] and copies >= 2 and computed == copies * n_train
+    store = distort.variant_store(get_backbone(TINY), fast_config["bottleneck_dir"])
+    store.refresh()
+    assert len(store) == copies * n_train
+    assert retrain.load(result.output_graph).manifest["backbone"]["name"] == TINY

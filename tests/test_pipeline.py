@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 import retrain
+from conftest import TINY
 from retrain.export import get_manifest
 
 
@@ -47,15 +48,29 @@ def test_outputs_metadata_and_tensorboard(colour_dir: Path, fast_config: dict, t
 
 
 def test_exported_model_equals_the_head_on_cached_features(colour_dir: Path, fast_config: dict):
-    result = retrain.train(colour_dir, **fast_config)
+    # Few steps: probabilities well away from 0 and 1, so the comparison below sees the head's numbers.
+    cfg = {**fast_config, "how_many_training_steps": 4, "eval_step_interval": 2}
+    result = retrain.train(colour_dir, **cfg)
+    # train()'s steps by hand, on the features it cached: the same head, bit for bit.
+    dataset = retrain.discover(colour_dir)
+    features = retrain.extract_features(dataset, architecture=TINY, bottleneck_dir=cfg["bottleneck_dir"],
+                                        model_dir=cfg["model_dir"])
+    assert features.computed == 0 and features.cached == 36
+    splits = retrain.split_features(dataset, features)
+    head = retrain.SoftmaxHead(steps=4, seed=cfg["seed"]).fit(
+        splits.train.X, splits.train.y, n_classes=3, X_val=splits.validation.X, y_val=splits.validation.y,
+        eval_every=2)
+    exported = _weights(result.output_graph)
+    assert np.array_equal(exported["final_retrain_ops/weights"], head.coef_)
+    assert np.array_equal(exported["final_retrain_ops/biases"], head.intercept_)
+    # The exported graph, from pixels, gives that head's probabilities on the cached features.
     clf = retrain.load(result.output_graph)
-    files = sorted(colour_dir.rglob("*.jpg"))[:6]
-    probs = np.array([[p.score for p in sorted(ranked, key=lambda p: clf.labels.index(p.label))]
-                      for ranked in clf.classify([str(f) for f in files], top_k=None)])
-    assert probs.shape == (6, 3)
-    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
-    expected = [clf.labels.index(f.parent.name) for f in files]
-    assert list(probs.argmax(axis=1)) == expected
+    paths = [r.path for r in dataset.records]
+    got = clf.predict_proba(np.stack([clf.to_pixels(p) for p in paths]))  # (36, 3)
+    want = head.predict_proba(features.matrix(paths))
+    assert 0.05 < want.min() and want.max() < 0.95, want  # not saturated
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert list(got.argmax(1)) == list(head.predict(features.matrix(paths)))
 
 
 def test_same_seed_gives_the_same_model_bit_for_bit(colour_dir: Path, fast_config: dict, tmp_path: Path):

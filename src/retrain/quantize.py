@@ -378,7 +378,7 @@ def convert_file(
                 f"got {len(calibration_paths)} path(s), none readable"
             )
     # "float32": a checked copy (the manifest is read and the graph run before it is written).
-    model = onnx.load(os.fspath(float_clf.path)) if fmt == "float32" else quantize(float_clf.path, fmt, calibration=calibration)
+    model = load_onnx(float_clf.path) if fmt == "float32" else quantize(float_clf.path, fmt, calibration=calibration)
     output = Path(output)
     save_model(model, output)
     report = QuantizeReport(
