@@ -10,7 +10,9 @@ import retrain
 from retrain.errors import RetrainError
 
 
-def test_resume_alone_never_reopens_a_finished_run(tmp_path: Path, colour_dir: Path, fast_config, monkeypatch):
+def test_resume_alone_never_reopens_a_finished_run(
+    tmp_path: Path, colour_dir: Path, fast_config, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     cfg = {k: v for k, v in fast_config.items() if k != "output_dir"}  # the default retrain_runs/<time>
     finished = retrain.train(colour_dir, **cfg)
@@ -21,7 +23,9 @@ def test_resume_alone_never_reopens_a_finished_run(tmp_path: Path, colour_dir: P
     assert (Path("retrain_runs") / "latest").resolve() == again.run_dir.resolve()
 
 
-def test_resume_alone_continues_the_unfinished_run(tmp_path: Path, colour_dir: Path, fast_config, monkeypatch):
+def test_resume_alone_continues_the_unfinished_run(
+    tmp_path: Path, colour_dir: Path, fast_config, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     cfg = {k: v for k, v in fast_config.items() if k != "output_dir"}
     interrupted = retrain.train(colour_dir, **cfg)
@@ -30,16 +34,24 @@ def test_resume_alone_continues_the_unfinished_run(tmp_path: Path, colour_dir: P
     assert again.run_dir == interrupted.run_dir and (again.run_dir / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("change", [
-    {"learning_rate": 0.05}, {"optimizer": "sgd"}, {"train_batch_size": 20}, {"class_balance": "weight"},
-    {"flip_left_right": True},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"learning_rate": 0.05},
+        {"optimizer": "sgd"},
+        {"train_batch_size": 20},
+        {"class_balance": "weight"},
+        {"flip_left_right": True},
+    ],
+)
 def test_resume_refuses_a_head_checkpoint_made_with_other_settings(colour_dir: Path, fast_config, change):
     retrain.train(colour_dir, **fast_config)
     same = retrain.train(colour_dir, **fast_config, resume=True)  # the same settings continue (nothing left)
     assert same.test_accuracy == 1.0
     name = next(iter(change))
-    with pytest.raises(RetrainError, match=rf"checkpoint .* belongs to a run with other settings \(.*{name}.*remove it"):
+    with pytest.raises(
+        RetrainError, match=rf"checkpoint .* belongs to a run with other settings \(.*{name}.*remove it"
+    ):
         retrain.train(colour_dir, **fast_config, **change, resume=True)
 
 
