@@ -3,8 +3,8 @@
 Layout: ``<root>/<namespace>/`` holds one :class:`~retrain.cache.BottleneckStore`. The root is
 ``--bottleneck_dir`` or ``~/.cache/retrain/bottlenecks``. The namespace is derived from
 everything that decides a feature's value: backbone, weights, preprocessing, decoder and the
-engine that ran the network. ONNX Runtime on the CPU and PyTorch on a CUDA GPU agree to about
-1e-5, not bit for bit, so they keep their features apart: the CPU engine (``onnxruntime-cpu``)
+engine that ran the network. ONNX Runtime and PyTorch agree to about 1e-5, not bit for bit
+(measured on the CPU: docs/benchmarks.md, "GPU"), so they keep their features apart: the CPU engine (``onnxruntime-cpu``)
 keeps the namespace of the releases that had no other engine, every other engine adds itself to
 the key. A run on a GPU therefore computes its own features once instead of reusing the CPU's.
 """
