@@ -37,20 +37,12 @@ def split_folder(src: Path, dst: Path, test_fraction: float, seed: int) -> None:
 
 
 def features_of(folder: Path, bottleneck_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from retrain.backbones import get_backbone
-    from retrain.cache import BottleneckStore
-    from retrain.data import discover
-    from retrain.engines import make_engine
-    from retrain.feature_cache import cache_namespace
-    from retrain.features import compute_features
+    import retrain
 
-    spec = get_backbone("efficientnet_lite0")
-    store = BottleneckStore(bottleneck_dir / cache_namespace(spec), spec.feature_dim)
-    ds = discover(folder)
-    table = compute_features([r.path for r in ds.records], spec, store, engine_factory=lambda: make_engine(spec),
-                             progress=False)
+    ds = retrain.discover(folder)
+    table = retrain.extract_features(ds, bottleneck_dir=bottleneck_dir)
     rows = [r for r in ds.records if r.path in table.keys]
-    X = store.get_many([table.keys[r.path] for r in rows])
+    X = table.matrix([r.path for r in rows])
     return X, np.array([r.label_index for r in rows]), ds.labels
 
 

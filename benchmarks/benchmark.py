@@ -351,14 +351,13 @@ def run_plain_pytorch(image_dir, out_json, *, architecture: str = "efficientnet_
 def store_load_seconds(bottleneck_dir, architecture: str = "efficientnet_lite0", repeats: int = 3) -> tuple[float, int]:
     """Best time to open the bottleneck store and load every cached feature into memory, and how many."""
     from retrain.backbones import get_backbone
-    from retrain.cache import BottleneckStore
-    from retrain.feature_cache import cache_namespace
+    from retrain.feature_cache import open_store
 
     spec = get_backbone(architecture)
     best, n = float("inf"), 0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        store = BottleneckStore(Path(bottleneck_dir) / cache_namespace(spec), spec.feature_dim)
+        store = open_store(spec, bottleneck_dir)
         store.refresh()
         best, n = min(best, time.perf_counter() - t0), len(store)
     return best, n
