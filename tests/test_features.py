@@ -160,7 +160,7 @@ def test_engines_keep_their_features_apart_in_the_cache(tmp_path: Path, monkeypa
     assert cache_namespace(get_backbone("efficientnet_lite0")) == "efficientnet_lite0-c77bea98a721"
     assert cache_namespace(spec, "torch-cuda") != cache_namespace(spec)
     kw = dict(architecture=TINY, bottleneck_dir=tmp_path / "bn", model_dir=tmp_path / "models")
-    cpu = features.extract_features(sorted(str(p) for p in colour_dir.rglob("*.jpg")), **kw)
+    cpu = features.extract_features(colour_dir, **kw)  # a folder of class folders
     # A "GPU" run: PyTorch's engine (on the CPU here), as make_engine builds it for --device cuda.
     monkeypatch.setattr(features, "engine_kind", lambda device: "torch-cuda")
     monkeypatch.setattr(features, "make_engine", lambda spec, **_: engines.TorchEngine(spec, "cpu"))

@@ -29,7 +29,7 @@ import numpy as np
 
 from retrain.backbones import BackboneSpec, get_backbone
 from retrain.cache import BottleneckStore, content_key
-from retrain.data import Dataset
+from retrain.data import Dataset, discover
 from retrain.engines import AUTO_BATCH, engine_kind, extraction_plan, make_engine
 from retrain.feature_cache import open_store
 from retrain.images import ImageError, decode_image, read_image_bytes
@@ -60,7 +60,7 @@ class FeatureTable:
 
 
 def extract_features(
-    images: Dataset | Sequence[str],
+    images: Dataset | Sequence[str] | str | os.PathLike,
     *,
     architecture: str | BackboneSpec = "efficientnet_lite0",
     bottleneck_dir: str | os.PathLike | None = None,
@@ -70,12 +70,15 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = False,
 ) -> FeatureTable:
-    """The backbone's features of ``images`` (a :class:`Dataset` or file paths), through the cache.
+    """The backbone's features of ``images`` (a :class:`Dataset`, a folder of class folders, or file paths),
+    through the cache.
 
     Unreadable files are listed in ``table.skipped`` with the reason; ``table.matrix(paths)`` gives
     the (N, D) features of readable ones. Arguments mean what the ``retrain`` flags of the same names do.
     """
     spec = architecture if isinstance(architecture, BackboneSpec) else get_backbone(architecture)
+    if isinstance(images, (str, os.PathLike)):  # a folder of class folders, not a list of paths
+        images = discover(images)
     paths = [r.path for r in images.records] if isinstance(images, Dataset) else [os.fspath(p) for p in images]
     store = open_store(spec, bottleneck_dir, engine=engine_kind(device))
     table = compute_features(

@@ -80,6 +80,9 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
 
     ``train("photos", how_many_training_steps=500)`` is the same as
     ``retrain --image_dir photos --how_many_training_steps 500``.
+
+    Each step below is one call with explicit data in and out; a further step (another head fit,
+    calibration, a report) goes in as one more call between them, with its timing and files here.
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     if image_dir is not None:
