@@ -302,6 +302,78 @@ def build_digits(fetch: Fetcher, max_side: int) -> list[Item]:
     return items
 
 
+# --- cutouts: Tux Paint's photographic stamps ------------------------------------------------
+
+TUX = "usr/share/tuxpaint/stamps"
+# class -> stamp folders (recursive). Cartoon drawings and toys are left out: photos only.
+CUTOUT_CLASSES = {
+    "bird": ["animals/birds"],
+    "mammal": ["animals/mammals", "animals/marsupials"],
+    "fruit": ["food/fruit", "food/nuts"],
+    "vegetable": ["food/vegetables", "plants/mushrooms"],
+    "flower": ["plants/flowers"],
+}
+
+
+def build_cutouts(fetch: Fetcher, max_side: int) -> list[Item]:
+    root = fetch.deb("tuxpaint-stamps-default") / TUX
+    items = []
+    for cls, folders in CUTOUT_CLASSES.items():
+        for folder in folders:
+            for path in sorted((root / folder).rglob("*.png")):
+                rel = path.relative_to(root).as_posix()
+                if "/cartoon/" in f"/{rel}" or "/toys/" in f"/{rel}":
+                    continue
+                items.append(Item(cls, safe_stem(path.stem), lambda p=path: Image.open(p), f"{TUX}/{rel}",
+                                  "Tux Paint stamps (GPL-2)"))
+    return items
+
+
+# --- gcompris: the photos of GCompris' activities -----------------------------------------
+
+GC_ACT = "gcompris/src/activities"
+GC_CAT = f"{GC_ACT}/categorization/resource/images"
+GC_CLASSES = {
+    "animal": [f"{GC_ACT}/explore_world_animals/resource/animals", f"{GC_ACT}/explore_farm_animals/resource/animals",
+               f"{GC_ACT}/erase/resource"],
+    "fish": [f"{GC_CAT}/fishes"],
+    "landmark": [f"{GC_CAT}/monuments", f"{GC_ACT}/explore_monuments/resource"],
+    "tool": [f"{GC_CAT}/tools"],
+    "renewable_energy": [f"{GC_CAT}/renewable"],  # dams, solar panels, wind turbines
+}
+GC_EXCLUDE = {
+    f"{GC_ACT}/explore_world_animals/resource/animals/narwhal.webp",  # a pod at the sea surface: fish-like
+    f"{GC_ACT}/explore_monuments/resource/usa/canyondeChelly.webp",  # a canyon, no monument in view
+}
+
+
+def _gc_licence(tree: Path, rel: str, cache: dict) -> str:
+    """'licence; author; source' from the GCompris README next to the file (see make_sample_data.py)."""
+    from make_sample_data import readme_for
+
+    entry = readme_for(tree, rel, cache)
+    if entry is None:
+        return "see the activity's README / debian/copyright"
+    return f"{entry.licence}; {entry.author}; {entry.source}".replace("\t", " ")
+
+
+def build_gcompris(fetch: Fetcher, max_side: int) -> list[Item]:
+    tree = fetch.gcompris_tree(["categorization", "explore_world_animals", "explore_farm_animals", "erase",
+                                "explore_monuments"])
+    cache: dict = {}
+    items = []
+    for cls, folders in GC_CLASSES.items():
+        for folder in folders:
+            for path in sorted((tree / folder).rglob("*.webp")):
+                rel = path.relative_to(tree).as_posix()
+                if rel in GC_EXCLUDE:
+                    continue
+                activity = rel.split("/")[3]
+                stem = safe_stem(f"{activity}_{path.parent.name}_{path.stem}")
+                items.append(Item(cls, stem, lambda p=path: Image.open(p), rel, _gc_licence(tree, rel, cache)))
+    return items
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 SETS: dict[str, SetSpec] = {
@@ -326,6 +398,27 @@ SETS: dict[str, SetSpec] = {
             licence="CC-BY-4.0 (UCI ML repository optdigits); shipped in scikit-learn (BSD-3-Clause)",
             heldout="digit_9",
             dedupe=0.99999,
+        ),
+        SetSpec(
+            "cutouts", build_cutouts,
+            domain="product-shot like: photographed objects cut out on a plain white background",
+            colour="colour",
+            packages=["tuxpaint-stamps-default"],
+            licence="GPL-2 (debian/copyright of tuxpaint-stamps-default: all files by the Tux Paint project)",
+            heldout="vegetable",
+            notes="Tux Paint stamp folders mapped to 5 classes; cartoon drawings and toys left out; alpha "
+            "flattened onto white",
+        ),
+        SetSpec(
+            "gcompris", build_gcompris,
+            domain="everyday photos (ImageNet-like): animals, fish, landmarks, tools, renewable-energy plants",
+            colour="colour",
+            packages=["gcompris-qt-data"],
+            licence="per file (Public Domain, CC0, CC-BY, CC-BY-SA, ...), listed in meta/gcompris.sources.tsv "
+            "from GCompris' own READMEs; for local benchmarking, not for redistribution as one bundle",
+            heldout="renewable_energy",
+            notes="a superset of the bundled sample photos (src/retrain/sample_data/photos): do not use it "
+            "to evaluate a model trained on the sample",
         ),
     ]
 }
