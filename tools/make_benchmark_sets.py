@@ -137,7 +137,16 @@ class Fetcher:
         wheels = sorted(dest.glob(f"{norm}-{version}-*.whl"))
         if not wheels:
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest), f"{package}=={version}"],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "-d",
+                    str(dest),
+                    f"{package}=={version}",
+                ],
                 check=True,
             )
             wheels = sorted(dest.glob(f"{norm}-{version}-*.whl"))
@@ -200,12 +209,25 @@ def safe_stem(text: str) -> str:
 STEL = "usr/share/stellarium/nebulae/default"
 # Stellarium's NebulaType enum (src/core/modules/Nebula.hpp, 0.22) -> our coarse classes.
 DSO_CLASS = {
-    0: "galaxy", 1: "galaxy", 2: "galaxy", 3: "galaxy", 4: "galaxy",  # galaxy, active, radio, interacting, QSO
-    5: "open_cluster", 6: "open_cluster", 8: "open_cluster", 9: "open_cluster",  # cluster, OC, association, cloud
+    0: "galaxy",
+    1: "galaxy",
+    2: "galaxy",
+    3: "galaxy",
+    4: "galaxy",  # galaxy, active, radio, interacting, QSO
+    5: "open_cluster",
+    6: "open_cluster",
+    8: "open_cluster",
+    9: "open_cluster",  # cluster, OC, association, cloud
     7: "globular_cluster",
     11: "planetary_nebula",
-    10: "diffuse_nebula", 12: "diffuse_nebula", 13: "diffuse_nebula", 14: "diffuse_nebula",
-    15: "diffuse_nebula", 16: "diffuse_nebula", 17: "diffuse_nebula", 18: "diffuse_nebula",
+    10: "diffuse_nebula",
+    12: "diffuse_nebula",
+    13: "diffuse_nebula",
+    14: "diffuse_nebula",
+    15: "diffuse_nebula",
+    16: "diffuse_nebula",
+    17: "diffuse_nebula",
+    18: "diffuse_nebula",
     19: "diffuse_nebula",  # nebula, dark, reflection, bipolar, emission, cluster+nebulosity, HII, SNR, ISM
 }
 
@@ -277,7 +299,9 @@ def build_deepsky(fetch: Fetcher, max_side: int) -> list[Item]:
         if credits.get("infoUrl"):
             credit += f" <{credits['infoUrl']}>"
         path = root / url
-        items.append(Item(cls, safe_stem(Path(url).stem), lambda p=path: Image.open(p), f"{STEL}/{url}", credit))
+        items.append(
+            Item(cls, safe_stem(Path(url).stem), lambda p=path: Image.open(p), f"{STEL}/{url}", credit)
+        )
     return items
 
 
@@ -288,7 +312,9 @@ SKLEARN_VERSION = "1.9.1"
 
 def build_digits(fetch: Fetcher, max_side: int) -> list[Item]:
     whl = fetch.wheel("scikit-learn", SKLEARN_VERSION)
-    rows = np.loadtxt(io.BytesIO(gzip.decompress(whl.read("sklearn/datasets/data/digits.csv.gz"))), delimiter=",")
+    rows = np.loadtxt(
+        io.BytesIO(gzip.decompress(whl.read("sklearn/datasets/data/digits.csv.gz"))), delimiter=","
+    )
     items = []
     side = min(64, max_side)  # 8x8 cells, values 0..16
 
@@ -297,8 +323,15 @@ def build_digits(fetch: Fetcher, max_side: int) -> list[Item]:
         return Image.fromarray(grey, "L").resize((side, side), Image.BICUBIC)
 
     for i, row in enumerate(rows):
-        items.append(Item(f"digit_{int(row[64])}", f"optdigits_{i:04d}", lambda r=row: load(r),
-                          f"sklearn/datasets/data/digits.csv.gz row {i}", "UCI optdigits (Alpaydin & Kaynak 1998)"))
+        items.append(
+            Item(
+                f"digit_{int(row[64])}",
+                f"optdigits_{i:04d}",
+                lambda r=row: load(r),
+                f"sklearn/datasets/data/digits.csv.gz row {i}",
+                "UCI optdigits (Alpaydin & Kaynak 1998)",
+            )
+        )
     return items
 
 
@@ -324,8 +357,15 @@ def build_cutouts(fetch: Fetcher, max_side: int) -> list[Item]:
                 rel = path.relative_to(root).as_posix()
                 if "/cartoon/" in f"/{rel}" or "/toys/" in f"/{rel}":
                     continue
-                items.append(Item(cls, safe_stem(path.stem), lambda p=path: Image.open(p), f"{TUX}/{rel}",
-                                  "Tux Paint stamps (GPL-2)"))
+                items.append(
+                    Item(
+                        cls,
+                        safe_stem(path.stem),
+                        lambda p=path: Image.open(p),
+                        f"{TUX}/{rel}",
+                        "Tux Paint stamps (GPL-2)",
+                    )
+                )
     return items
 
 
@@ -334,8 +374,11 @@ def build_cutouts(fetch: Fetcher, max_side: int) -> list[Item]:
 GC_ACT = "gcompris/src/activities"
 GC_CAT = f"{GC_ACT}/categorization/resource/images"
 GC_CLASSES = {
-    "animal": [f"{GC_ACT}/explore_world_animals/resource/animals", f"{GC_ACT}/explore_farm_animals/resource/animals",
-               f"{GC_ACT}/erase/resource"],
+    "animal": [
+        f"{GC_ACT}/explore_world_animals/resource/animals",
+        f"{GC_ACT}/explore_farm_animals/resource/animals",
+        f"{GC_ACT}/erase/resource",
+    ],
     "fish": [f"{GC_CAT}/fishes"],
     "landmark": [f"{GC_CAT}/monuments", f"{GC_ACT}/explore_monuments/resource"],
     "tool": [f"{GC_CAT}/tools"],
@@ -358,8 +401,9 @@ def _gc_licence(tree: Path, rel: str, cache: dict) -> str:
 
 
 def build_gcompris(fetch: Fetcher, max_side: int) -> list[Item]:
-    tree = fetch.gcompris_tree(["categorization", "explore_world_animals", "explore_farm_animals", "erase",
-                                "explore_monuments"])
+    tree = fetch.gcompris_tree(
+        ["categorization", "explore_world_animals", "explore_farm_animals", "erase", "explore_monuments"]
+    )
     cache: dict = {}
     items = []
     for cls, folders in GC_CLASSES.items():
@@ -370,8 +414,143 @@ def build_gcompris(fetch: Fetcher, max_side: int) -> list[Item]:
                     continue
                 activity = rel.split("/")[3]
                 stem = safe_stem(f"{activity}_{path.parent.name}_{path.stem}")
-                items.append(Item(cls, stem, lambda p=path: Image.open(p), rel, _gc_licence(tree, rel, cache)))
+                items.append(
+                    Item(cls, stem, lambda p=path: Image.open(p), rel, _gc_licence(tree, rel, cache))
+                )
     return items
+
+
+# --- textures: UFO:AI's surface textures, in grey -------------------------------------------
+
+UFO_PK3 = "usr/share/games/ufoai/base/0textures.pk3"
+# class -> regular expression on the file name (not the folder). A file that matches two classes
+# ("woodfloor_metal") is left out rather than guessed.
+TEXTURE_CLASSES = {
+    "brick": r"brick",
+    "carpet": r"carpet",
+    "concrete": r"crete",
+    "grass": r"grass",
+    "metal": r"metal|mtl",
+    "soil": r"dirt|desert|sand|soil",
+    "stone": r"rock|stone",
+    "wood": r"wood",
+}
+# Normal/gloss/specular maps and glowing or sign-like overlays are not photos of a surface.
+TEXTURE_SKIP = re.compile(r"_(nm|gm|sm|s|h|n|g|bump|glow|spec)$|sign|toxic|glow|light|logo|decal", re.I)
+
+
+def _copyright_licences(path: Path, prefix: str) -> dict[str, str]:
+    """file -> 'licence; copyright holders' from a machine-readable debian/copyright."""
+    out: dict[str, str] = {}
+    for stanza in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace")):
+        files = re.search(r"^Files:(.*?)^Copyright:", stanza, re.S | re.M)
+        lic = re.search(r"^License:\s*(\S+)", stanza, re.M)
+        who = re.search(r"^Copyright:(.*?)^License:", stanza, re.S | re.M)
+        if not (files and lic):
+            continue
+        holders = "/".join(x.strip() for x in (who.group(1) if who else "").splitlines() if x.strip())
+        for f in files.group(1).split():
+            if f.startswith(prefix):
+                out[f[len(prefix) :]] = f"{lic.group(1)}; {holders}".replace("\t", " ")
+    return out
+
+
+def _opaque(im: Image.Image) -> bool:
+    """False for decals: more than 2% of pixels partly transparent."""
+    if im.mode not in ("RGBA", "LA", "PA") and not (im.mode == "P" and "transparency" in im.info):
+        return True
+    alpha = np.asarray(im.convert("RGBA").getchannel("A"))
+    return float((alpha < 250).mean()) <= 0.02
+
+
+def build_textures(fetch: Fetcher, max_side: int) -> list[Item]:
+    root = fetch.deb("ufoai-textures")
+    licences = _copyright_licences(root / "usr/share/doc/ufoai-textures/copyright", "base/")
+    pk3 = zipfile.ZipFile(root / UFO_PK3)
+    items = []
+    for name in sorted(pk3.namelist()):
+        stem = Path(name).stem
+        if not re.search(r"\.(png|jpg|tga)$", name, re.I) or TEXTURE_SKIP.search(stem):
+            continue
+        hits = [c for c, rx in TEXTURE_CLASSES.items() if re.search(rx, stem, re.I)]
+        if len(hits) != 1:
+            continue
+        im = Image.open(io.BytesIO(pk3.read(name)))
+        if min(im.size) < 64 or not _opaque(im):
+            continue
+
+        def load(n: str = name) -> Image.Image:
+            return flatten(Image.open(io.BytesIO(pk3.read(n)))).convert("L")  # grey: no colour cue
+
+        items.append(
+            Item(
+                hits[0],
+                safe_stem(f"{Path(name).parent.name}_{stem}"),
+                load,
+                f"{UFO_PK3}:{name}",
+                licences.get(name, "GPL-2+; The UFO:AI Team (debian/copyright 'Files: *')"),
+            )
+        )
+    return items
+
+
+# --- unrelated: paintings, for out-of-distribution tests -----------------------------------
+
+
+def build_unrelated(fetch: Fetcher, max_side: int) -> list[Item]:
+    """Fragments of 64 old-master paintings (GCompris' jigsaw pieces), flattened onto white."""
+    tree = fetch.gcompris_tree(["paintings"])
+    folder = f"{GC_ACT}/paintings/resource/image"
+    credit = "GPL-3+ (WebMuseum, Nicolas Pioch / Bruno Coudoin; see the folder's README)"
+    return [
+        Item("paintings", safe_stem(p.stem), lambda p=p: Image.open(p), f"{folder}/{p.name}", credit)
+        for p in sorted((tree / folder).glob("*.webp"))
+    ]
+
+
+# --- multilabel: composites of cutouts --------------------------------------------------------
+
+COMPOSITE_COUNT = 400
+COMPOSITE_SEED = 20261202
+
+
+def write_composites(out: Path, source: Path, cell: int = 160) -> dict[str, int]:
+    """2x2 grids of 1-3 cutouts of distinct classes on white, with a labels.csv (file,labels;...).
+
+    Built from the already written ``source`` set (``cutouts``) so that the pictures are the same files.
+    A cutout is used in at most one composite position per image; reuse across composites is allowed
+    (there are only ~180 cutouts), so split train/test by composite *and* check no source photo spans
+    both if that matters to a benchmark (``sources`` column).
+    """
+    dest = out / "multilabel"
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "images").mkdir(parents=True)
+    classes = sorted(p.name for p in source.iterdir() if p.is_dir())
+    files = {c: sorted((source / c).glob("*.jpg")) for c in classes}
+    rng = np.random.default_rng(COMPOSITE_SEED)
+    rows = ["file,labels,sources"]
+    counts = {c: 0 for c in classes}
+    for i in range(COMPOSITE_COUNT):
+        k = int(rng.integers(1, 4))  # 1..3 objects
+        picked = sorted(rng.choice(len(classes), size=k, replace=False).tolist())
+        cells = rng.permutation(4)[:k]
+        canvas = Image.new("RGB", (2 * cell, 2 * cell), (255, 255, 255))
+        srcs = []
+        for ci, pos in zip(picked, cells, strict=True):
+            c = classes[ci]
+            f = files[c][int(rng.integers(len(files[c])))]
+            im = Image.open(f).convert("RGB")
+            im.thumbnail((cell - 8, cell - 8), Image.LANCZOS)
+            x, y = (pos % 2) * cell + (cell - im.width) // 2, (pos // 2) * cell + (cell - im.height) // 2
+            canvas.paste(im, (x, y))
+            srcs.append(f"{c}/{f.name}")
+            counts[c] += 1
+        name = f"composite_{i:04d}.jpg"
+        save_jpeg(canvas, dest / "images" / name)
+        rows.append(f"{name},{';'.join(classes[ci] for ci in picked)},{';'.join(srcs)}")
+    (dest / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return counts
 
 
 # --- registry ---------------------------------------------------------------------------------
@@ -380,7 +559,8 @@ SETS: dict[str, SetSpec] = {
     s.name: s
     for s in [
         SetSpec(
-            "deepsky", build_deepsky,
+            "deepsky",
+            build_deepsky,
             domain="astronomy: telescope images of deep-sky objects (far from ImageNet)",
             colour="colour (about 5% are monochrome)",
             packages=["stellarium-data"],
@@ -391,7 +571,8 @@ SETS: dict[str, SetSpec] = {
             notes="class = object type in Stellarium's own catalog.dat; images named m*/n*/ic* only",
         ),
         SetSpec(
-            "digits", build_digits,
+            "digits",
+            build_digits,
             domain="scanned handwriting: UCI optical-recognition digits, 8x8 cells upscaled to 64x64",
             colour="greyscale",
             packages=["scikit-learn (PyPI)"],
@@ -400,7 +581,32 @@ SETS: dict[str, SetSpec] = {
             dedupe=0.99999,
         ),
         SetSpec(
-            "cutouts", build_cutouts,
+            "textures",
+            build_textures,
+            domain="surface textures (brick, carpet, concrete, grass, metal, soil, stone, wood) from a game's "
+            "photo-sourced texture library; converted to grey",
+            colour="greyscale (converted from colour, so colour gives no cue)",
+            packages=["ufoai-textures"],
+            licence="per file, from the package's machine-readable debian/copyright (GPL-2+, GPL-2, CC-BY-3.0, "
+            "CC-BY-SA-3.0, public domain, ...): listed in meta/textures.sources.tsv",
+            heldout="carpet",
+            notes="class from the texture's file name; normal/specular maps, decals with transparency and "
+            "names matching two classes are left out",
+        ),
+        SetSpec(
+            "unrelated",
+            build_unrelated,
+            domain="out-of-distribution pictures: fragments (jigsaw pieces) of 64 old-master paintings",
+            colour="colour",
+            packages=["gcompris-qt-data"],
+            licence="GPL-3+ (WebMuseum paintings, per GCompris' paintings README)",
+            heldout="(whole set is out-of-distribution)",
+            notes="not a classification set: one folder 'paintings' to feed as unknown inputs. For deepsky, "
+            "digits and textures the photo sets (gcompris, cutouts) are unrelated too, and vice versa",
+        ),
+        SetSpec(
+            "cutouts",
+            build_cutouts,
             domain="product-shot like: photographed objects cut out on a plain white background",
             colour="colour",
             packages=["tuxpaint-stamps-default"],
@@ -410,7 +616,8 @@ SETS: dict[str, SetSpec] = {
             "flattened onto white",
         ),
         SetSpec(
-            "gcompris", build_gcompris,
+            "gcompris",
+            build_gcompris,
             domain="everyday photos (ImageNet-like): animals, fish, landmarks, tools, renewable-energy plants",
             colour="colour",
             packages=["gcompris-qt-data"],
@@ -497,13 +704,23 @@ def write_readme(out: Path) -> None:
     lines.append("| set | classes | images | domain | colour | held-out class |")
     lines.append("|---|---|---|---|---|---|")
     for s in sets:
-        lines.append(f"| `{out / s['name']}` | {len(s['classes'])} | {s['total']} | {s['domain']} | {s['colour']} "
-                     f"| `{s['heldout']}` |")
+        lines.append(
+            f"| `{out / s['name']}` | {len(s['classes'])} | {s['total']} | {s['domain']} | {s['colour']} "
+            f"| `{s['heldout']}` |"
+        )
     for s in sets:
         pk = ", ".join(f"`{p}` {v}" for p, v in s["packages"].items())
-        lines += ["", f"## {s['name']}", "", f"- path: `{out / s['name']}`", f"- domain: {s['domain']}",
-                  f"- colour: {s['colour']}", f"- source: {pk}", f"- licence: {s['licence']}",
-                  f"- held-out class: `{s['heldout']}`"]
+        lines += [
+            "",
+            f"## {s['name']}",
+            "",
+            f"- path: `{out / s['name']}`",
+            f"- domain: {s['domain']}",
+            f"- colour: {s['colour']}",
+            f"- source: {pk}",
+            f"- licence: {s['licence']}",
+            f"- held-out class: `{s['heldout']}`",
+        ]
         if s["notes"]:
             lines.append(f"- notes: {s['notes']}")
         lines.append(f"- rebuild: `python tools/make_benchmark_sets.py --out {out} --sets {s['name']}`")
@@ -512,6 +729,29 @@ def write_readme(out: Path) -> None:
             lines.append("- " + extra.read_text(encoding="utf-8").strip())
         lines += ["", "| class | images |", "|---|---|"]
         lines += [f"| `{c}` | {n} |" for c, n in s["classes"].items()]
+    labels = out / "multilabel" / "labels.csv"
+    if labels.exists():
+        rows = labels.read_text(encoding="utf-8").splitlines()[1:]
+        per: dict[str, int] = {}
+        for r in rows:
+            for c in r.split(",")[1].split(";"):
+                per[c] = per.get(c, 0) + 1
+        lines += [
+            "",
+            "## multilabel",
+            "",
+            f"- path: `{out / 'multilabel'}` (`images/*.jpg` + `labels.csv`: "
+            "`file,labels,sources`, labels and sources separated by `;`)",
+            f"- {len(rows)} composites: a 2x2 grid on white holding 1-3 cutouts of distinct classes, drawn "
+            f"from `{out / 'cutouts'}` with seed {COMPOSITE_SEED} (rebuilt with the cutouts set)",
+            "- a cutout photo appears in several composites: split by source photo (the `sources` column) "
+            "if a benchmark must keep test photos unseen",
+            "- licence: as cutouts (GPL-2)",
+            "",
+            "| label | composites containing it |",
+            "|---|---|",
+        ]
+        lines += [f"| `{c}` | {n} |" for c, n in sorted(per.items())]
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -523,8 +763,11 @@ def iter_sets(names: list[str]) -> Iterator[SetSpec]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Sets: " + ", ".join(SETS))
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Sets: " + ", ".join(SETS),
+    )
     ap.add_argument("--out", type=Path, required=True, help="write OUT/<set>/<class>/*.jpg here")
     ap.add_argument("--sets", default=",".join(SETS), help="comma-separated set names (default: all)")
     ap.add_argument("--cache", type=Path, help="keep downloaded packages here (default: OUT/.src)")
@@ -535,9 +778,17 @@ def main(argv: list[str] | None = None) -> int:
         items = spec.build(fetch, args.max_side)
         counts = write_set(spec, items, args.out, args.max_side)
         info = describe(spec, counts, fetch, args.max_side)
-        (args.out / "meta" / f"{spec.name}.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        (args.out / "meta" / f"{spec.name}.json").write_text(
+            json.dumps(info, indent=1) + "\n", encoding="utf-8"
+        )
+        print(
+            f"{spec.name}: {sum(counts.values())} images, "
+            + ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
+        )
+        if spec.name == "cutouts":
+            counts = write_composites(args.out, args.out / "cutouts")
+            print("multilabel: " + ", ".join(f"{c} in {n}" for c, n in sorted(counts.items())))
         write_readme(args.out)
-        print(f"{spec.name}: {sum(counts.values())} images, " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items())))
     return 0
 
 
