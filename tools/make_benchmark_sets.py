@@ -30,6 +30,9 @@ Sets (``--sets``, default all):
 ``digits``
     The UCI optical-recognition scans of handwritten digits (8x8, 17 grey
     levels) that scikit-learn ships; greyscale, scanned, 10 classes.
+``textures``
+    Surface textures of the UFO:AI game (brick, carpet, concrete, grass, metal,
+    soil, stone, wood; class from the file name), converted to grey.
 ``cutouts``
     Tux Paint's photographic stamps (objects cut out on a plain white
     background: birds, fruit, flowers, vegetables, mammals, ...): product-shot
@@ -38,8 +41,12 @@ Sets (``--sets``, default all):
     The photos of the GCompris educational suite (animals, fish, monuments,
     tools, renewable energy, ...), a superset of the bundled sample photos.
 ``unrelated``
-    Paintings (GCompris' ``paintings`` activity): pictures of an unrelated kind,
-    for out-of-distribution tests against any of the photo sets.
+    Pictures of an unrelated kind, for out-of-distribution tests: painting
+    fragments (GCompris' ``paintings`` jigsaw pieces) and cartoon drawings
+    (GCompris' ``lang`` vocabulary pictures).
+``multilabel`` (written with ``cutouts``)
+    400 composites: 2x2 grids on white with 1-3 cutouts of distinct classes,
+    ``OUT/multilabel/images/*.jpg`` + ``labels.csv`` (``file,labels,sources``).
 
 The output is deterministic for given package versions (Pillow's JPEG encoder
 aside).  A set whose folder exists is rebuilt from scratch (only that folder
@@ -498,14 +505,31 @@ def build_textures(fetch: Fetcher, max_side: int) -> list[Item]:
 
 
 def build_unrelated(fetch: Fetcher, max_side: int) -> list[Item]:
-    """Fragments of 64 old-master paintings (GCompris' jigsaw pieces), flattened onto white."""
-    tree = fetch.gcompris_tree(["paintings"])
-    folder = f"{GC_ACT}/paintings/resource/image"
-    credit = "GPL-3+ (WebMuseum, Nicolas Pioch / Bruno Coudoin; see the folder's README)"
-    return [
-        Item("paintings", safe_stem(p.stem), lambda p=p: Image.open(p), f"{folder}/{p.name}", credit)
-        for p in sorted((tree / folder).glob("*.webp"))
+    """Two kinds of non-photos: painting fragments and cartoon drawings, both from GCompris."""
+    tree = fetch.gcompris_tree(["paintings", "lang"])
+    paint = f"{GC_ACT}/paintings/resource/image"  # jigsaw pieces of 64 old-master paintings
+    draw = f"{GC_ACT}/lang/resource/words_sample"  # Art4Apps vocabulary drawings
+    items = [
+        Item(
+            "paintings",
+            safe_stem(p.stem),
+            lambda p=p: Image.open(p),
+            f"{paint}/{p.name}",
+            "GPL-3+ (WebMuseum, Nicolas Pioch / Bruno Coudoin; see the folder's README)",
+        )
+        for p in sorted((tree / paint).glob("*.webp"))
     ]
+    items += [
+        Item(
+            "drawings",
+            safe_stem(p.stem),
+            lambda p=p: Image.open(p),
+            f"{draw}/{p.name}",
+            "CC-BY-SA-3.0 (Arts4Apps project, per debian/copyright of gcompris-qt-data)",
+        )
+        for p in sorted((tree / draw).glob("*.webp"))
+    ]
+    return items
 
 
 # --- multilabel: composites of cutouts --------------------------------------------------------
@@ -596,12 +620,14 @@ SETS: dict[str, SetSpec] = {
         SetSpec(
             "unrelated",
             build_unrelated,
-            domain="out-of-distribution pictures: fragments (jigsaw pieces) of 64 old-master paintings",
+            domain="out-of-distribution pictures, not photos: `paintings` = fragments (jigsaw pieces) of 64 "
+            "old-master paintings, `drawings` = cartoon vocabulary drawings (animals, fruit, people, numbers)",
             colour="colour",
             packages=["gcompris-qt-data"],
-            licence="GPL-3+ (WebMuseum paintings, per GCompris' paintings README)",
+            licence="paintings GPL-3+ (WebMuseum, per GCompris' paintings README); drawings CC-BY-SA-3.0 "
+            "(Arts4Apps, per debian/copyright)",
             heldout="(whole set is out-of-distribution)",
-            notes="not a classification set: one folder 'paintings' to feed as unknown inputs. For deepsky, "
+            notes="not a classification set: feed either folder as unknown inputs. For deepsky, "
             "digits and textures the photo sets (gcompris, cutouts) are unrelated too, and vice versa",
         ),
         SetSpec(
