@@ -50,8 +50,9 @@ BAD_FLAGS = [
 @pytest.mark.parametrize(("flag", "value", "allowed"), BAD_FLAGS, ids=[f"{f}={v}" for f, v, _ in BAD_FLAGS])
 def test_bad_flag_value_is_exit_2_naming_flag_value_and_allowed(tmp_path: Path, capsys, flag, value, allowed):
     # Checked before discovery: the image folder need not even exist.
-    code = retrain_main(["--image_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o"),
-                         f"--{flag}={value}"])
+    code = retrain_main(
+        ["--image_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o"), f"--{flag}={value}"]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"--{flag}" in err and allowed in err and "internal error" not in err, err
@@ -62,21 +63,26 @@ def test_bad_flag_value_is_exit_2_naming_flag_value_and_allowed(tmp_path: Path, 
 
 @pytest.mark.parametrize(("valid", "testing"), [(50, 50), (60, 45), (99.5, 0.5)])
 def test_percentages_summing_to_100_or_more_are_refused(tmp_path: Path, capsys, valid, testing):
-    code = retrain_main(["--image_dir", str(tmp_path), f"--validation_percentage={valid}",
-                         f"--testing_percentage={testing}"])
+    code = retrain_main(
+        ["--image_dir", str(tmp_path), f"--validation_percentage={valid}", f"--testing_percentage={testing}"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--validation_percentage" in err and "--testing_percentage" in err
     assert "below 100" in err and f"{valid + testing:g}" in err
 
 
 def test_python_api_gets_the_same_error_before_any_work(tmp_path: Path):
-    with pytest.raises(ConfigError, match=r"--how_many_training_steps 0 is not allowed: expected a whole number"):
+    with pytest.raises(
+        ConfigError, match=r"--how_many_training_steps 0 is not allowed: expected a whole number"
+    ):
         retrain.train(tmp_path / "missing", how_many_training_steps=0)
     with pytest.raises(ConfigError, match=r"--train_batch_size '10' is not allowed: expected a whole number"):
         retrain.train(tmp_path / "missing", train_batch_size="10")
     with pytest.raises(ConfigError, match=r"--fine_tune 1 is not allowed: expected True or False"):
         retrain.train(tmp_path / "missing", fine_tune=1)
-    with pytest.raises(ConfigError, match=r"--optimizer 'adamw' is not allowed: expected one of 'adam', 'sgd'"):
+    with pytest.raises(
+        ConfigError, match=r"--optimizer 'adamw' is not allowed: expected one of 'adam', 'sgd'"
+    ):
         retrain.train(tmp_path / "missing", optimizer="adamw")
     with pytest.raises(RetrainError, match="unknown backbone"):
         TrainConfig(architecture="resnet_9000").validate()
@@ -84,10 +90,21 @@ def test_python_api_gets_the_same_error_before_any_work(tmp_path: Path):
 
 def test_defaults_and_the_extremes_that_are_allowed_pass():
     TrainConfig().validate()
-    TrainConfig(testing_percentage=0, validation_percentage=0, seed=0, validation_batch_size=-1,
-                test_batch_size=1, random_brightness=100, random_crop=150, fine_tune_blocks="ALL",
-                quantize="int8", logging_verbosity="WARN").validate()
-    TrainConfig(how_many_training_steps=True.__int__(), learning_rate=1).validate()  # an int where a float goes
+    TrainConfig(
+        testing_percentage=0,
+        validation_percentage=0,
+        seed=0,
+        validation_batch_size=-1,
+        test_batch_size=1,
+        random_brightness=100,
+        random_crop=150,
+        fine_tune_blocks="ALL",
+        quantize="int8",
+        logging_verbosity="WARN",
+    ).validate()
+    TrainConfig(
+        how_many_training_steps=True.__int__(), learning_rate=1
+    ).validate()  # an int where a float goes
 
 
 def test_every_field_has_a_type_check_and_every_rule_names_a_field():

@@ -102,7 +102,9 @@ class TrainConfig:
             )
         from retrain.backbones import get_backbone
 
-        get_backbone(self.tfhub_module or self.architecture)  # an unknown name: a message listing the known ones
+        get_backbone(
+            self.tfhub_module or self.architecture
+        )  # an unknown name: a message listing the known ones
         return self
 
     def to_json(self) -> str:
@@ -115,12 +117,22 @@ class TrainConfig:
 
 def _check_type(name: str, value: object, annotation: str) -> None:
     """The Python API can pass anything; the command line's parser already converted each flag."""
-    kinds = {"str": (str,), "bool": (bool,), "int": (numbers.Integral,), "float": (numbers.Real,),
-             "int | None": (numbers.Integral, type(None))}
+    kinds = {
+        "str": (str,),
+        "bool": (bool,),
+        "int": (numbers.Integral,),
+        "float": (numbers.Real,),
+        "int | None": (numbers.Integral, type(None)),
+    }
     expected = kinds[annotation]
     if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
-        what = {"str": "text", "bool": "True or False", "int": "a whole number", "float": "a number",
-                "int | None": "a whole number or None"}[annotation]
+        what = {
+            "str": "text",
+            "bool": "True or False",
+            "int": "a whole number",
+            "float": "a number",
+            "int | None": "a whole number or None",
+        }[annotation]
         raise ConfigError(f"--{name} {value!r} is not allowed: expected {what}, got {type(value).__name__}")
 
 
@@ -164,8 +176,10 @@ _RULES = {
     "fine_tune_learning_rate": (_positive, "a number above 0 (e.g. 0.0001)"),
     "fine_tune_patience": ((lambda n: n >= 1), "a whole number of at least 1"),
     "intermediate_store_frequency": ((lambda n: n >= 0), "a whole number of at least 0 (0 = never)"),
-    "final_tensor_name": ((lambda s: bool(s.strip()) and s != "image"),
-                          "a non-empty name other than 'image' (the model's input)"),
+    "final_tensor_name": (
+        (lambda s: bool(s.strip()) and s != "image"),
+        "a non-empty name other than 'image' (the model's input)",
+    ),
     "quantize": _one_of("", "int8", "fp16"),
     "device": _one_of("auto", "cpu", "cuda"),
     "batch_size": ((lambda n: n >= 0), "a whole number of at least 0 (0 = automatic)"),
