@@ -1,0 +1,59 @@
+"""pyproject.toml promises only what the suite has run with: Python, every dependency's floor, serving in the base."""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
+REQUIREMENTS = [Requirement(r) for r in PROJECT["dependencies"]] + [
+    Requirement(r) for r in PROJECT["optional-dependencies"]["test"]
+]
+
+# Releases known not to work with retrain, below which no floor may go.
+KNOWN_BROKEN_BELOW = {
+    "pillow": "11.2",  # AVIF support, which `import retrain` uses (images.py's file types)
+    "starlette": "0.40",  # MultiPartParser(max_part_size=...), used by the server
+    "onnx": "1.17",  # CVE-2024-5187: path traversal when extracting external data
+    "python-multipart": "0.0.18",  # CVE-2024-53981: denial of service on malformed boundaries
+}
+
+
+def _floor(req: Requirement) -> Version:
+    lows = [Version(s.version) for s in req.specifier if s.operator in (">=", "==", "~=")]
+    assert lows, f"{req} has no lower bound"
+    return max(lows)
+
+
+def test_requires_python_is_what_ci_tests():
+    spec = SpecifierSet(PROJECT["requires-python"])
+    assert "3.11" in spec and "3.10" not in spec  # CI runs 3.11 only; 3.10 hung `retrain serve` (asyncio)
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in spec
+    assert PYPROJECT["tool"]["ruff"]["target-version"] == "py311"
+
+
+@pytest.mark.parametrize("req", REQUIREMENTS, ids=str)
+def test_every_floor_is_met_by_what_the_suite_runs_with(req: Requirement):
+    """The suite runs with the installed versions; a floor above them would be untested, below a known
+    break false. (CI installs with constraints/ci.txt; a floor is a version the whole suite passed with.)"""
+    try:
+        installed = Version(version(req.name))
+    except PackageNotFoundError:
+        pytest.fail(f"{req.name} is declared but not installed in the environment the suite runs in")
+    assert req.specifier.contains(installed, prereleases=True), f"installed {req.name} {installed} violates {req}"
+    broken = KNOWN_BROKEN_BELOW.get(req.name.lower())
+    if broken:
+        assert _floor(req) >= Version(broken), f"{req}: versions below {broken} are known not to work"
+
+
+def test_serving_is_in_the_base_install():
+    base = {Requirement(r).name.lower() for r in PROJECT["dependencies"]}
+    assert {"starlette", "uvicorn", "python-multipart"} <= base
