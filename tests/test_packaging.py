@@ -48,7 +48,9 @@ def test_every_floor_is_met_by_what_the_suite_runs_with(req: Requirement):
         installed = Version(version(req.name))
     except PackageNotFoundError:
         pytest.fail(f"{req.name} is declared but not installed in the environment the suite runs in")
-    assert req.specifier.contains(installed, prereleases=True), f"installed {req.name} {installed} violates {req}"
+    assert req.specifier.contains(installed, prereleases=True), (
+        f"installed {req.name} {installed} violates {req}"
+    )
     broken = KNOWN_BROKEN_BELOW.get(req.name.lower())
     if broken:
         assert _floor(req) >= Version(broken), f"{req}: versions below {broken} are known not to work"
