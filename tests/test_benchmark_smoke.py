@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import SAMPLE_PHOTOS, TINY
@@ -34,6 +35,7 @@ def test_photo_set_is_distinct_real_variants_in_two_classes(tmp_path: Path):
     assert [f.stat().st_mtime_ns for f in sorted(again.rglob("*.jpg"))] == [f.stat().st_mtime_ns for f in files]
 
 
+@pytest.mark.slow
 def test_table_from_real_runs(tmp_path: Path):
     photos = benchmark.build_photo_set(tmp_path / "photos", 20, source_dir=SAMPLE_PHOTOS)
     args = ["--architecture", TINY, "--model_dir", str(tmp_path / "models"), "--how_many_training_steps", "30",

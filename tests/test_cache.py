@@ -143,6 +143,7 @@ def test_read_only_store_reads_keeps_new_rows_in_memory_and_deletes_nothing():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_training_run_on_a_shared_cache_it_cannot_write(tmp_path: Path):
     """retrain with --bottleneck_dir on someone else's cache (enough shards for compaction): it trains,
     using the cached features and computing the new ones in memory."""

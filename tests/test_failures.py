@@ -89,6 +89,7 @@ def all_load(paths: list[Path]) -> bool:
 # -- kill -9 and resume -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_9_during_extraction_then_the_same_command_resumes_to_the_same_model(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=100, size=32)  # 300 images
     common = ["--image_dir", str(images), "--how_many_training_steps", "200", "--seed", "5", "--batch_size", "8",
@@ -126,6 +127,7 @@ def test_kill_9_during_extraction_then_the_same_command_resumes_to_the_same_mode
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_extraction_keeps_finished_entries(tmp_path: Path):
     """SIGINT: exit 130 with a one-line message, finished batches are kept, the same command resumes."""
     images = make_image_folder(tmp_path / "images", per_class=40, size=32)  # 120 images
@@ -196,6 +198,7 @@ def test_file_edited_mid_run_is_never_cached_under_its_old_content(colour_dir, f
 # -- two runs at once -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_share_a_bottleneck_dir_and_never_share_an_output_folder(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=30, size=32)  # 90 images
     args = ["--image_dir", str(images), "--bottleneck_dir", str(tmp_path / "bn"), "--how_many_training_steps",
@@ -338,6 +341,7 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(colour_dir, fast_conf
 # -- an output location that cannot be written --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unwritable_output_fails_before_extraction(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=4, size=32)
     (tmp_path / "a_file").write_text("not a folder")

@@ -59,3 +59,72 @@ def test_every_floor_is_met_by_what_the_suite_runs_with(req: Requirement):
 def test_serving_is_in_the_base_install():
     base = {Requirement(r).name.lower() for r in PROJECT["dependencies"]}
     assert {"starlette", "uvicorn", "python-multipart"} <= base
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ci_command() -> str:
+    (line,) = [
+        ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.startswith("python3 -m venv")
+    ]
+    return line
+
+
+def test_readme_and_ci_run_the_same_command_fresh_venv_ruff_and_every_test():
+    cmd = _ci_command()
+    assert (
+        cmd in (ROOT / "README.md").read_text()
+    )  # the README's test command is CI's, character for character
+    steps = [s.strip() for s in cmd.split("&&")]
+    assert steps[0] == "python3 -m venv --clear .venv"
+    assert (
+        "ruff check src tests benchmarks tools" in steps
+        and "ruff format --check src tests benchmarks tools" in steps
+    )
+    assert steps[-1] == "python -m pytest -q"  # the whole suite: no -m filter, slow tests included
+    assert "set -euo pipefail" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("failing", ["venv", "pip", "ruff-check", "ruff-format", "pytest", None])
+def test_ci_command_exits_non_zero_on_any_failing_step_and_stops_there(tmp_path: Path, failing):
+    """The command runs with stand-ins for python3, pip, ruff and python that log each step and fail on demand."""
+    import os
+    import stat
+    import subprocess
+
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    log = tmp_path / "steps.log"
+    stand_in = f"""#!/bin/sh
+name="$(basename "$0")"
+case "$name $*" in
+  "python3 -m venv"*) step=venv; mkdir -p .venv/bin; : > .venv/bin/activate ;;
+  "pip "*) step=pip ;;
+  "ruff check"*) step=ruff-check ;;
+  "ruff format"*) step=ruff-format ;;
+  "python -m pytest"*) step=pytest ;;
+  *) step="unknown: $name $*" ;;
+esac
+echo "$step" >> {log}
+[ "$step" != "$FAIL_AT" ] || exit 3
+"""
+    for name in ("python3", "pip", "ruff", "python"):
+        (shims / name).write_text(stand_in)
+        (shims / name).chmod(stat.S_IRWXU)
+    env = {"PATH": f"{shims}:/usr/bin:/bin", "FAIL_AT": failing or "", "HOME": str(tmp_path)}
+    run = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", _ci_command()],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    order = ["venv", "pip", "ruff-check", "ruff-format", "pytest"]
+    ran = log.read_text().split() if log.exists() else []
+    if failing is None:
+        assert run.returncode == 0 and ran == order, (run.stderr, ran)
+    else:
+        assert run.returncode != 0 and ran == order[: order.index(failing) + 1], (run.returncode, ran)
+    assert os.path.isdir(tmp_path / ".venv")
