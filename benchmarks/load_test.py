@@ -259,11 +259,17 @@ def large_photo(megabytes: float, seed: int = 0) -> bytes:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    side = max(64, int((megabytes * 2**20 / 0.9) ** 0.5))  # noise at quality 95: about 0.9 byte per pixel
-    px = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(px).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+
+    def encode(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+    target = megabytes * 2**20
+    probe = encode(256)
+    side = max(64, int(256 * (target / len(probe)) ** 0.5))  # noise: bytes grow with the pixel count
+    data = encode(side)
+    return encode(max(64, int(side * (target / len(data)) ** 0.5 * 0.99)))
 
 
 async def run_flood(url: str, body: bytes, *, clients: int, per_client: int, timeout: float = 120) -> Report:
@@ -336,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.requests < 1 or ns.concurrency < 1 or ns.duration <= 0 or ns.flood < 0 or ns.flood_rounds < 1:
         raise SystemExit("--requests, --concurrency, --duration and --flood_rounds must be positive")
-    if ns.flood and ns.flood_mb * 2**20 > SERVER_LIMITS["max_body_bytes"] and not ns.url:
+    if ns.flood and ns.flood_mb * 2**20 > 0.95 * SERVER_LIMITS["max_body_bytes"] and not ns.url:
         raise SystemExit(f"--flood_mb must stay below the started server's body limit "
-                         f"({SERVER_LIMITS['max_body_bytes'] / 2**20:.1f} MiB)")
+                         f"({SERVER_LIMITS['max_body_bytes'] / 2**20:.2f} MiB)")
     proc = None
     tmp = tempfile.TemporaryDirectory(prefix="retrain-load-")
     try:
