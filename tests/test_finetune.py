@@ -147,6 +147,7 @@ def test_fine_tuning_improves_a_weak_head_and_keeps_bn_statistics(tmp_path: Path
     assert np.mean(got.argmax(1) == labels) == pytest.approx(tuned.test_accuracy)
 
 
+@pytest.mark.slow
 def test_fine_tuning_with_distortions_and_top_blocks_only(tmp_path: Path, colour_dir: Path, fast_config):
     result = retrain.train(colour_dir, **fast_config, fine_tune=True, fine_tune_blocks="1", fine_tune_epochs=2,
                            flip_left_right=True, random_crop=10, distorted_copies=2, class_balance="weight")
