@@ -99,12 +99,19 @@ def test_defaults_and_the_extremes_that_are_allowed_pass():
         random_brightness=100,
         random_crop=150,
         fine_tune_blocks="ALL",
+        fine_tune_epochs=2,
         quantize="int8",
         logging_verbosity="WARN",
     ).validate()
     TrainConfig(
         how_many_training_steps=True.__int__(), learning_rate=1
     ).validate()  # an int where a float goes
+
+
+def test_fine_tune_blocks_takes_a_number_from_python_too():
+    TrainConfig(fine_tune_blocks=2).validate()
+    with pytest.raises(ConfigError, match=r"--fine_tune_blocks 0 is not allowed"):
+        TrainConfig(fine_tune_blocks=0).validate()
 
 
 def test_every_field_has_a_type_check_and_every_rule_names_a_field():

@@ -53,7 +53,7 @@ class TrainConfig:
     distorted_copies: int = 0  # 0: choose automatically when a distortion is on
     # -- fine-tuning --------------------------------------------------------------------------
     fine_tune: bool = False
-    fine_tune_blocks: str = "3"
+    fine_tune_blocks: str | int = "3"  # a count from the top, or "all"
     fine_tune_epochs: int = 10
     fine_tune_learning_rate: float = 1e-4
     fine_tune_patience: int = 3
@@ -123,6 +123,7 @@ def _check_type(name: str, value: object, annotation: str) -> None:
         "int": (numbers.Integral,),
         "float": (numbers.Real,),
         "int | None": (numbers.Integral, type(None)),
+        "str | int": (str, numbers.Integral),
     }
     expected = kinds[annotation]
     if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
@@ -132,6 +133,7 @@ def _check_type(name: str, value: object, annotation: str) -> None:
             "int": "a whole number",
             "float": "a number",
             "int | None": "a whole number or None",
+            "str | int": "a whole number or text",
         }[annotation]
         raise ConfigError(f"--{name} {value!r} is not allowed: expected {what}, got {type(value).__name__}")
 
@@ -148,8 +150,8 @@ def _one_of(*choices: str) -> tuple:
     return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
 
 
-def _blocks(text: str) -> bool:
-    text = text.strip().lower()
+def _blocks(value: str | int) -> bool:
+    text = str(value).strip().lower()
     return text == "all" or (text.isdigit() and int(text) >= 1)
 
 
