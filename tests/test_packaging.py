@@ -22,7 +22,7 @@ REQUIREMENTS = [Requirement(r) for r in PROJECT["dependencies"]] + [
 KNOWN_BROKEN_BELOW = {
     "pillow": "11.2",  # AVIF support, which `import retrain` uses (images.py's file types)
     "starlette": "0.40",  # MultiPartParser(max_part_size=...), used by the server
-    "onnx": "1.17",  # CVE-2024-5187: path traversal when extracting external data
+    "onnx": "1.17",  # path traversal: CVE-2024-27318 (external data, fixed in 1.16.0), CVE-2024-5187 (tar, 1.17.0)
     "python-multipart": "0.0.18",  # CVE-2024-53981: denial of service on malformed boundaries
 }
 
