@@ -15,6 +15,13 @@ a timeout) is a failure, and the server must still answer ``/healthz`` at the en
 
 Prints requests/s, images/s and p50/p90/p99 latency of good and bad requests, the
 server's batching counters, and exits 1 if anything failed.
+
+    python benchmarks/load_test.py --flood 64 --max_in_flight 4    # a flood of large uploads
+
+``--flood N``: N clients at once each send large photos (``--flood_mb`` MB JPEGs) back to
+back. Every answer must be 200 with the photo's label or 503 with ``Retry-After`` (the
+server's ``--max_in_flight`` cap); the server's peak memory (VmHWM) is printed, so runs
+with different caps show that memory stays bounded.
 """
 
 from __future__ import annotations
@@ -103,6 +110,8 @@ class Report:
             "wrong_labels": sum(o.wrong_labels for o in good),
             "healthy_after": self.healthy_after,
             "server_batching": self.server_stats.get("batching", {}),
+            "server_requests": self.server_stats.get("requests", {}),
+            "server_peak_rss_mb": self.server_stats.get("peak_rss_mb"),
         }
 
 
@@ -244,6 +253,75 @@ def train_sample_model(out_dir: str) -> str:
                              quiet=True, logging_verbosity="WARN").output_graph)
 
 
+# -- a flood of large uploads ------------------------------------------------------------------------
+def large_photo(megabytes: float, seed: int = 0) -> bytes:
+    """A real, decodable JPEG of about ``megabytes`` (noise compresses badly): an honest large upload."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def encode(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+    target = megabytes * 2**20
+    probe = encode(256)
+    side = max(64, int(256 * (target / len(probe)) ** 0.5))  # noise: bytes grow with the pixel count
+    data = encode(side)
+    return encode(max(64, int(side * (target / len(data)) ** 0.5 * 0.99)))
+
+
+async def run_flood(url: str, body: bytes, *, clients: int, per_client: int, timeout: float = 120) -> Report:
+    """``clients`` at once, each sending ``per_client`` uploads of ``body`` back to back, never retrying.
+
+    Expected: 200, or 503 with ``Retry-After`` once ``max_in_flight`` requests are in progress.
+    """
+    report = Report()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def one(client: httpx.AsyncClient) -> Outcome:
+        t0 = time.perf_counter()
+        try:
+            r = await client.post("/v1/classify", content=body, headers={"Content-Type": "image/jpeg"})
+        except httpx.HTTPError as exc:
+            return Outcome("flood", 200, None, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
+        out = Outcome("flood", 200, r.status_code, time.perf_counter() - t0)
+        if r.status_code == 503 and r.headers.get("retry-after") and "error" in r.json():
+            out.expect = 503  # refused as promised: not a failure
+        elif r.status_code == 200:
+            out.images = 1
+        else:
+            out.error = r.text[:200]
+        return out
+
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        async def worker():
+            for _ in range(per_client):
+                report.outcomes.append(await one(client))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        report.seconds = time.perf_counter() - t0
+        try:
+            report.healthy_after = (await client.get("/healthz")).status_code == 200
+            report.server_stats = (await client.get("/v1/stats")).json()
+        except httpx.HTTPError:
+            report.healthy_after = False
+    return report
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (Linux VmHWM), in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--graph", help="model to serve (default: train one on the sample photos)")
@@ -253,11 +331,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=120, help="stop after this many seconds anyway")
     p.add_argument("--bad_every", type=int, default=10, help="one request in this many is malformed (0: none)")
     p.add_argument("--max_batch", type=int, default=16, help="--max_batch of the server started here")
+    p.add_argument("--max_in_flight", type=int, default=None, help="--max_in_flight of the server started here "
+                   "(default: the server's own)")
+    p.add_argument("--flood", type=int, default=0, help="instead of the mixed load: this many clients at once "
+                   "sending large uploads (see above)")
+    p.add_argument("--flood_mb", type=float, default=1.5, help="size of each flood upload, MB")
+    p.add_argument("--flood_rounds", type=int, default=3, help="uploads per flood client")
     p.add_argument("--json", help="also write the summary to this file")
     p.add_argument("--seed", type=int, default=0)
     ns = p.parse_args(argv)
-    if ns.requests < 1 or ns.concurrency < 1 or ns.duration <= 0:
-        raise SystemExit("--requests, --concurrency and --duration must be positive")
+    if ns.requests < 1 or ns.concurrency < 1 or ns.duration <= 0 or ns.flood < 0 or ns.flood_rounds < 1:
+        raise SystemExit("--requests, --concurrency, --duration and --flood_rounds must be positive")
+    if ns.flood and ns.flood_mb * 2**20 > 0.95 * SERVER_LIMITS["max_body_bytes"] and not ns.url:
+        raise SystemExit(f"--flood_mb must stay below the started server's body limit "
+                         f"({SERVER_LIMITS['max_body_bytes'] / 2**20:.2f} MiB)")
     proc = None
     tmp = tempfile.TemporaryDirectory(prefix="retrain-load-")
     try:
@@ -269,12 +356,23 @@ def main(argv: list[str] | None = None) -> int:
             graph = ns.graph or train_sample_model(tmp.name)
             port = _free_port()
             extra = [f"--{k}={v}" for k, v in SERVER_LIMITS.items()] + [f"--max_batch={ns.max_batch}"]
+            if ns.max_in_flight is not None:
+                extra.append(f"--max_in_flight={ns.max_in_flight}")
             proc = start_server(graph, port, extra)
             url, limits = f"http://127.0.0.1:{port}", SERVER_LIMITS
-        cases = make_cases(ns.requests, ns.bad_every, limits, ns.seed)
-        print(f"Sending {len(cases)} requests to {url} with {ns.concurrency} clients (at most {ns.duration:g} s) ...",
-              flush=True)
-        report = asyncio.run(run_load(url, cases, concurrency=ns.concurrency, duration=ns.duration))
+        if ns.flood:
+            body = large_photo(ns.flood_mb, ns.seed)
+            before = peak_rss_mb(proc.pid) if proc else None
+            print(f"Flooding {url} with {ns.flood} clients x {ns.flood_rounds} uploads of {len(body) / 2**20:.1f} MiB "
+                  "...", flush=True)
+            report = asyncio.run(run_flood(url, body, clients=ns.flood, per_client=ns.flood_rounds))
+            peak = peak_rss_mb(proc.pid) if proc else None
+            report.server_stats["peak_rss_mb"] = {"before": before, "after_flood": peak}
+        else:
+            cases = make_cases(ns.requests, ns.bad_every, limits, ns.seed)
+            print(f"Sending {len(cases)} requests to {url} with {ns.concurrency} clients (at most {ns.duration:g} s)"
+                  " ...", flush=True)
+            report = asyncio.run(run_load(url, cases, concurrency=ns.concurrency, duration=ns.duration))
     finally:
         if proc is not None:
             proc.terminate()

@@ -86,6 +86,18 @@ def fast_config(tmp_path: Path) -> dict:
     )
 
 
+# Fixtures that train or serve a model on the real EfficientNet-Lite0 (tests/trained_models.py): a test
+# using one needs the packaged backbone exported and run on the sample photos, so it is `slow`.
+REAL_MODEL_FIXTURES = {"model", "client", "strict_client", "int8_run", "fp16_path", "sample_pixels", "sample_runs",
+                       "server", "browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's ~/.cache from tests."""

@@ -56,6 +56,7 @@ def _inputs(spec: BackboneSpec) -> torch.Tensor:
     return _normalise(np.concatenate([noise, _photo_like(s)]), spec)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITE)
 def test_matches_reference_implementation(name: str) -> None:
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
@@ -76,6 +77,7 @@ def test_matches_reference_implementation(name: str) -> None:
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITE)
 def test_onnx_export_matches_torch(name: str) -> None:
     """The shipped export path (backbone_onnx_bytes + build_classifier, as train() and export_model() use it):
@@ -108,6 +110,7 @@ def test_onnx_export_matches_torch(name: str) -> None:
     np.testing.assert_allclose(feats, features, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_pretrained_weights_are_real() -> None:
     spec = get_backbone("efficientnet_lite0")
     pretrained = spec.build(with_classifier=True)
@@ -123,6 +126,7 @@ def test_pretrained_weights_are_real() -> None:
     assert features.std() > 0.01  # not collapsed to a constant
 
 
+@pytest.mark.slow
 def test_structure_and_spec_fields() -> None:
     for name, n_mbconv, size in [
         ("efficientnet_lite0", 16, 224),

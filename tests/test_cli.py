@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from retrain.cli import _training_parser, label_image_main, retrain_main
+from retrain.cli import label_image_main, retrain_main, training_parser
 from retrain.config import TrainConfig
 
 # Every flag of the last TF Hub retrain.py, plus the codelab's --architecture and --model_dir.
@@ -24,7 +24,7 @@ SWITCHES = ("print_misclassified_test_images", "flip_left_right")
 
 def test_every_retrain_py_flag_is_accepted_with_its_meaning():
     argv = [f"--{k}={v}" for k, v in RETRAIN_PY_FLAGS.items()] + [f"--{s}" for s in SWITCHES]
-    ns = _training_parser().parse_args(argv)
+    ns = training_parser().parse_args(argv)
     for key, value in RETRAIN_PY_FLAGS.items():
         assert str(getattr(ns, key)) in (value, str(float(value)) if value.lstrip("-").replace(".", "").isdigit() else value)
     assert ns.print_misclassified_test_images and ns.flip_left_right
@@ -32,7 +32,7 @@ def test_every_retrain_py_flag_is_accepted_with_its_meaning():
 
 
 def test_dashed_spelling_works_too():
-    ns = _training_parser().parse_args(["--image-dir", "photos", "--how-many-training-steps", "5"])
+    ns = training_parser().parse_args(["--image-dir", "photos", "--how-many-training-steps", "5"])
     assert ns.image_dir == "photos" and ns.how_many_training_steps == 5
 
 
@@ -45,7 +45,7 @@ def test_unknown_flag_suggests_the_nearest(capsys):
 
 def test_no_prefix_guessing(capsys):
     with pytest.raises(SystemExit):
-        _training_parser().parse_args(["--how_many", "5"])
+        training_parser().parse_args(["--how_many", "5"])
 
 
 def test_legacy_architecture_gets_a_clear_message(tmp_path: Path, colour_dir, capsys):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import retrain
 from conftest import SAMPLE_PHOTOS
@@ -22,6 +23,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_train_export_reload_classify(tmp_path: Path):
     photos = shutil.copytree(SAMPLE_PHOTOS, tmp_path / "photos")
     run = _cli("retrain_main", "--image_dir", str(photos), "--how_many_training_steps", "500",
@@ -55,6 +57,7 @@ def test_train_export_reload_classify(tmp_path: Path):
     assert manifest["preprocessing"]["input_size"] == 224
 
 
+@pytest.mark.slow
 def test_shuffled_labels_stay_near_chance(tmp_path: Path):
     """Must fail if anything leaks between training and test: random labels cannot be learned."""
     photos = tmp_path / "shuffled"

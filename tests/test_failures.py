@@ -35,10 +35,18 @@ RUNNER = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
 
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
+# The clock every run reads its folder name from, stopped at one second: runs started together then
+# always want the same ./retrain_runs/<time> (without it they collide only when they start in one second).
+FROZEN_STAMP = "20260101-000000"
+FROZEN_CLOCK = ("import time; _strftime = time.strftime; "
+                f"time.strftime = lambda f, *a: {FROZEN_STAMP!r} if f == '%Y%m%d-%H%M%S' else _strftime(f, *a); ")
+
+
+def start(*args: str, cwd: Path, frozen_clock: bool = False) -> subprocess.Popen:
     """``retrain ARGS`` in a fresh interpreter (the tiny test backbone is registered there too)."""
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    return subprocess.Popen([sys.executable, "-c", RUNNER, *args], cwd=cwd, env=env, text=True,
+    code = (FROZEN_CLOCK if frozen_clock else "") + RUNNER
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -81,6 +89,7 @@ def all_load(paths: list[Path]) -> bool:
 # -- kill -9 and resume -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_9_during_extraction_then_the_same_command_resumes_to_the_same_model(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=100, size=32)  # 300 images
     common = ["--image_dir", str(images), "--how_many_training_steps", "200", "--seed", "5", "--batch_size", "8",
@@ -118,6 +127,7 @@ def test_kill_9_during_extraction_then_the_same_command_resumes_to_the_same_mode
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_extraction_keeps_finished_entries(tmp_path: Path):
     """SIGINT: exit 130 with a one-line message, finished batches are kept, the same command resumes."""
     images = make_image_folder(tmp_path / "images", per_class=40, size=32)  # 120 images
@@ -188,18 +198,23 @@ def test_file_edited_mid_run_is_never_cached_under_its_old_content(colour_dir, f
 # -- two runs at once -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_share_a_bottleneck_dir_and_never_share_an_output_folder(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=30, size=32)  # 90 images
     args = ["--image_dir", str(images), "--bottleneck_dir", str(tmp_path / "bn"), "--how_many_training_steps",
             "200", "--seed", "7", "--batch_size", "8", "--quiet"]
-    # No --output_dir: both pick ./retrain_runs/<time>, very likely in the same second.
-    runs = [finish(p) for p in [start(*args, cwd=tmp_path), start(*args, cwd=tmp_path)]]
+    # No --output_dir, and a clock stopped at one second: both want ./retrain_runs/20260101-000000.
+    runs = [finish(p) for p in [start(*args, cwd=tmp_path, frozen_clock=True),
+                                start(*args, cwd=tmp_path, frozen_clock=True)]]
     for run in runs:
         assert run.returncode == 0, run.stdout + run.stderr
         assert sum(bottleneck_counts(run.stdout)) == 90
         assert final_accuracy(run.stdout) == 100.0
     run_dirs = sorted(p for p in (tmp_path / "retrain_runs").iterdir() if p.name != "latest" and p.name[0] != ".")
-    assert len(run_dirs) == 2
+    assert [d.name for d in run_dirs] == [FROZEN_STAMP, f"{FROZEN_STAMP}-2"]  # the collision happened, and was avoided
+    written = sorted(str(Path(line.split("Wrote the model to ", 1)[1].split(" and its labels")[0]).parent)
+                     for run in runs for line in run.stdout.splitlines() if line.startswith("Wrote the model to "))
+    assert written == [str(Path("retrain_runs") / d.name) for d in run_dirs]  # each run reports its own folder
     for d in run_dirs:
         assert (d / "output_labels.txt").read_text().split() == ["blue", "green", "red"]
         assert json.loads((d / "metrics.json").read_text())["test_accuracy"] == 1.0
@@ -326,6 +341,7 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(colour_dir, fast_conf
 # -- an output location that cannot be written --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unwritable_output_fails_before_extraction(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=4, size=32)
     (tmp_path / "a_file").write_text("not a folder")

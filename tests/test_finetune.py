@@ -106,6 +106,7 @@ def test_epochs_draw_by_the_class_balance_policy():
 # -- training -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fine_tuning_improves_a_weak_head_and_keeps_bn_statistics(tmp_path: Path, colour_dir: Path, fast_config):
     BUILT.clear()
     cfg = {**fast_config, "architecture": TINY_BN, "how_many_training_steps": 3, "learning_rate": 0.003}
@@ -146,6 +147,7 @@ def test_fine_tuning_improves_a_weak_head_and_keeps_bn_statistics(tmp_path: Path
     assert np.mean(got.argmax(1) == labels) == pytest.approx(tuned.test_accuracy)
 
 
+@pytest.mark.slow
 def test_fine_tuning_with_distortions_and_top_blocks_only(tmp_path: Path, colour_dir: Path, fast_config):
     result = retrain.train(colour_dir, **fast_config, fine_tune=True, fine_tune_blocks="1", fine_tune_epochs=2,
                            flip_left_right=True, random_crop=10, distorted_copies=2, class_balance="weight")
@@ -161,6 +163,7 @@ def test_no_validation_split_runs_every_epoch(tmp_path: Path, colour_dir: Path, 
     assert "No validation images: fine-tuning ran all 2 epochs" in caplog.text
 
 
+@pytest.mark.slow
 def test_lite0_fine_tune_smoke(tmp_path: Path):
     """The real backbone: top block only, two epochs, on a few sample photos; the model reloads and classifies."""
     photos = tmp_path / "photos"
@@ -201,6 +204,7 @@ sys.exit(retrain_main())
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_fine_tuning_then_resume_matches_an_uninterrupted_run(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=16, size=40)
     common = dict(architecture=TINY_BN, how_many_training_steps=30, eval_step_interval=10, seed=3, quiet=True,

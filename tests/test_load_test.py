@@ -18,6 +18,7 @@ sys.modules["load_test"] = load_test  # dataclasses look their module up while t
 _spec.loader.exec_module(load_test)
 
 
+@pytest.mark.slow
 def test_mixed_load_is_answered_and_the_server_stays_healthy(tmp_path_factory):
     model = sample_model(tmp_path_factory)
     limits = load_test.SERVER_LIMITS
@@ -39,3 +40,21 @@ def test_only_loopback_is_targeted(url):
         load_test.check_loopback(url)
     load_test.check_loopback("http://127.0.0.1:8080")
     load_test.check_loopback("http://[::1]:8080")
+
+
+@pytest.mark.slow
+def test_a_flood_of_large_uploads_gets_503_with_retry_after_past_max_in_flight(tmp_path_factory):
+    """More concurrent large uploads than --max_in_flight: each is classified or refused with 503 +
+    Retry-After, never dropped, and the server stays healthy (loopback only, a few MB in all)."""
+    model = sample_model(tmp_path_factory)
+    body = load_test.large_photo(0.5)
+    assert 0.3 * 2**20 < len(body) < 1.5 * 2**20
+    with running_server(model.output_graph, "--max_in_flight=2", "--max_batch=4") as url:
+        report = asyncio.run(load_test.run_flood(url, body, clients=10, per_client=2))
+    summary = report.summary()
+    assert summary["requests"] == 20 and summary["failures"] == 0, report.failures()
+    statuses = summary["statuses"]
+    assert set(statuses) <= {"200", "503"} and statuses.get("503", 0) >= 1 and statuses.get("200", 0) >= 2, statuses
+    assert summary["server_requests"]["rejected_in_flight"] == statuses["503"]
+    assert summary["server_requests"]["max_in_flight"] == 2 and summary["server_requests"]["in_flight"] == 0
+    assert summary["healthy_after"]

@@ -270,6 +270,7 @@ def test_strict_turns_skipped_files_into_a_failure(sample_runs):
     assert not (tmp / "out_strict" / "output_graph.onnx").exists()
 
 
+@pytest.mark.slow
 def test_decompression_bombs_do_not_cost_memory(tmp_path: Path):
     """900 and 100 megapixel images are refused from their header: the run's peak memory stays put."""
     images = make_image_folder(tmp_path / "images", per_class=4, size=32)
@@ -436,6 +437,7 @@ def test_permission_denied_file_is_skipped(tmp_path: Path, colour_dir: Path, fas
 # -- the command line: a clear message and a documented exit code, never a traceback ------------------
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_clear_line(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=4, size=32)
     one = make_image_folder(tmp_path / "one", per_class=4, classes={"cats": (200, 100, 50)}, size=32)
@@ -462,6 +464,7 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path):
         assert re.search(message, run.stderr), (extra, run.stderr)
 
 
+@pytest.mark.slow
 def test_label_image_reports_bad_models_and_bad_images(tmp_path: Path, colour_dir: Path, fast_config):
     result = retrain.train(colour_dir, **fast_config)
     model, labels = result.output_graph, result.output_labels
@@ -512,6 +515,7 @@ def test_label_image_reports_bad_models_and_bad_images(tmp_path: Path, colour_di
         assert err == "", err
 
 
+@pytest.mark.slow
 def test_unprintable_names_and_closed_pipes_never_show_a_traceback(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=4, size=32,
                                classes={"Grün 緑": (30, 200, 40), "red": (220, 30, 30)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -105,11 +106,22 @@ def test_model_info(client, model):
     assert info["limits"]["max_batch"] == 16
 
 
-def test_healthz_and_stats(client):
-    assert client.get("/healthz").json()["status"] == "ok"
-    stats = client.get("/v1/stats").json()
-    assert stats["batching"]["images"] >= stats["batching"]["batches"] >= 1
-    assert "200" in stats["responses"]
+def test_healthz_and_stats_count_exactly_this_apps_requests(model):
+    # Its own app, so the counts cannot come from other tests' requests (in any order, or alone).
+    with TestClient(create_app(model.output_graph, max_wait_ms=0)) as c:
+        fresh = c.get("/v1/stats").json()
+        assert fresh["batching"]["images"] == fresh["batching"]["batches"] == 0 and fresh["responses"] == {}
+        assert c.get("/healthz").json()["status"] == "ok"
+        for label in ("fish", "tools", "animals"):
+            assert c.post("/v1/classify", content=_jpeg(label), headers={"Content-Type": "image/jpeg"}).status_code == 200
+        files = [("file", (f"{label}.jpg", _jpeg(label, 1), "image/jpeg")) for label in ("fish", "tools")]
+        assert c.post("/v1/classify", files=files).status_code == 200
+        assert c.post("/v1/classify", content=b"nope", headers={"Content-Type": "image/jpeg"}).status_code == 422
+        stats = c.get("/v1/stats").json()
+    assert stats["batching"]["images"] == 5  # 3 single images + a form of 2; the bad one never reaches the model
+    assert stats["batching"]["batches"] in (4, 5) and stats["batching"]["rejected_busy"] == 0
+    assert stats["responses"] == {"200": 6, "422": 1}  # stats, healthz and 4 classify requests; the bad one
+    assert stats["requests"] == {"in_flight": 0, "max_in_flight": 16, "rejected_in_flight": 0}
 
 
 def test_page_is_self_contained(client):
@@ -321,9 +333,123 @@ def test_port_in_use_is_a_clear_error():
             bind_socket("127.0.0.1", port)
 
 
-def test_serve_command_errors(tmp_path):
+def test_serve_command_errors(tmp_path, capsys):
     from retrain.cli import retrain_main
 
     assert retrain_main(["serve", "--graph", str(tmp_path / "missing.onnx")]) == 2
-    with pytest.raises(SystemExit):
-        retrain_main(["serve"])  # --graph is required
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_and_label_image_agree_without_graph(tmp_path, monkeypatch, capsys, model):
+    """Both fall back to retrain_runs/latest, and both say the same when there is none."""
+    import retrain.serve
+    from retrain.cli import label_image_main, retrain_main
+
+    monkeypatch.chdir(tmp_path)
+    assert retrain_main(["serve"]) == 2
+    serve_err = capsys.readouterr().err
+    assert label_image_main(["--image", str(sample_photo("fish"))]) == 2
+    assert capsys.readouterr().err == serve_err and "retrain_runs/latest/output_graph.onnx" in serve_err
+
+    latest = tmp_path / "retrain_runs" / "latest"
+    latest.mkdir(parents=True)
+    (latest / "output_graph.onnx").write_bytes(model.output_graph.read_bytes())
+    served = {}
+    monkeypatch.setattr(retrain.serve, "serve", lambda graph, **kw: served.update(graph=graph, **kw))
+    assert retrain_main(["serve", "--port", "0", "--max_in_flight", "3"]) == 0
+    assert served["graph"] == str(Path("retrain_runs") / "latest" / "output_graph.onnx")
+    assert served["max_in_flight"] == 3 and served["port"] == 0
+    assert label_image_main(["--image", str(sample_photo("fish"))]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("fish ")
+
+
+def test_serve_and_export_are_library_code_without_argparse():
+    """Every parser lives in cli.py; serve.py and convert.py import neither argparse nor the CLI."""
+    import ast
+
+    import retrain.cli
+    import retrain.convert
+    import retrain.serve
+
+    for module in (retrain.serve, retrain.convert):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not imported & {"argparse", "retrain.cli"}, (module.__name__, imported)
+        assert not hasattr(module, "main") and not hasattr(module, "_parser")
+    for name in ("training_parser", "serve_parser", "export_parser", "label_image_parser"):
+        assert getattr(retrain.cli, name)().prog.startswith(("retrain", "label_image"))
+
+
+# -- Python 3.10's asyncio.TimeoutError ---------------------------------------------------------------------
+def test_batcher_survives_asyncio_timeout_error_that_is_not_the_builtin(monkeypatch):
+    """On Python 3.10 asyncio.wait_for raises asyncio.TimeoutError, a class apart from the built-in TimeoutError:
+    the batcher must treat it as "the batch did not fill", not die (the request then hung forever)."""
+
+    class AsyncioTimeoutError(Exception):  # Python 3.10's asyncio.exceptions.TimeoutError(Exception)
+        pass
+
+    real_wait_for = asyncio.wait_for
+
+    async def wait_for_310(aw, timeout):
+        try:
+            return await real_wait_for(aw, timeout)
+        except TimeoutError:
+            raise AsyncioTimeoutError from None
+
+    monkeypatch.setattr(asyncio, "TimeoutError", AsyncioTimeoutError)
+    monkeypatch.setattr(asyncio, "wait_for", wait_for_310)
+
+    async def go():
+        b = MicroBatcher(lambda x: np.ones((len(x), 1), np.float32), max_batch=8, max_wait_ms=5)
+        rows = [await asyncio.wait_for(b.submit(np.zeros((1, 1, 3), np.uint8)), 5) for _ in range(2)]
+        alive = b.alive
+        await b.aclose()
+        return rows, alive
+
+    rows, alive = asyncio.run(go())
+    assert [r.tolist() for r in rows] == [[1.0], [1.0]] and alive
+
+
+# -- requests in flight -------------------------------------------------------------------------------------
+def test_requests_past_max_in_flight_get_503_with_retry_after(model):
+    import threading
+
+    from retrain.predict import load
+
+    clf = load(model.output_graph)
+    release, entered = threading.Event(), threading.Event()
+    real = clf.predict_proba
+
+    def slow_predict(x):  # holds the first requests in flight until the test lets them go
+        entered.set()
+        release.wait(30)
+        return real(x)
+
+    clf.predict_proba = slow_predict
+    app = create_app(clf, max_in_flight=2, max_wait_ms=0)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+            post = lambda: c.post("/v1/classify", content=_jpeg("fish"), headers={"Content-Type": "image/jpeg"})  # noqa: E731
+            held = [asyncio.ensure_future(post()) for _ in range(2)]
+            while app.state.service.in_flight < 2:
+                await asyncio.sleep(0.01)
+            refused = await asyncio.gather(*(post() for _ in range(5)))
+            during = (await c.get("/v1/stats")).json()["requests"]
+            release.set()
+            done = await asyncio.gather(*held)
+            after = await post()  # a slot is free again
+        await app.state.service.aclose()
+        return refused, during, done, after
+
+    refused, during, done, after = asyncio.run(go())
+    for r in refused:
+        _error(r, 503, "requests are in progress")
+        assert r.headers["Retry-After"] == "1"
+    assert during == {"in_flight": 2, "max_in_flight": 2, "rejected_in_flight": 5}
+    assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
+    assert after.json()["results"][0]["predictions"][0]["label"] == "fish"
+    with pytest.raises(RetrainError, match="max_in_flight must be a positive whole number, got 0"):
+        create_app(clf, max_in_flight=0)

@@ -33,3 +33,26 @@ def test_new_run_never_reuses_a_folder_with_events(tmp_path: Path):
     train2, val2 = new_run_dirs(tmp_path)
     assert train2 != train and train2.parent.parent == tmp_path
     assert any(train.glob("events.*"))
+
+
+def test_events_reach_the_file_during_training_not_only_at_close(tmp_path: Path, monkeypatch):
+    """TensorBoard open during a run reads the file as it grows: events must be on disk within seconds."""
+    import retrain.summaries
+
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    clock = [1000.0]
+    monkeypatch.setattr(retrain.summaries.time, "monotonic", lambda: clock[0])
+    w = EventWriter(tmp_path / "train")  # the default, as training uses it
+
+    def steps_on_disk() -> list[int]:
+        acc = event_accumulator.EventAccumulator(str(tmp_path / "train"))
+        acc.Reload()
+        return [e.step for e in acc.Scalars("accuracy")] if "accuracy" in acc.Tags()["scalars"] else []
+
+    assert w.path.stat().st_size > 0  # the file-version header: TensorBoard lists the run at once
+    for step in range(10, 60, 10):  # five evaluations, 1 s apart
+        clock[0] += 1.0
+        w.scalars({"accuracy": step / 100, "cross_entropy": 1 - step / 100}, step)
+    assert steps_on_disk() == [10, 20, 30, 40]  # on disk within 2 s of being written, long before close
+    w.close()
+    assert steps_on_disk() == [10, 20, 30, 40, 50]

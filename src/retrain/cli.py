@@ -1,6 +1,7 @@
 """Command-line shells over the library: ``retrain`` (train, serve, export) and ``label_image``.
 
-Every command parses flags and calls one public function; no logic lives here.
+Every command's parser lives here (``training_parser``, ``serve_parser``, ``export_parser``,
+``label_image_parser``); each command parses flags and calls one public function; no logic lives here.
 Flag names are retrain.py's and label_image.py's; ``--image-dir`` works as well as
 ``--image_dir``; an unknown flag is an error that suggests the nearest valid one.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
-import importlib
 import json
 import logging
 import os
@@ -23,8 +23,6 @@ from retrain.errors import RetrainError
 
 log = logging.getLogger("retrain")
 
-# Sub-commands of `retrain`, each a module with main(argv) -> int.
-SUBCOMMANDS = {"serve": "retrain.serve", "export": "retrain.convert"}
 
 EXIT_CODES = """exit codes: 0 success; 1 internal error (a bug: please report it); 2 bad input, usage or
 environment (message says what to fix: unreadable folder, unwritable output, full disk...); 3 some files could not be
@@ -62,7 +60,7 @@ def _add(parser, name: str, **kwargs) -> argparse.Action:
     return parser.add_argument(*flags, dest=name, **kwargs)
 
 
-def _training_parser() -> _Parser:
+def training_parser() -> _Parser:
     from retrain.backbones import available_backbones
 
     d = TrainConfig()
@@ -220,9 +218,8 @@ def _run(fn, *args) -> int:
 def retrain_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        module = importlib.import_module(SUBCOMMANDS[argv[0]])
-        return _run(module.main, argv[1:])
-    ns = _training_parser().parse_args(argv)
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    ns = training_parser().parse_args(argv)
     setup_logging(ns.logging_verbosity)
     config = TrainConfig(**{k: v for k, v in vars(ns).items() if k in TrainConfig.field_names()})
 
@@ -240,7 +237,7 @@ def retrain_main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- label_image --------------------------------------------------------------------------------
-def _label_image_parser() -> _Parser:
+def label_image_parser() -> _Parser:
     p = _Parser(
         prog="label_image",
         description="Classify images with a model written by retrain. Preprocessing, input size and labels are "
@@ -265,7 +262,7 @@ def _label_image_parser() -> _Parser:
 
 def label_image_main(argv: Sequence[str] | None = None) -> int:
     _safe_streams()
-    ns = _label_image_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    ns = label_image_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     return _run(classify_command, ns)
 
 
@@ -310,8 +307,103 @@ def classify_command(ns: argparse.Namespace) -> int:
 
 
 def _latest_graph() -> str:
+    """The model of the newest finished run here: what ``label_image`` and ``retrain serve`` use without --graph."""
     path = Path("retrain_runs") / "latest" / "output_graph.onnx"
     if not path.exists():
         raise RetrainError("no --graph given and no retrain_runs/latest/output_graph.onnx here; "
                            "pass --graph PATH (the file written by retrain --output_graph)")
     return str(path)
+
+
+# -- retrain serve ----------------------------------------------------------------------------------
+def serve_parser() -> _Parser:
+    from retrain.serve import DEFAULT_PORT, Limits
+
+    d = Limits()
+    p = _Parser(
+        prog="retrain serve",
+        description="Serve a retrained model over HTTP: POST /v1/classify (image body or multipart files), "
+        "GET /v1/model, GET /healthz, and a page at / to try it in a browser.",
+        epilog=EXIT_CODES,
+    )
+    _add(p, "graph", default="", help="model written by retrain (an .onnx file or a --saved_model_dir folder; "
+         "default: the latest run's retrain_runs/latest/output_graph.onnx)")
+    _add(p, "host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    _add(p, "port", type=int, default=DEFAULT_PORT, help="TCP port (0 picks a free one)")
+    _add(p, "max_batch", type=int, default=d.max_batch, help="images run through the model together at most")
+    _add(p, "max_wait_ms", type=float, default=d.max_wait_ms, help="how long an image waits for a batch to fill")
+    _add(p, "max_body_bytes", type=int, default=d.max_body_bytes, help="largest request body accepted")
+    _add(p, "max_pixels", type=int, default=d.max_pixels, help="largest image accepted, in pixels (width x height)")
+    _add(p, "max_images", type=int, default=d.max_images, help="files per request at most")
+    _add(p, "max_queue", type=int, default=d.max_queue, help="images waiting for the model before answering 503")
+    _add(p, "max_in_flight", type=int, default=d.max_in_flight, help="classify requests served at once; more "
+         "are answered 503 with Retry-After before their body is read (memory stays below about this many "
+         "times --max_body_bytes)")
+    _add(p, "num_threads", type=int, default=0, help="inference threads (0 = automatic)")
+    _add(p, "log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+         help="server messages (debug also logs every request)")
+    return p
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    ns = serve_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    return _run(_serve_command, ns)
+
+
+def _serve_command(ns: argparse.Namespace) -> int:
+    from retrain.serve import serve
+
+    graph = ns.graph or _latest_graph()
+    if not Path(graph).exists():
+        raise RetrainError(f"--graph {graph!r} does not exist; pass the model file written by retrain")
+    serve(
+        graph, host=ns.host, port=ns.port, log_level=ns.log_level,
+        max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms, max_body_bytes=ns.max_body_bytes,
+        max_pixels=ns.max_pixels, max_images=ns.max_images, max_queue=ns.max_queue,
+        max_in_flight=ns.max_in_flight, threads=ns.num_threads or None,
+    )
+    return 0
+
+
+# -- retrain export ---------------------------------------------------------------------------------
+def export_parser() -> _Parser:
+    from retrain.convert import EXPORT_FORMATS, NOT_OFFERED
+    from retrain.quantize import MAX_CALIBRATION_IMAGES
+
+    formats = "; ".join(f"{k}: {v}" for k, v in EXPORT_FORMATS.items())
+    p = _Parser(
+        prog="retrain export",
+        description=f"Write a retrained model in another format and report its size and accuracy change. {formats}. "
+        f"Not offered: {', '.join(NOT_OFFERED)} (see docs/deploy.md for why).",
+        epilog=EXIT_CODES,
+    )
+    _add(p, "graph", required=True, help="model written by retrain (output_graph.onnx)")
+    _add(p, "to", required=True, help=f"format: {', '.join(EXPORT_FORMATS)}")
+    _add(p, "output", required=True, help="file to write")
+    _add(p, "image_dir", default=None, help="class sub-folders named like the model's labels: the accuracy change "
+         "is measured on all their images, and int8 is calibrated on them")
+    _add(p, "calibration_dir", default=None, help="photos to calibrate int8 on, instead of --image_dir")
+    _add(p, "max_calibration_images", type=int, default=MAX_CALIBRATION_IMAGES, help="calibration images used at most")
+    return p
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    ns = export_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    return _run(_export_command, ns)
+
+
+def _export_command(ns: argparse.Namespace) -> int:
+    from retrain.convert import export_model
+
+    report = export_model(
+        ns.graph, ns.to, ns.output, image_dir=ns.image_dir, calibration_dir=ns.calibration_dir,
+        max_calibration_images=ns.max_calibration_images,
+    )
+    print(report.summary("image_dir"))
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+# Sub-commands of `retrain`: name -> main(argv) -> exit code.
+SUBCOMMANDS = {"serve": serve_main, "export": export_main}

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from retrain.errors import ConfigError
 
 
 def default_cache_dir() -> Path:
@@ -49,7 +53,7 @@ class TrainConfig:
     distorted_copies: int = 0  # 0: choose automatically when a distortion is on
     # -- fine-tuning --------------------------------------------------------------------------
     fine_tune: bool = False
-    fine_tune_blocks: str = "3"
+    fine_tune_blocks: str | int = "3"  # a count from the top, or "all"
     fine_tune_epochs: int = 10
     fine_tune_learning_rate: float = 1e-4
     fine_tune_patience: int = 3
@@ -79,9 +83,108 @@ class TrainConfig:
         """Images per forward pass for distortions and fine-tuning: ``batch_size``, or 32 when automatic."""
         return self.batch_size or 32
 
+    def validate(self) -> TrainConfig:
+        """Check every value; a bad one raises :class:`ConfigError` naming the flag, the value and what is allowed.
+
+        ``train()`` calls this first, so the command line and the Python API fail the same way, before any work.
+        """
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        for name, (check, allowed) in _RULES.items():
+            value = getattr(self, name)
+            if not check(value):
+                raise ConfigError(f"--{name} {value!r} is not allowed: expected {allowed}")
+        total = self.validation_percentage + self.testing_percentage
+        if total >= 100:
+            raise ConfigError(
+                f"--validation_percentage {self.validation_percentage:g} + --testing_percentage "
+                f"{self.testing_percentage:g} = {total:g} leaves no images for training: the sum must be below 100"
+            )
+        from retrain.backbones import get_backbone
+
+        get_backbone(
+            self.tfhub_module or self.architecture
+        )  # an unknown name: a message listing the known ones
+        return self
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_type(name: str, value: object, annotation: str) -> None:
+    """The Python API can pass anything; the command line's parser already converted each flag."""
+    kinds = {
+        "str": (str,),
+        "bool": (bool,),
+        "int": (numbers.Integral,),
+        "float": (numbers.Real,),
+        "int | None": (numbers.Integral, type(None)),
+        "str | int": (str, numbers.Integral),
+    }
+    expected = kinds[annotation]
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        what = {
+            "str": "text",
+            "bool": "True or False",
+            "int": "a whole number",
+            "float": "a number",
+            "int | None": "a whole number or None",
+            "str | int": "a whole number or text",
+        }[annotation]
+        raise ConfigError(f"--{name} {value!r} is not allowed: expected {what}, got {type(value).__name__}")
+
+
+def _percentage(x: float) -> bool:
+    return math.isfinite(x) and 0 <= x < 100
+
+
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def _one_of(*choices: str) -> tuple:
+    return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _blocks(value: str | int) -> bool:
+    text = str(value).strip().lower()
+    return text == "all" or (text.isdigit() and int(text) >= 1)
+
+
+# Field -> (check, what is allowed). Fields not listed take any value of their type (paths, names).
+_RULES = {
+    "testing_percentage": (_percentage, "a percentage between 0 and 100 (100 excluded)"),
+    "validation_percentage": (_percentage, "a percentage between 0 and 100 (100 excluded)"),
+    "how_many_training_steps": ((lambda n: n >= 1), "a whole number of at least 1"),
+    "learning_rate": (_positive, "a number above 0 (e.g. 0.01)"),
+    "train_batch_size": ((lambda n: n >= 1), "a whole number of at least 1"),
+    "eval_step_interval": ((lambda n: n >= 1), "a whole number of at least 1"),
+    "validation_batch_size": ((lambda n: n == -1 or n >= 1), "-1 (all validation images) or at least 1"),
+    "test_batch_size": ((lambda n: n == -1 or n >= 1), "-1 (all test images) or at least 1"),
+    "optimizer": _one_of("adam", "sgd", "momentum"),
+    "weight_decay": ((lambda x: math.isfinite(x) and x >= 0), "a number of at least 0"),
+    "class_balance": _one_of("sample", "weight", "none"),
+    "seed": ((lambda n: n is None or 0 <= n < 2**31), "None (random) or a whole number from 0 to 2147483647"),
+    "random_crop": ((lambda x: math.isfinite(x) and x >= 0), "a percentage of at least 0"),
+    "random_scale": ((lambda x: math.isfinite(x) and x >= 0), "a percentage of at least 0"),
+    "random_brightness": ((lambda x: math.isfinite(x) and 0 <= x <= 100), "a percentage from 0 to 100"),
+    "distorted_copies": ((lambda n: n >= 0), "a whole number of at least 0 (0 = automatic)"),
+    "fine_tune_blocks": (_blocks, "'all' or a number of blocks of at least 1"),
+    "fine_tune_epochs": ((lambda n: n >= 1), "a whole number of at least 1"),
+    "fine_tune_learning_rate": (_positive, "a number above 0 (e.g. 0.0001)"),
+    "fine_tune_patience": ((lambda n: n >= 1), "a whole number of at least 1"),
+    "intermediate_store_frequency": ((lambda n: n >= 0), "a whole number of at least 0 (0 = never)"),
+    "final_tensor_name": (
+        (lambda s: bool(s.strip()) and s != "image"),
+        "a non-empty name other than 'image' (the model's input)",
+    ),
+    "quantize": _one_of("", "int8", "fp16"),
+    "device": _one_of("auto", "cpu", "cuda"),
+    "batch_size": ((lambda n: n >= 0), "a whole number of at least 0 (0 = automatic)"),
+    "num_workers": ((lambda n: n >= 0), "a whole number of at least 0 (0 = automatic)"),
+    "logging_verbosity": _one_of("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL", "CRITICAL"),
+}

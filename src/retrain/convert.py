@@ -11,11 +11,8 @@ TFLite, Core ML and TorchScript are not offered; ``NOT_OFFERED`` says why.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from retrain.errors import RetrainError
@@ -127,36 +124,3 @@ def _folder_images(folder, flag: str) -> list[str]:
     if not paths:
         raise RetrainError(f"{flag} {str(folder)!r} has no image files (.jpg, .png, ...) in it or below it")
     return paths
-
-
-# -- command line ------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    from retrain.cli import EXIT_CODES, _add, _Parser
-
-    formats = "; ".join(f"{k}: {v}" for k, v in EXPORT_FORMATS.items())
-    p = _Parser(
-        prog="retrain export",
-        description=f"Write a retrained model in another format and report its size and accuracy change. {formats}. "
-        f"Not offered: {', '.join(NOT_OFFERED)} (see docs/deploy.md for why).",
-        epilog=EXIT_CODES,
-    )
-    _add(p, "graph", required=True, help="model written by retrain (output_graph.onnx)")
-    _add(p, "to", required=True, help=f"format: {', '.join(EXPORT_FORMATS)}")
-    _add(p, "output", required=True, help="file to write")
-    _add(p, "image_dir", default=None, help="class sub-folders named like the model's labels: the accuracy change "
-         "is measured on all their images, and int8 is calibrated on them")
-    _add(p, "calibration_dir", default=None, help="photos to calibrate int8 on, instead of --image_dir")
-    _add(p, "max_calibration_images", type=int, default=MAX_CALIBRATION_IMAGES, help="calibration images used at most")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ns = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    report = export_model(
-        ns.graph, ns.to, ns.output, image_dir=ns.image_dir, calibration_dir=ns.calibration_dir,
-        max_calibration_images=ns.max_calibration_images,
-    )
-    print(report.summary("image_dir"))
-    for note in report.notes:
-        print(f"note: {note}", file=sys.stderr)
-    return 0

@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -176,14 +176,23 @@ def which_split(rel_path: str, validation_percentage: float, testing_percentage:
 
 
 def assign_splits(
-    dataset: Dataset, *, validation_percentage: float = 10, testing_percentage: float = 10
+    dataset: Dataset,
+    *,
+    validation_percentage: float = 10,
+    testing_percentage: float = 10,
+    keys: Mapping[str, bytes] | None = None,
 ) -> Dataset:
     """Return a copy of ``dataset`` with every record's split set.
 
-    A class with three or more images always gets at least one validation and one
-    testing image (when those percentages are above zero): the training images with
-    the lowest hashes move over, so the choice is as stable as the split itself.
-    Classes with one or two images train on all of them and are reported as untested.
+    ``keys`` (path -> content key, e.g. the SHA-1 of the file) makes identical files of one
+    class share a split, as ``_nohash_`` names do, so no photo is both trained on and tested.
+    Each group of such files takes the split of retrain.py's hash of its first name.
+
+    A class with three or more groups gets at least one in each split whose percentage is
+    above zero, and training keeps the largest share: when the hash leaves a split empty, or
+    training smaller than another split, the group whose hash lies nearest moves over, so the
+    choice is as stable as the split itself. Smaller classes train on all their images and
+    are reported as untested.
     """
     for name, value in (("validation_percentage", validation_percentage), ("testing_percentage", testing_percentage)):
         if not 0 <= value < 100:
@@ -195,32 +204,91 @@ def assign_splits(
         )
     by_class: dict[int, list[ImageRecord]] = {}
     for r in dataset.records:
-        split = which_split(r.rel_path, validation_percentage, testing_percentage)
-        by_class.setdefault(r.label_index, []).append(replace(r, split=split))
+        by_class.setdefault(r.label_index, []).append(r)
+    wanted = [TRAINING] + [s for s, pct in ((VALIDATION, validation_percentage), (TESTING, testing_percentage))
+                           if pct > 0]
     records: list[ImageRecord] = []
     notices = list(dataset.notices)
     for index, items in sorted(by_class.items()):
-        label = printable(dataset.labels[index])
-        if len(items) < 3:
-            items = [replace(r, split=TRAINING) for r in items]
+        groups = _content_groups(items, keys or {})
+        if len(groups) < 3:
+            records.extend(replace(r, split=TRAINING) for r in items)
+            what = f"{len(items)} image(s)" if len(groups) == len(items) else \
+                f"{len(items)} image(s) in {len(groups)} group(s) of identical or _nohash_ files"
             notices.append(
-                f"class {label!r} has only {len(items)} image(s): all are used for training, "
+                f"class {printable(dataset.labels[index])!r} has only {what}: all are used for training, "
                 "none for validation or testing, so its accuracy is not measured (add images to fix)"
             )
-        else:
-            for split, pct in ((VALIDATION, validation_percentage), (TESTING, testing_percentage)):
-                if pct > 0 and not any(r.split == split for r in items):
-                    items = _move_one(items, split)
-        records.extend(items)
+            continue
+        split_of = {g: which_split(g.name, validation_percentage, testing_percentage) for g in groups}
+        _balance(split_of, wanted)
+        records.extend(replace(r, split=split_of[g]) for g in groups for r in g.records)
     return Dataset(dataset.image_dir, dataset.labels, records, notices)
 
 
-def _move_one(items: list[ImageRecord], split: str) -> list[ImageRecord]:
-    train = [r for r in items if r.split == TRAINING]
-    if len(train) < 2:
-        return items
-    chosen = min(train, key=lambda r: hash_percentage(r.rel_path))
-    return [replace(r, split=split) if r is chosen else r for r in items]
+@dataclass(eq=False)
+class _Group:
+    """Files of one class that must share a split: the same ``_nohash_`` name or the same content."""
+
+    name: str  # the name whose hash decides the split: the smallest among the members
+    records: list[ImageRecord]
+
+    @property
+    def hash(self) -> float:
+        return hash_percentage(self.name)
+
+
+def _content_groups(items: list[ImageRecord], keys: Mapping[str, bytes]) -> list[_Group]:
+    """Union of files with the same ``_nohash_`` stem or the same content key, in a stable order."""
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[object, int] = {}
+    for i, r in enumerate(items):
+        for tag in (("name", _NOHASH.sub("", r.rel_path)), ("key", keys.get(r.path))):
+            if tag[1] is None:
+                continue
+            j = first.setdefault(tag, i)
+            parent[find(i)] = find(j)
+    members: dict[int, list[ImageRecord]] = {}
+    for i, r in enumerate(items):
+        members.setdefault(find(i), []).append(r)
+    return [_Group(min(r.rel_path for r in rs), rs) for rs in members.values()]
+
+
+# Where each split lies on the hash line: validation [0, v), testing [v, v + t), training the rest.
+_POSITION = {VALIDATION: 0, TESTING: 1, TRAINING: 2}
+
+
+def _balance(split_of: dict[_Group, str], wanted: list[str]) -> None:
+    """Fill every wanted split that the hash left empty, then give training the largest share."""
+
+    def size(split: str) -> int:
+        return sum(len(g.records) for g, s in split_of.items() if s == split)
+
+    def move_one(to: str, donors: list[str]) -> bool:
+        donors = [d for d in donors if sum(s == d for s in split_of.values()) > 1]  # never empty a donor
+        if not donors:
+            return False
+        donor = max(donors, key=lambda d: (size(d), d == TRAINING))
+        candidates = [g for g, s in split_of.items() if s == donor]
+        # The group nearest the target on the hash line: the highest hash if the target lies above.
+        nearest = max if _POSITION[to] > _POSITION[donor] else min
+        split_of[nearest(candidates, key=lambda g: (g.hash, g.name))] = to
+        return True
+
+    for split in wanted:
+        if size(split) == 0:
+            move_one(split, [s for s in wanted if s != split])
+    while any(size(s) > size(TRAINING) for s in wanted):
+        biggest = max((s for s in wanted if s != TRAINING), key=size)
+        if not move_one(TRAINING, [biggest]):
+            break
 
 
 def drop_records(dataset: Dataset, bad_paths: set[str]) -> Dataset:

@@ -9,6 +9,10 @@ class RetrainError(Exception):
     exit_code = 2
 
 
+class ConfigError(RetrainError):
+    """A setting (flag or ``train()`` argument) has a value outside what it allows."""
+
+
 class DatasetError(RetrainError):
     """The image folder cannot be used as asked (too few classes, nothing readable...)."""
 

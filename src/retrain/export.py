@@ -109,7 +109,7 @@ def make_manifest(
         "output": {"name": output_name, "kind": "probabilities"},
         "preprocessing": {**spec.preprocessing.to_dict(), "decode_version": DECODE_VERSION},
         "metrics": dict(metrics or {}),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "retrain_version": __version__,
     }
 

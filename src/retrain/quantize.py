@@ -262,7 +262,7 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         from onnxconverter_common import float16
     except ImportError:
         raise QuantizeError(
-            "fp16 conversion needs the onnxconverter-common package: pip install 'retrain[serve]' "
+            "fp16 conversion needs the onnxconverter-common package: pip install 'retrain[export]' "
             "or pip install onnxconverter-common"
         ) from None
     manifest = get_manifest(model)

@@ -21,14 +21,12 @@ import asyncio
 import contextlib
 import os
 import socket
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 
@@ -50,9 +48,13 @@ class Limits:
     max_images: int = 16  # files per request
     max_queue: int = 256  # images waiting for the model before new ones get 503
     default_top_k: int = 5
+    # Classify requests being read, decoded or run at once; more get 503 before their body is read, so
+    # memory stays below about max_in_flight x max_body_bytes (16 x 20 MiB) plus the decoders' buffers.
+    max_in_flight: int = 16
 
     def __post_init__(self):
-        for name in ("max_batch", "max_body_bytes", "max_pixels", "max_images", "max_queue", "default_top_k"):
+        for name in ("max_batch", "max_body_bytes", "max_pixels", "max_images", "max_queue", "default_top_k",
+                     "max_in_flight"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RetrainError(f"{name} must be a positive whole number, got {value!r}")
@@ -130,7 +132,8 @@ class MicroBatcher:
             batch = [await queue.get()]
             if len(batch) + queue.qsize() < self.max_batch and self.max_wait > 0:
                 self._full.clear()
-                with contextlib.suppress(TimeoutError):  # the batch waits at most max_wait for company
+                # asyncio.TimeoutError: the built-in TimeoutError only from Python 3.11 on (3.10 hung here).
+                with contextlib.suppress(asyncio.TimeoutError):  # the batch waits at most max_wait for company
                     await asyncio.wait_for(self._full.wait(), self.max_wait)
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
@@ -198,6 +201,8 @@ class _Service:
         self._decode_pool: ThreadPoolExecutor | None = None
         self.responses: Counter[int] = Counter()
         self.started = time.time()
+        self.in_flight = 0  # classify requests admitted and not yet answered (one event loop: no lock needed)
+        self.rejected_in_flight = 0
 
     @property
     def decode_pool(self) -> ThreadPoolExecutor:
@@ -244,6 +249,7 @@ def create_app(
     max_images: int = Limits.max_images,
     max_queue: int = Limits.max_queue,
     default_top_k: int = Limits.default_top_k,
+    max_in_flight: int = Limits.max_in_flight,
     threads: int | None = None,
     decode_threads: int | None = None,
 ):
@@ -256,9 +262,11 @@ def create_app(
         from starlette.applications import Starlette
         from starlette.routing import Route
     except ImportError:
-        raise RetrainError("serving needs Starlette and uvicorn: pip install 'retrain[serve]'") from None
+        raise RetrainError("serving needs Starlette and uvicorn, which retrain depends on; this installation "
+                           "lacks them: reinstall retrain (pip install --force-reinstall retrain)") from None
 
-    limits = Limits(max_batch, max_wait_ms, max_body_bytes, max_pixels, max_images, max_queue, default_top_k)
+    limits = Limits(max_batch, max_wait_ms, max_body_bytes, max_pixels, max_images, max_queue, default_top_k,
+                    max_in_flight)
     clf = model if isinstance(model, Classifier) else load(model, threads=threads)
     service = _Service(clf, limits, decode_threads)
     page = resources.files("retrain").joinpath("serve_static/index.html").read_bytes()
@@ -338,6 +346,8 @@ def _health(service: _Service):
 
 def _stats(service: _Service):
     return _json({"batching": service.batcher.stats(),
+                  "requests": {"in_flight": service.in_flight, "max_in_flight": service.limits.max_in_flight,
+                               "rejected_in_flight": service.rejected_in_flight},
                   "responses": {str(k): v for k, v in sorted(service.responses.items())}})
 
 
@@ -355,6 +365,20 @@ async def _internal_error(request, exc):
 
 # -- POST /v1/classify ----------------------------------------------------------------------------------
 async def _classify(service: _Service, request):
+    """Admit the request if fewer than ``max_in_flight`` are being served, else 503 before reading its body."""
+    limit = service.limits.max_in_flight
+    if service.in_flight >= limit:
+        service.rejected_in_flight += 1
+        raise HTTPError(503, f"server busy: {limit} requests are in progress (--max_in_flight); retry shortly",
+                        {"Retry-After": "1"})
+    service.in_flight += 1
+    try:
+        return await _classify_admitted(service, request)
+    finally:
+        service.in_flight -= 1
+
+
+async def _classify_admitted(service: _Service, request):
     top_k = _top_k(request.query_params.get("top_k"), service)
     kind, files = await _read_images(service, request)
     # (name, bytes) -> pixels, decoded in the thread pool, all files at once.
@@ -509,7 +533,8 @@ def serve(
     try:
         import uvicorn
     except ImportError:
-        raise RetrainError("serving needs Starlette and uvicorn: pip install 'retrain[serve]'") from None
+        raise RetrainError("serving needs Starlette and uvicorn, which retrain depends on; this installation "
+                           "lacks them: reinstall retrain (pip install --force-reinstall retrain)") from None
     app = create_app(model, **app_options)
     sock = bind_socket(host, port)
     bound = sock.getsockname()
@@ -523,41 +548,3 @@ def serve(
         server.run(sockets=[sock])
     finally:
         sock.close()
-
-
-def _parser():
-    from retrain.cli import EXIT_CODES, _add, _Parser
-
-    d = Limits()
-    p = _Parser(
-        prog="retrain serve",
-        description="Serve a retrained model over HTTP: POST /v1/classify (image body or multipart files), "
-        "GET /v1/model, GET /healthz, and a page at / to try it in a browser.",
-        epilog=EXIT_CODES,
-    )
-    _add(p, "graph", required=True, help="model written by retrain (an .onnx file or a --saved_model_dir folder)")
-    _add(p, "host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    _add(p, "port", type=int, default=DEFAULT_PORT, help="TCP port (0 picks a free one)")
-    _add(p, "max_batch", type=int, default=d.max_batch, help="images run through the model together at most")
-    _add(p, "max_wait_ms", type=float, default=d.max_wait_ms, help="how long an image waits for a batch to fill")
-    _add(p, "max_body_bytes", type=int, default=d.max_body_bytes, help="largest request body accepted")
-    _add(p, "max_pixels", type=int, default=d.max_pixels, help="largest image accepted, in pixels (width x height)")
-    _add(p, "max_images", type=int, default=d.max_images, help="files per request at most")
-    _add(p, "max_queue", type=int, default=d.max_queue, help="images waiting for the model before answering 503")
-    _add(p, "num_threads", type=int, default=0, help="inference threads (0 = automatic)")
-    _add(p, "log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-         help="server messages (debug also logs every request)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ns = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if not Path(ns.graph).exists():
-        raise RetrainError(f"--graph {ns.graph!r} does not exist; pass the model file written by retrain")
-    serve(
-        ns.graph, host=ns.host, port=ns.port, log_level=ns.log_level,
-        max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms, max_body_bytes=ns.max_body_bytes,
-        max_pixels=ns.max_pixels, max_images=ns.max_images, max_queue=ns.max_queue,
-        threads=ns.num_threads or None,
-    )
-    return 0

@@ -57,7 +57,8 @@ def split_features(
     """Leave out the files extraction skipped, split the rest as retrain.py does, gather each split's features."""
     dataset = drop_records(dataset, set(features.skipped))
     dataset = assign_splits(
-        dataset, validation_percentage=validation_percentage, testing_percentage=testing_percentage
+        dataset, validation_percentage=validation_percentage, testing_percentage=testing_percentage,
+        keys=features.keys,  # identical files share a split: no photo is both trained on and tested
     )
 
     def one(name: str) -> Split:

@@ -96,16 +96,23 @@ def _histogram(values: np.ndarray, bins: int = 30) -> bytes:
 
 
 class EventWriter:
-    """Appends scalars and histograms to one new event file in ``logdir``."""
+    """Appends scalars and histograms to one new event file in ``logdir``.
 
-    def __init__(self, logdir: str | os.PathLike):
+    Events reach the file at most ``flush_seconds`` after the previous flush (checked at each
+    write), so a TensorBoard opened during training shows the curves growing.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, flush_seconds: float = 2.0):
+        self.flush_seconds = flush_seconds
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}.retrain"
         self.path = self.logdir / name
         self._f = open(self.path, "ab")
         self._headers: dict[int, bytes] = {}
+        self._last_flush = time.monotonic()
         self._write(_event(0, file_version="brain.Event:2"))
+        self.flush()  # TensorBoard lists the run as soon as it starts
 
     def _write(self, payload: bytes) -> None:
         header = self._headers.get(len(payload))
@@ -113,6 +120,8 @@ class EventWriter:
             header = struct.pack("<Q", len(payload))
             header = self._headers[len(payload)] = header + struct.pack("<I", _masked_crc(header))
         self._f.write(header + payload + struct.pack("<I", _masked_crc(payload)))
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.scalars({tag: value}, step)
@@ -131,6 +140,7 @@ class EventWriter:
 
     def flush(self) -> None:
         self._f.flush()
+        self._last_flush = time.monotonic()
 
     def close(self) -> None:
         self._f.close()

@@ -87,6 +87,7 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     if image_dir is not None:
         cfg.image_dir = os.fspath(image_dir)
+    cfg.validate()  # every value, before any work
     t_start = time.perf_counter()
     spec = resolve_backbone(cfg)
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
