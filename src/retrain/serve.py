@@ -30,6 +30,7 @@ from importlib import resources
 
 import numpy as np
 
+from retrain.devices import cpu_cores
 from retrain.errors import RetrainError
 from retrain.images import ImageError, decode_image
 from retrain.predict import Classifier, load
@@ -197,7 +198,7 @@ class _Service:
         self.batcher = MicroBatcher(
             clf.predict_proba, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue
         )
-        self.decode_threads = decode_threads or min(4, os.cpu_count() or 1)
+        self.decode_threads = decode_threads or min(4, cpu_cores())
         self._decode_pool: ThreadPoolExecutor | None = None
         self.responses: Counter[int] = Counter()
         self.started = time.time()
