@@ -139,6 +139,10 @@ class BottleneckStore:
             for k, row in zip(keys, feats):
                 self._index[bytes(k)] = row
             self._loaded_shards.add(shard.name)
+        # Parquet shards written by a cluster run (retrain extract --engine ray), same keys and namespace.
+        from retrain.shards import load_into_index
+
+        load_into_index(self.directory, self._index, self.feature_dim, self._loaded_shards)
 
     def _warn_once(self, shard: Path, message: str) -> None:
         if shard.name not in self._warned:

@@ -67,8 +67,8 @@ def training_parser() -> _Parser:
     p = _Parser(
         prog="retrain",
         description="Retrain an image classifier for new categories. Point --image_dir at a folder with one "
-        "sub-folder of images per class. Also: `retrain serve --graph MODEL` and `retrain export --graph MODEL "
-        "--to FORMAT` (see their --help).",
+        "sub-folder of images per class. Also: `retrain serve --graph MODEL`, `retrain export --graph MODEL "
+        "--to FORMAT` and `retrain extract --image_dir DIR` (see their --help).",
         epilog=EXIT_CODES,
     )
     g = p.add_argument_group("data")
@@ -87,6 +87,12 @@ def training_parser() -> _Parser:
          help="images per forward pass when computing bottlenecks (0 = automatic: 8 per CPU core, 64 on a GPU, "
               "32 for distortions and fine-tuning)")
     _add(g, "num_workers", type=int, default=d.num_workers, help="image decoding threads (0 = automatic)")
+    _add(g, "engine", default=d.engine, choices=["local", "ray"], help="where bottlenecks are computed: this "
+         "machine, or a Ray cluster (pip install 'retrain[ray]'; docs/scale.md)")
+    _add(g, "ray_address", default=d.ray_address, help="with --engine ray: auto, HOST:PORT or ray://HOST:PORT "
+         "(default: Ray on this machine)")
+    _add(g, "extraction_precision", default=d.extraction_precision, choices=["float32", "int8"],
+         help="int8: a quantized backbone for extraction, faster on CPUs with VNNI (docs/scale.md)")
     g = p.add_argument_group("training the new layer")
     _add(g, "how_many_training_steps", type=int, default=d.how_many_training_steps, help="training steps")
     _add(g, "learning_rate", type=float, default=d.learning_rate, help="learning rate of the new layer")
@@ -406,4 +412,11 @@ def _export_command(ns: argparse.Namespace) -> int:
 
 
 # Sub-commands of `retrain`: name -> main(argv) -> exit code.
-SUBCOMMANDS = {"serve": serve_main, "export": export_main}
+def extract_main(argv: Sequence[str]) -> int:
+    """``retrain extract``: features of a folder or URL, locally or on a Ray cluster (retrain.distributed)."""
+    from retrain.distributed import main
+
+    return main(argv)
+
+
+SUBCOMMANDS = {"serve": serve_main, "export": export_main, "extract": extract_main}

@@ -252,10 +252,15 @@ def _discover(cfg: TrainConfig) -> Dataset:
 
 
 def _features(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset) -> FeatureTable:
-    table = extract_features(
-        dataset, architecture=spec, bottleneck_dir=cfg.bottleneck_dir, model_dir=cfg.model_dir or None,
-        device=cfg.device, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=not cfg.quiet,
-    )
+    if cfg.engine == "ray" or cfg.extraction_precision != "float32":  # Ray cluster / int8 backbone
+        from retrain.distributed import features_for_run
+
+        table = features_for_run(cfg, spec, dataset)
+    else:
+        table = extract_features(
+            dataset, architecture=spec, bottleneck_dir=cfg.bottleneck_dir, model_dir=cfg.model_dir or None,
+            device=cfg.device, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=not cfg.quiet,
+        )
     rate = table.computed / table.seconds if table.seconds and table.computed else 0.0
     where = printable(str(table.store.directory))
     if table.computed:
@@ -414,6 +419,10 @@ def _export(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset, head, metric
     model, manifest = classifier_model(spec, dataset.labels, head, backbone_onnx=backbone_onnx,
                                        model_dir=cfg.model_dir or None, output_name=cfg.final_tensor_name,
                                        metrics=metrics)
+    if cfg.extraction_precision != "float32" and backbone_onnx is None:  # the backbone the layer was trained on
+        from retrain.precision import with_extraction_backbone
+
+        model, manifest = with_extraction_backbone(model, manifest, spec, cfg, head)
     save_model(model, paths.output_graph)
     write_labels(dataset.labels, paths.output_labels)
     log.info("Wrote the model to %s and its labels to %s", paths.output_graph, paths.output_labels)
