@@ -130,7 +130,7 @@ def ray_scaling(spec, model_dir: str, photos: list[str], tmp: str) -> dict:
             chunk_size=32,
             progress=False,
         )  # actors' and Ray Data's first start
-        for workers in (1, 2, 1, 2):
+        for workers in (1, 2, 1, 2, 1, 2):
             r = extract_on_ray(
                 files,
                 spec,
@@ -142,6 +142,7 @@ def ray_scaling(spec, model_dir: str, photos: list[str], tmp: str) -> dict:
                 progress=False,
             )
             out.setdefault(f"images_per_s_{workers}_workers", []).append(r.images_per_second)
+            out.setdefault(f"steady_images_per_s_{workers}_workers", []).append(r.steady_images_per_second)
             last = r
         local = _local_table(photos, spec, os.path.join(tmp, "local"), model_dir=model_dir, progress=False)
         fs, inner = shards.filesystem(last.directory)

@@ -115,3 +115,22 @@ class TestShards:
         assert np.array_equal(X, feats[[2, 0]])
         with pytest.raises(Exception, match="1 feature.s. are missing"):
             shards.ShardFeatures(str(tmp_path), 16, ["abc"]).get_many([b"q" * 20])
+
+
+def test_train_with_int8_extraction_exports_the_int8_backbone(tmp_path: Path, fast_config):
+    import retrain
+    from retrain.export import get_manifest
+
+    make_image_folder(tmp_path / "img", per_class=8)
+    result = retrain.train(tmp_path / "img", extraction_precision="int8", **fast_config)
+    import onnx
+
+    manifest = get_manifest(onnx.load(str(result.output_graph)))
+    assert manifest["extraction_precision"] == "int8" and manifest["fine_tuned"] is False
+    from retrain.backbones import get_backbone
+    from retrain.feature_cache import cache_namespace
+    from retrain.precision import feature_namespace
+
+    spec, bn = get_backbone(TINY), Path(fast_config["bottleneck_dir"])
+    assert (bn / feature_namespace(spec, "int8", fast_config["model_dir"])).is_dir()
+    assert not (bn / cache_namespace(spec)).exists()  # never mixed with float32 features

@@ -75,10 +75,17 @@ class ExtractReport:
     workers: int = 0
     seconds: float = 0.0
     chunk_ids: list[str] = field(default_factory=list)  # every chunk of this file list, done before or now
+    steady_seconds: float = 0.0  # from the first chunk's result to the last: the pipeline full, no start-up
+    steady_computed: int = 0  # images computed in that time (all chunks but the first)
 
     @property
     def images_per_second(self) -> float:
         return self.computed / self.seconds if self.seconds and self.computed else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """The rate once every actor is up (Ray's and the actors' start-up left out)."""
+        return self.steady_computed / self.steady_seconds if self.steady_seconds else 0.0
 
 
 # -- the file list --------------------------------------------------------------------------------
@@ -322,7 +329,14 @@ def extract_on_ray(
     )
     bar = progress_bar(sum(len(p) for _, p in todo), progress)
     try:
+        first = None
         for row in ds.iter_rows():
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            else:
+                report.steady_computed += int(row["computed"])
+                report.steady_seconds = now - first
             report.computed += int(row["computed"])
             report.skipped.update(zip(row["skipped_paths"], row["skipped_reasons"]))
             bar.update(int(row["files"]))
