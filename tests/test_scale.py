@@ -134,3 +134,12 @@ def test_train_with_int8_extraction_exports_the_int8_backbone(tmp_path: Path, fa
     spec, bn = get_backbone(TINY), Path(fast_config["bottleneck_dir"])
     assert (bn / feature_namespace(spec, "int8", fast_config["model_dir"])).is_dir()
     assert not (bn / cache_namespace(spec)).exists()  # never mixed with float32 features
+
+
+def test_int8_with_distortions_is_refused(tmp_path: Path, fast_config):
+    import retrain
+    from retrain.errors import RetrainError
+
+    make_image_folder(tmp_path / "img", per_class=4)
+    with pytest.raises(RetrainError, match="does not combine with distortions"):
+        retrain.train(tmp_path / "img", extraction_precision="int8", flip_left_right=True, **fast_config)

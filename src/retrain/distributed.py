@@ -372,6 +372,13 @@ def _quiet_ray(ray, progress: bool) -> None:
 def features_for_run(cfg, spec: BackboneSpec, dataset):
     """``train()``'s features stage for a Ray run or a non-default precision: a FeatureTable with a store."""
     paths = [r.path for r in dataset.records]
+    distorted = cfg.flip_left_right or cfg.random_crop or cfg.random_scale or cfg.random_brightness
+    if cfg.extraction_precision != "float32" and (distorted or cfg.fine_tune):
+        # Distortions and fine-tuning run the float32 backbone: their features would not match int8 ones.
+        raise RetrainError(
+            f"--extraction_precision {cfg.extraction_precision} does not combine with distortions "
+            "or --fine_tune yet; leave one of them out"
+        )
     if cfg.engine == "ray":
         return ray_features(cfg, spec, paths)
     if cfg.engine != "local":
