@@ -129,6 +129,7 @@ def test_cluster_features_are_bitwise_the_local_ones_and_a_rerun_skips_everythin
     assert (third.chunks_done_before, third.chunks) == (3, 4)
 
 
+@pytest.mark.slow  # two full training runs: about 40 s here
 def test_train_with_engine_ray_gives_the_local_model(tmp_path: Path, cluster, fast_config):
     import onnx
     from onnx import numpy_helper
@@ -180,6 +181,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # a 90-chunk run in a second driver: about 60 s here
 def test_killing_a_worker_mid_run_loses_and_duplicates_nothing(tmp_path: Path, cluster):
     spec, models = get_backbone(TINY), str(tmp_path / "models")
     folder = make_image_folder(tmp_path / "img", per_class=60, size=256)
