@@ -7,6 +7,7 @@ stop other people's Ray processes on a shared machine.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -135,3 +136,4 @@ class LocalCluster:
             except ProcessLookupError:
                 pass
             p.wait()
+        shutil.rmtree(self.temp, ignore_errors=True)  # Ray's session folders and the nodes' logs
