@@ -4,9 +4,11 @@
     >>> report = export_model("output_graph.onnx", "onnx-int8", "model.int8.onnx", image_dir="photos")
     >>> print(report.summary())
 
-Formats offered are the ones whose result is checked here (tests/test_quantize.py):
-ONNX float32 (a copy), int8 and fp16, all read by ``retrain.load`` and ``label_image``.
-TFLite, Core ML and TorchScript are not offered; ``NOT_OFFERED`` says why.
+Formats offered are the ones whose result is checked here (tests/test_quantize.py,
+tests/test_mobile.py): ONNX float32 (a copy), int8 and fp16, and TFLite float32 and int8
+(``retrain.mobile``, converted from the PyTorch modules; optional extra ``retrain[tflite]``),
+all read by ``retrain.load`` and ``label_image``. Core ML and TorchScript are not offered;
+``NOT_OFFERED`` says why.
 """
 
 from __future__ import annotations
@@ -16,18 +18,17 @@ import os
 from pathlib import Path
 
 from retrain.errors import RetrainError
+from retrain.mobile import MOBILE_FORMATS
 from retrain.quantize import MAX_CALIBRATION_IMAGES, QuantizeReport, convert_file, pick_calibration
 
 EXPORT_FORMATS = {
     "onnx": "float32 ONNX, a checked copy of the model",
     "onnx-int8": "int8 ONNX (ONNX Runtime static quantization, calibrated on --image_dir or --calibration_dir)",
     "onnx-fp16": "float16 ONNX (onnxconverter-common), half the size",
+    **MOBILE_FORMATS,
 }
 
 NOT_OFFERED = {
-    "tflite": "TensorFlow 2.21 and onnx2tf 1.28 install here, but onnx2tf fails on retrain's graph (its layout "
-    "inference turns the NHWC uint8 input into a 224-channel tensor before the first Conv, with or without "
-    "-kat image) and otherwise downloads calibration data from GitHub; no TFLite file could be made and checked",
     "coreml": "coremltools no longer reads ONNX (it converts PyTorch or TensorFlow models) and runs Core ML "
     "models only on Apple platforms, so a converted model could not be checked here",
     "torchscript": "the ONNX->PyTorch converter (onnx2torch, last release 2024) is not kept up, and "
@@ -57,6 +58,10 @@ def export_model(
     graph, output = Path(graph), Path(output)
     if output.exists() and output.resolve() == graph.resolve():
         raise RetrainError(f"--output {str(output)!r} is the --graph file itself; choose another output path")
+    if fmt in MOBILE_FORMATS:
+        from retrain.mobile import require
+
+        require(fmt)  # before reading any photo: a missing extra is one line, at once
     eval_paths, eval_labels, by_class = _labelled_images(graph, image_dir) if image_dir else ([], None, [])
     calibration: list[str] = []
     if fmt == "int8":
@@ -74,12 +79,33 @@ def export_model(
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RetrainError(f"cannot create the folder of --output {str(output)!r}: {exc.strerror or exc}") from None
+    if fmt in MOBILE_FORMATS:
+        return _export_mobile(graph, fmt, output, image_dir, calibration_dir, eval_paths, eval_labels)
     return convert_file(
         graph, fmt, output, calibration_paths=calibration, eval_paths=eval_paths, eval_labels=eval_labels
     )
 
 
+def _export_mobile(graph, fmt, output, image_dir, calibration_dir, eval_paths, eval_labels) -> QuantizeReport:
+    """Phone formats are checked on --image_dir (with accuracy), else --calibration_dir, else the sample photos."""
+    from retrain.data import printable
+    from retrain.mobile import export_mobile
+
+    if image_dir:
+        note = f"--image_dir {printable(str(image_dir))} (labelled)"
+    else:
+        if not calibration_dir:
+            from retrain.sample_data import sample_image_dir
+
+            calibration_dir = sample_image_dir()
+        eval_paths, eval_labels = _folder_images(calibration_dir, "--calibration_dir"), None
+        note = f"{printable(str(calibration_dir))} (unlabelled: agreement with the ONNX model only)"
+    return export_mobile(graph, fmt, output, eval_paths=eval_paths, eval_labels=eval_labels, check_note=note)
+
+
 def _check_format(to: str) -> str:
+    if to in MOBILE_FORMATS:
+        return to
     if to in EXPORT_FORMATS:
         return {"onnx": "float32", "onnx-int8": "int8", "onnx-fp16": "fp16"}[to]
     key = to.lower().replace("_", "").replace("-", "").replace(".", "")

@@ -29,13 +29,14 @@ ImageInput = str | os.PathLike | bytes | np.ndarray
 
 
 class Classifier:
-    """A loaded model: labels, preprocessing and an ONNX Runtime session."""
+    """A loaded model: labels, preprocessing and an ONNX Runtime session (or LiteRT, for a ``.tflite``)."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
         import onnx
 
         from retrain.engines import OnnxEngine
         from retrain.export import get_manifest
+        from retrain.tflite import is_tflite
 
         path = Path(path)
         if path.is_dir():  # a --saved_model_dir folder
@@ -46,7 +47,8 @@ class Classifier:
             if path.is_file() and path.stat().st_size == 0:
                 raise ModelFileError(f"model file {str(path)!r} is empty (0 bytes); was it fully written?")
             data = path.read_bytes()  # parsed here for the manifest, handed as is to ONNX Runtime
-            model = onnx.load_from_string(data)
+            tflite = is_tflite(data)
+            model = None if tflite else onnx.load_from_string(data)
         except ModelFileError:
             raise
         except FileNotFoundError:
@@ -60,7 +62,12 @@ class Classifier:
             ) from None
         self.path = path
         try:
-            self.manifest = get_manifest(model, str(path))
+            if tflite:
+                from retrain.tflite import TFLiteEngine, read_manifest
+
+                self.manifest = read_manifest(data, str(path))
+            else:
+                self.manifest = get_manifest(model, str(path))
             self.labels: list[str] = [str(label) for label in self.manifest["labels"]]
             self.preprocessing = Preprocessing.from_dict(self.manifest["preprocessing"])
         except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
@@ -68,7 +75,11 @@ class Classifier:
                 f"{str(path)!r} has a damaged retrain manifest ({type(exc).__name__}: {exc}); "
                 "re-export the model with retrain"
             ) from None
-        dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] if model.graph.output else []
+        if tflite:  # LiteRT reports its own errors as one line (ModelFileError / missing runtime)
+            self._engine = TFLiteEngine(data, threads, str(path))
+            dims = [0, self._engine.n_outputs]
+        else:
+            dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] if model.graph.output else []
         if len(dims) == 2 and dims[1] and dims[1] != len(self.labels):
             raise ModelFileError(
                 f"{str(path)!r} has {dims[1]} outputs but its manifest lists {len(self.labels)} labels; "
@@ -76,7 +87,8 @@ class Classifier:
             )
         self.input_size = self.preprocessing.input_size
         try:
-            self._engine = OnnxEngine(data, threads=threads)
+            if not tflite:
+                self._engine = OnnxEngine(data, threads=threads)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ModelFileError(
                 f"{str(path)!r} cannot be run by ONNX Runtime ({type(exc).__name__}: {str(exc)[:200]}); "
@@ -147,7 +159,8 @@ class Classifier:
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None) -> Classifier:
-    """Load a model written by ``retrain`` (an ``.onnx`` file or a ``--saved_model_dir`` folder)."""
+    """Load a model written by ``retrain``: an ``.onnx`` file, a ``--saved_model_dir`` folder, or a ``.tflite``
+    written by ``retrain export --to tflite`` (run with ai-edge-litert)."""
     return Classifier(path, threads=threads)
 
 

@@ -105,7 +105,7 @@ class QuantizeReport:
                 f"; {eval_name} accuracy {100 * c.float_accuracy:.1f}% -> {100 * c.accuracy:.1f}% "
                 f"({c.accuracy_change:+.1f} points, N={c.count})"
             )
-        return text + f"; same top-1 as float on {100 * c.agreement:.1f}%, max probability difference {c.max_prob_diff:.3f}"
+        return text + f"; same top-1 as float on {100 * c.agreement:.1f}%, max probability difference {c.max_prob_diff:.3g}"
 
     def to_dict(self) -> dict:
         out = asdict(self)
