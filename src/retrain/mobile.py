@@ -60,9 +60,18 @@ class MissingExtraError(RetrainError):
 def require(fmt: str) -> None:
     """MissingExtraError naming the pip command if ``fmt``'s converter is not installed."""
     modules, install = _NEEDS[fmt.split("-")[0]]
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = missing_modules(modules)
     if missing:
         raise MissingExtraError(f"--to {fmt} needs the optional converter ({', '.join(missing)} not installed): {install}")
+
+
+def missing_modules(modules: Sequence[str]) -> list[str]:
+    """The ones of ``modules`` that cannot be imported here (found without importing them: seconds each)."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def tflite_available() -> bool:
+    return not missing_modules(_NEEDS["tflite"][0])
 
 
 @contextlib.contextmanager
