@@ -86,25 +86,42 @@ def test_quantized_onnx_is_refused_with_the_file_to_use(tmp_path_factory):
     from retrain.torch_model import torch_classifier
 
     run = sample_model(tmp_path_factory, quantize="int8")
-    with pytest.raises(ModelFileError, match="is the int8 model; phone formats are converted from the float32"):
+    with pytest.raises(
+        ModelFileError, match="is the int8 model; phone formats are converted from the float32"
+    ):
         torch_classifier(run.output_graph.with_name("output_graph.int8.onnx"))
 
 
 def test_missing_extra_is_one_line_and_exit_2(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("retrain.mobile.missing_modules", lambda modules: list(modules))
-    code = retrain_main(["export", "--graph", str(tiny_model.output_graph), "--to", "tflite-int8",
-                         "--output", str(tmp_path / "m.tflite")])
+    code = retrain_main(
+        [
+            "export",
+            "--graph",
+            str(tiny_model.output_graph),
+            "--to",
+            "tflite-int8",
+            "--output",
+            str(tmp_path / "m.tflite"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
-    assert "--to tflite-int8 needs the optional converter" in err and "pip install" in err and "retrain[tflite]" in err
+    assert (
+        "--to tflite-int8 needs the optional converter" in err
+        and "pip install" in err
+        and "retrain[tflite]" in err
+    )
     assert not (tmp_path / "m.tflite").exists()
 
 
 def test_reading_a_tflite_without_the_runtime_says_what_to_install(tmp_path):
     fake = tmp_path / "model.tflite"
     fake.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(64))
-    code = "import sys; sys.modules['ai_edge_litert'] = None; from retrain.cli import label_image_main; " \
-           f"sys.exit(label_image_main(['--graph', {str(fake)!r}, '--image', {str(sample_photo('fish'))!r}]))"
+    code = (
+        "import sys; sys.modules['ai_edge_litert'] = None; from retrain.cli import label_image_main; "
+        f"sys.exit(label_image_main(['--graph', {str(fake)!r}, '--image', {str(sample_photo('fish'))!r}]))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0
@@ -113,10 +130,26 @@ def test_reading_a_tflite_without_the_runtime_says_what_to_install(tmp_path):
 
 @pytest.mark.slow
 @needs_tflite
-def test_tflite_of_a_small_model_keeps_contract_metadata_and_outputs(tiny_model, colour_dir, tmp_path, capsys):
+def test_tflite_of_a_small_model_keeps_contract_metadata_and_outputs(
+    tiny_model, colour_dir, tmp_path, capsys
+):
     out = tmp_path / "tiny.tflite"
-    assert retrain_main(["export", "--graph", str(tiny_model.output_graph), "--to", "tflite", "--output", str(out),
-                         "--image_dir", str(colour_dir)]) == 0
+    assert (
+        retrain_main(
+            [
+                "export",
+                "--graph",
+                str(tiny_model.output_graph),
+                "--to",
+                "tflite",
+                "--output",
+                str(out),
+                "--image_dir",
+                str(colour_dir),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "tflite model" in printed and "same top-1 as float on 100.0%" in printed
     clf, onnx_clf = retrain.load(out), retrain.load(tiny_model.output_graph)
@@ -129,7 +162,9 @@ def test_tflite_of_a_small_model_keeps_contract_metadata_and_outputs(tiny_model,
     from ai_edge_litert.interpreter import Interpreter
 
     sig = Interpreter(model_path=str(out)).get_signature_runner("serving_default")
-    assert list(sig.get_input_details()) == ["image"] and sig.get_input_details()["image"]["dtype"] == np.uint8
+    assert (
+        list(sig.get_input_details()) == ["image"] and sig.get_input_details()["image"]["dtype"] == np.uint8
+    )
     assert list(sig.get_output_details()) == ["final_result"]
 
     image = str(next((colour_dir / "green").glob("*.jpg")))
@@ -163,4 +198,7 @@ def test_tflite_bars_on_the_sample_photos(tmp_path_factory, tmp_path):
     on_fp32 = compare(onnx_clf, retrain.load(tmp_path / "m.tflite"), pixels, y)
     on_int8 = compare(onnx_clf, retrain.load(tmp_path / "m.int8.tflite"), pixels, y)
     assert on_fp32.agreement >= 0.995 and on_fp32.max_prob_diff < 1e-4
-    assert on_int8.accuracy_change >= -1.0 and retrain.load(tmp_path / "m.int8.tflite").manifest["quantization"] == "int8"
+    assert (
+        on_int8.accuracy_change >= -1.0
+        and retrain.load(tmp_path / "m.int8.tflite").manifest["quantization"] == "int8"
+    )

@@ -47,8 +47,10 @@ MOBILE_FORMATS = {
 }
 # What each format imports, and the pip command that provides it.
 _NEEDS = {
-    "tflite": (("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
-               "pip install -c constraints/ci.txt 'retrain[tflite]' (litert-torch, ai-edge-litert, ai-edge-quantizer)"),
+    "tflite": (
+        ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
+        "pip install -c constraints/ci.txt 'retrain[tflite]' (litert-torch, ai-edge-litert, ai-edge-quantizer)",
+    ),
 }
 FLOAT_TOLERANCE = 1e-4  # largest probability difference a float32 conversion may show
 
@@ -62,7 +64,9 @@ def require(fmt: str) -> None:
     modules, install = _NEEDS[fmt.split("-")[0]]
     missing = missing_modules(modules)
     if missing:
-        raise MissingExtraError(f"--to {fmt} needs the optional converter ({', '.join(missing)} not installed): {install}")
+        raise MissingExtraError(
+            f"--to {fmt} needs the optional converter ({', '.join(missing)} not installed): {install}"
+        )
 
 
 def missing_modules(modules: Sequence[str]) -> list[str]:
@@ -112,7 +116,9 @@ def tflite_bytes(module, input_size: int, *, int8: bool = False, output_name: st
 
         litert_torch.config.show_progress = False
         sample = torch.zeros(1, input_size, input_size, 3, dtype=torch.uint8)
-        data = litert_torch.convert(_named_output(module, output_name), sample_kwargs={"image": sample}).model_content()
+        data = litert_torch.convert(
+            _named_output(module, output_name), sample_kwargs={"image": sample}
+        ).model_content()
         if int8:
             from ai_edge_quantizer import quantizer, recipe
 
@@ -145,14 +151,17 @@ def export_mobile(
         raise RetrainError(f"unknown phone format {fmt!r}; expected one of {', '.join(MOBILE_FORMATS)}")
     require(fmt)
     if not eval_paths:
-        raise RetrainError(f"--to {fmt} is checked against the ONNX model on photos: none were given or found")
+        raise RetrainError(
+            f"--to {fmt} is checked against the ONNX model on photos: none were given or found"
+        )
     t0 = time.perf_counter()
     graph, output = Path(graph), Path(output)
     float_clf = load(graph)
     module, manifest = torch_classifier(graph)
     log.info("Converting %s to %s ...", graph, fmt)
-    data = tflite_bytes(module, float_clf.input_size, int8=fmt == "tflite-int8",
-                        output_name=manifest["output"]["name"])
+    data = tflite_bytes(
+        module, float_clf.input_size, int8=fmt == "tflite-int8", output_name=manifest["output"]["name"]
+    )
     manifest = {**manifest, "runtime": "tflite", "converter": _converter_versions(fmt)}
     if fmt == "tflite-int8":
         manifest["quantization"] = "int8"
@@ -168,7 +177,11 @@ def export_mobile(
     labels = None if eval_labels is None else np.asarray([eval_labels[i] for i in kept], np.int64)
     comparison = compare(float_clf, load(output), pixels, labels)
     report = QuantizeReport(
-        format=fmt, path=output, size_bytes=0, float_size_bytes=float_clf.path.stat().st_size, seconds=0.0,
+        format=fmt,
+        path=output,
+        size_bytes=0,
+        float_size_bytes=float_clf.path.stat().st_size,
+        seconds=0.0,
         comparison=comparison,
     )
     if fmt == "tflite" and (comparison.max_prob_diff > FLOAT_TOLERANCE or comparison.agreement < 1.0):
@@ -178,7 +191,11 @@ def export_mobile(
             f"{comparison.max_prob_diff:.2g}, same top-1 on {100 * comparison.agreement:.1f}% of {comparison.count} "
             "photos), so it was not kept. Please report this with the model's backbone name."
         )
-    manifest["check"] = {**asdict(comparison), "accuracy_change": comparison.accuracy_change, "photos": check_note}
+    manifest["check"] = {
+        **asdict(comparison),
+        "accuracy_change": comparison.accuracy_change,
+        "photos": check_note,
+    }
     atomic_write_bytes(output, with_manifest(data, manifest))
     report.size_bytes = output.stat().st_size
     skipped = len(eval_paths) - len(kept)

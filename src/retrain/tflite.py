@@ -28,7 +28,9 @@ log = logging.getLogger("retrain")
 
 MANIFEST_KEY = "retrain.manifest"
 SIGNATURE = "serving_default"
-RUNTIME_INSTALL = "pip install 'ai-edge-litert>=2.3,<2.4' (or pip install -c constraints/ci.txt 'retrain[tflite]')"
+RUNTIME_INSTALL = (
+    "pip install 'ai-edge-litert>=2.3,<2.4' (or pip install -c constraints/ci.txt 'retrain[tflite]')"
+)
 
 
 @contextlib.contextmanager
@@ -79,7 +81,9 @@ def with_manifest(data: bytes, manifest: dict) -> bytes:
         if buffer.offset and buffer.offset > 1:
             buffer.data = np.frombuffer(data, np.uint8, count=buffer.size, offset=buffer.offset)
             buffer.offset = buffer.size = 0
-    model.metadata = [m for m in (model.metadata or []) if m.name not in (MANIFEST_KEY, MANIFEST_KEY.encode())]
+    model.metadata = [
+        m for m in (model.metadata or []) if m.name not in (MANIFEST_KEY, MANIFEST_KEY.encode())
+    ]
     buffer = s.BufferT()
     buffer.data = np.frombuffer(json.dumps(manifest, ensure_ascii=False).encode("utf-8"), np.uint8)
     model.buffers.append(buffer)
@@ -124,24 +128,33 @@ class TFLiteEngine:
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
-            raise RetrainError(f"running a .tflite model needs the LiteRT runtime: {RUNTIME_INSTALL}") from None
+            raise RetrainError(
+                f"running a .tflite model needs the LiteRT runtime: {RUNTIME_INSTALL}"
+            ) from None
         try:
             with quiet_native_output():  # "INFO: Created TensorFlow Lite XNNPACK delegate" on every load
                 self.interpreter = Interpreter(model_content=data, num_threads=threads or os.cpu_count() or 1)
                 self.runner = self.interpreter.get_signature_runner(SIGNATURE)
                 inputs = self.runner.get_input_details()
-                if list(inputs) == ["image"]:  # the XNNPACK delegate is set up (and announced) on the first run
+                # The XNNPACK delegate is set up (and announced) on the first run.
+                if list(inputs) == ["image"]:
                     self.runner(image=np.zeros(inputs["image"]["shape"], np.uint8))
         except Exception as exc:  # noqa: BLE001 - LiteRT raises ValueError/RuntimeError for bad files
             raise ModelFileError(
                 f"{path!r} cannot be run by LiteRT ({type(exc).__name__}: {str(exc)[:200]}); re-export the model"
             ) from None
         if list(inputs) != ["image"]:
-            raise ModelFileError(f"{path!r} takes inputs {list(inputs)}, not retrain's 'image'; re-export the model")
+            raise ModelFileError(
+                f"{path!r} takes inputs {list(inputs)}, not retrain's 'image'; re-export the model"
+            )
         self.input_shape = tuple(int(d) for d in inputs["image"]["shape"])
         self.n_outputs = int(next(iter(self.runner.get_output_details().values()))["shape"][-1])
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         rows = [next(iter(self.runner(image=pixels[i : i + 1]).values())) for i in range(len(pixels))]
-        return np.concatenate(rows).astype(np.float32, copy=False) if rows else np.zeros((0, self.n_outputs), np.float32)
+        return (
+            np.concatenate(rows).astype(np.float32, copy=False)
+            if rows
+            else np.zeros((0, self.n_outputs), np.float32)
+        )

@@ -57,7 +57,9 @@ def torch_classifier(graph: str | os.PathLike) -> tuple[PixelsToProbabilities, d
     except FileNotFoundError:
         raise ModelFileError(f"model file {path!r} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and friends
-        raise ModelFileError(f"{path!r} is not an ONNX model written by retrain ({type(exc).__name__})") from None
+        raise ModelFileError(
+            f"{path!r} is not an ONNX model written by retrain ({type(exc).__name__})"
+        ) from None
     manifest = get_manifest(model, path)
     if manifest.get("quantization"):
         raise ModelFileError(
@@ -76,8 +78,11 @@ def torch_classifier(graph: str | os.PathLike) -> tuple[PixelsToProbabilities, d
     net = spec.build().eval()
     fold_batch_norms(net, spec.preprocessing.input_size)
     load_onnx_convolutions(net, model, inits, path)
-    module = PixelsToProbabilities(PixelsToFeatures(net, Preprocessing.from_dict(manifest["preprocessing"])),
-                                   inits[HEAD_WEIGHTS], inits[HEAD_BIASES])
+    module = PixelsToProbabilities(
+        PixelsToFeatures(net, Preprocessing.from_dict(manifest["preprocessing"])),
+        inits[HEAD_WEIGHTS],
+        inits[HEAD_BIASES],
+    )
     return module.eval(), manifest
 
 
@@ -89,7 +94,9 @@ def _leaf_calls(net: nn.Module, input_size: int) -> list[tuple[str, nn.Module, t
     def hook(m, inputs, output):
         calls.append((names[m], m, inputs[0], output))
 
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+    handles = [
+        m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)
+    ]
     try:
         with torch.no_grad():
             net(torch.zeros(1, 3, input_size, input_size))
