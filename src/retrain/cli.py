@@ -68,7 +68,8 @@ def training_parser() -> _Parser:
         prog="retrain",
         description="Retrain an image classifier for new categories. Point --image_dir at a folder with one "
         "sub-folder of images per class. Also: `retrain serve --graph MODEL`, `retrain export --graph MODEL "
-        "--to FORMAT` and `retrain extract --image_dir DIR` (see their --help).",
+        "--to FORMAT`, `retrain extract --image_dir DIR`, `retrain report RUN_DIR` and `retrain relabel "
+        "label_issues.csv` (see their --help).",
         epilog=EXIT_CODES,
     )
     g = p.add_argument_group("data")
@@ -140,6 +141,8 @@ def training_parser() -> _Parser:
     _add(g, "final_tensor_name", default=d.final_tensor_name, help="name of the model's output")
     _add(g, "quantize", default=d.quantize, choices=["", "int8", "fp16"], help="also write a quantized model")
     _add(g, "print_misclassified_test_images", action="store_true", help="list misclassified test images")
+    _add(g, "no_report", action="store_true", help="skip the audit (label_issues.csv, duplicates.csv, "
+          "learning_curve.csv) and report.html")
     g = p.add_argument_group("messages")
     _add(g, "strict", action="store_true", help="fail if any file cannot be used, instead of skipping it")
     _add(g, "quiet", action="store_true", help="no progress bar")
@@ -419,4 +422,19 @@ def extract_main(argv: Sequence[str]) -> int:
     return main(argv)
 
 
-SUBCOMMANDS = {"serve": serve_main, "export": export_main, "extract": extract_main}
+def report_main(argv: Sequence[str]) -> int:
+    """``retrain report RUN_DIR``: rebuild report.html from a finished run (retrain.report)."""
+    from retrain.report import main
+
+    return _run(main, argv)
+
+
+def relabel_main(argv: Sequence[str]) -> int:
+    """``retrain relabel label_issues.csv`` / ``--undo LOG`` (retrain.relabel)."""
+    from retrain.relabel import main
+
+    return _run(main, argv)
+
+
+SUBCOMMANDS = {"serve": serve_main, "export": export_main, "extract": extract_main, "report": report_main,
+               "relabel": relabel_main}

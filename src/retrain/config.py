@@ -70,6 +70,7 @@ class TrainConfig:
     final_tensor_name: str = "final_result"
     quantize: str = ""  # "", "int8" or "fp16": also write a quantized copy
     print_misclassified_test_images: bool = False
+    no_report: bool = False  # skip the audit and report.html (label issues, duplicates, learning curve)
     # -- running -------------------------------------------------------------------------------
     device: str = "auto"
     batch_size: int = 0  # images per forward pass; 0 = automatic (the engine's batch_size, engines.AUTO_BATCH)

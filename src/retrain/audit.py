@@ -1,0 +1,373 @@
+"""What the model gets wrong and what is wrong with the data, computed on arrays.
+
+Everything here works on cached features and on out-of-fold class probabilities from
+:mod:`retrain.crossfit` (every image scored by a layer that never saw it); nothing runs the
+backbone again. The functions take plain arrays and return plain results, so the training run,
+the benchmarks and the tests call the same code:
+
+- :func:`wilson_interval`, :func:`classification_metrics`: accuracy, per-class precision,
+  recall and F1 with 95% intervals, and the confusion matrix;
+- :func:`rank_label_issues`: images whose given label the held-out layers disbelieve, most
+  likely wrong first;
+- :func:`find_duplicates`: exact copies (same content key) and near copies (feature cosine
+  similarity above a measured threshold);
+- :func:`learning_curve`, :func:`fit_saturating`: accuracy against the number of training
+  images, and what twice as many photos would give.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrain.crossfit import fit_and_score
+from retrain.features import cpu_cores
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+# Cosine similarity of mean-centred bottleneck features above which two different files are
+# called near copies. Measured in docs/report.md: on ordinary photo folders no pair of distinct
+# photos reaches it, while most re-encoded, resized or slightly cropped copies do.
+NEAR_DUPLICATE_THRESHOLD = 0.80
+
+LEARNING_CURVE_FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7, 1.0)
+LEARNING_CURVE_SEEDS = 3
+LEARNING_CURVE_STEPS = 400  # per fit: enough for the layer's accuracy to settle (docs/report.md)
+
+
+# -- accuracy with its uncertainty ------------------------------------------------------------------
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials; (0, 1) when ``n`` is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0% and 100%.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_line(k: int, n: int) -> str:
+    """``95.2% (N=21, 95% CI 77.3-99.2%)``: an accuracy with its count and interval."""
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * k / n:.1f}% (N={n}, 95% CI {100 * lo:.1f}-{100 * hi:.1f}%)"
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]) -> dict:
+    """Accuracy, per-class precision / recall / F1 with support and Wilson intervals, confusion matrix.
+
+    ``confusion[i][j]`` counts images of true class i predicted as j. A precision or recall with
+    nothing to count is None (not 0: the class was never predicted, or has no images here).
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    c = len(labels)
+    confusion = np.zeros((c, c), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    n, correct = int(len(y_true)), int(np.trace(confusion))
+    per_class = []
+    for i, label in enumerate(labels):
+        tp, support, predicted = int(confusion[i, i]), int(confusion[i].sum()), int(confusion[:, i].sum())
+        precision = tp / predicted if predicted else None
+        recall = tp / support if support else None
+        f1 = (
+            2 * precision * recall / (precision + recall)
+            if precision is not None and recall is not None and precision + recall > 0
+            else (0.0 if precision is not None and recall is not None else None)
+        )
+        per_class.append(
+            {
+                "label": label,
+                "support": support,
+                "predicted": predicted,
+                "correct": tp,
+                "precision": precision,
+                "precision_ci": list(wilson_interval(tp, predicted)) if predicted else None,
+                "recall": recall,
+                "recall_ci": list(wilson_interval(tp, support)) if support else None,
+                "f1": f1,
+            }
+        )
+    return {
+        "accuracy": correct / n if n else None,
+        "count": n,
+        "correct": correct,
+        "accuracy_ci": list(wilson_interval(correct, n)) if n else None,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+# -- label errors -----------------------------------------------------------------------------------
+@dataclass
+class LabelIssues:
+    """Per row: ``score`` in [0, 1] (higher = more likely mislabelled), ``suggested`` class index
+    (the most probable class other than the given one), and ``order``: rows most likely wrong first."""
+
+    score: np.ndarray
+    suggested: np.ndarray
+    order: np.ndarray
+
+
+def rank_label_issues(
+    proba: np.ndarray,
+    y: np.ndarray,
+    *,
+    X: np.ndarray | None = None,
+    groups: Sequence | None = None,
+    neighbours: int = 0,
+    neighbour_weight: float = 0.5,
+) -> LabelIssues:
+    """Rank rows by how little the held-out layers believe their given label.
+
+    ``proba`` (N, C) must come from layers that never saw the row (out-of-fold). The score is
+    ``1 - proba[y]`` (cleanlab's "self-confidence"). With ``neighbours`` k > 0 and features ``X``,
+    it is blended with the share of the k nearest other images (cosine, outside the row's own
+    ``groups``) that carry another label; docs/report.md measures whether that helps.
+    """
+    proba, y = np.asarray(proba, dtype=np.float64), np.asarray(y)
+    n = len(y)
+    rows = np.arange(n)
+    score = 1.0 - proba[rows, y]
+    others = proba.copy()
+    others[rows, y] = -1.0
+    suggested = others.argmax(axis=1)
+    if neighbours > 0 and X is not None and n > 1:
+        disagree, votes = _neighbour_votes(X, y, proba.shape[1], neighbours, groups)
+        score = (1 - neighbour_weight) * score + neighbour_weight * disagree
+        blended = (1 - neighbour_weight) * others + neighbour_weight * votes
+        blended[rows, y] = -1.0
+        suggested = blended.argmax(axis=1)
+    # Ties (e.g. many rows at score 0) keep a stable, reproducible order.
+    order = np.lexsort((rows, -score))
+    return LabelIssues(score=score, suggested=suggested, order=order)
+
+
+def _neighbour_votes(X, y, n_classes, k, groups, block: int = 1024):
+    """Share of each row's k nearest neighbours (cosine) that disagree with its label, and their label
+    shares (N, C). Rows of the same group (exact copies) are not neighbours of each other."""
+    Z = _unit_rows(X, centre=True)
+    gid = _group_array(groups, len(y))
+    k = min(k, len(y) - 1)
+    disagree = np.zeros(len(y))
+    votes = np.zeros((len(y), n_classes))
+    for start in range(0, len(y), block):
+        sims = Z[start : start + block] @ Z.T  # (B, N)
+        same = gid[start : start + block, None] == gid[None, :]
+        sims[same] = -np.inf
+        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (B, k)
+        neighbour_labels = y[nearest]
+        disagree[start : start + block] = (neighbour_labels != y[start : start + block, None]).mean(axis=1)
+        for j in range(k):
+            votes[np.arange(start, start + len(nearest)), neighbour_labels[:, j]] += 1.0 / k
+    return disagree, votes
+
+
+# -- duplicates -------------------------------------------------------------------------------------
+@dataclass
+class DuplicatePairs:
+    """Pairs of row indices (i < j) with ``kind`` "exact" or "near" and cosine ``similarity``."""
+
+    i: np.ndarray
+    j: np.ndarray
+    kind: np.ndarray
+    similarity: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.i)
+
+
+def find_duplicates(
+    X: np.ndarray,
+    keys: Sequence[bytes],
+    *,
+    threshold: float = NEAR_DUPLICATE_THRESHOLD,
+    block: int = 1024,
+) -> DuplicatePairs:
+    """Exact copies (identical content key) and near copies (centred cosine similarity >= ``threshold``).
+
+    Exact copies of one file are reported once per pair of paths. For near copies, each set of
+    exact copies is represented by its first row, so one photo copied five times does not turn a
+    near pair into 25. The similarity matrix is computed in row blocks: memory stays O(block x N).
+    """
+    n = len(keys)
+    first_of: dict[bytes, int] = {}
+    rep = np.empty(n, dtype=np.int64)
+    pi: list[int] = []
+    pj: list[int] = []
+    kinds: list[str] = []
+    sims: list[float] = []
+    for row, key in enumerate(keys):
+        rep[row] = first_of.setdefault(key, row)
+    for key_rows in _rows_by_key(keys).values():
+        for a in range(len(key_rows)):
+            for b in range(a + 1, len(key_rows)):
+                pi.append(key_rows[a])
+                pj.append(key_rows[b])
+                kinds.append("exact")
+                sims.append(1.0)
+    unique = np.flatnonzero(rep == np.arange(n))
+    if len(unique) > 1:
+        Z = _unit_rows(np.asarray(X)[unique], centre=True)
+        for start in range(0, len(unique), block):
+            s = Z[start : start + block] @ Z[start:].T  # (B, U - start): only the upper triangle is needed
+            a, b = np.nonzero(s >= threshold)
+            for ia, ib in zip(a, b):
+                if ib <= ia:
+                    continue
+                pi.append(int(unique[start + ia]))
+                pj.append(int(unique[start + ib]))
+                kinds.append("near")
+                sims.append(float(s[ia, ib]))
+    order = np.lexsort((np.array(pj), np.array(pi), -np.array(sims))) if pi else np.zeros(0, np.int64)
+    return DuplicatePairs(
+        i=np.array(pi, dtype=np.int64)[order],
+        j=np.array(pj, dtype=np.int64)[order],
+        kind=np.array(kinds, dtype=object)[order].astype(str) if pi else np.zeros(0, dtype="<U5"),
+        similarity=np.array(sims, dtype=np.float64)[order],
+    )
+
+
+def _rows_by_key(keys: Sequence[bytes]) -> dict[bytes, list[int]]:
+    rows: dict[bytes, list[int]] = {}
+    for row, key in enumerate(keys):
+        rows.setdefault(key, []).append(row)
+    return {k: v for k, v in rows.items() if len(v) > 1}
+
+
+def _unit_rows(X: np.ndarray, *, centre: bool) -> np.ndarray:
+    """Rows scaled to unit length, after removing the mean row: what every photo shares (the
+    backbone's average response) otherwise makes unrelated photos look alike."""
+    Z = np.asarray(X, dtype=np.float32)
+    if centre:
+        Z = Z - Z.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(Z, axis=1, keepdims=True)
+    return Z / np.maximum(norms, 1e-12)
+
+
+def _group_array(groups: Sequence | None, n: int) -> np.ndarray:
+    if groups is None:
+        return np.arange(n)
+    index: dict = {}
+    return np.array([index.setdefault(g, len(index)) for g in groups], dtype=np.int64)
+
+
+# -- learning curve ---------------------------------------------------------------------------------
+@dataclass
+class LearningCurve:
+    """Accuracy when the layer is fitted on nested subsets of the training rows.
+
+    ``sizes`` (F,) mean number of training images at each fraction; ``accuracy`` (S, F) per seed;
+    ``per_class`` (S, F, C) recall of each class on the held-out rows (NaN where a class has none).
+    """
+
+    fractions: np.ndarray
+    sizes: np.ndarray
+    accuracy: np.ndarray
+    per_class: np.ndarray
+    seconds: float
+
+
+def learning_curve(
+    X: np.ndarray,
+    y: np.ndarray,
+    fold: np.ndarray,
+    *,
+    n_classes: int,
+    head_params: dict,
+    fractions: Sequence[float] = LEARNING_CURVE_FRACTIONS,
+    seeds: int = LEARNING_CURVE_SEEDS,
+    steps: int = LEARNING_CURVE_STEPS,
+    seed: int = 0,
+    workers: int | None = None,
+) -> LearningCurve:
+    """Fit the layer on nested 10% ... 100% subsets of all rows outside one fold, score that fold.
+
+    Seed s holds out fold ``s mod K`` of the cross-fit ``fold`` assignment (so groups of copies
+    stay on one side) and draws one nested order per class: every subset keeps each class's
+    share and holds at least one image of it. Fits are short (``steps``) and run in parallel.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    y = np.asarray(y)
+    folds = np.unique(fold)
+    params = {**head_params, "steps": min(steps, head_params.get("steps", steps))}
+    jobs = []
+    for s in range(seeds):
+        held = folds[s % len(folds)]
+        pool = np.flatnonzero(fold != held)
+        score_idx = np.flatnonzero(fold == held)
+        rng = np.random.default_rng(seed + 7919 * (s + 1))
+        per_class = [rng.permutation(pool[y[pool] == c]) for c in range(n_classes)]
+        for f_i, frac in enumerate(fractions):
+            train_idx = np.concatenate(
+                [rows[: max(1, math.ceil(frac * len(rows)))] for rows in per_class if len(rows)]
+            )
+            jobs.append((s, f_i, train_idx, score_idx, seed + 31 * s + f_i))
+
+    def run(job):
+        s, f_i, train_idx, score_idx, fit_seed = job
+        _, logits = fit_and_score(
+            X, y, train_idx, score_idx, n_classes=n_classes, head_params=params, seed=fit_seed
+        )
+        return s, f_i, len(train_idx), logits[-1].argmax(axis=1) == y[score_idx], y[score_idx]
+
+    acc = np.full((seeds, len(fractions)), np.nan)
+    per = np.full((seeds, len(fractions), n_classes), np.nan)
+    sizes = np.zeros((seeds, len(fractions)))
+    with ThreadPoolExecutor(max_workers=workers or cpu_cores()) as pool_:
+        for s, f_i, size, hit, truth in pool_.map(run, jobs):
+            acc[s, f_i] = hit.mean() if len(hit) else np.nan
+            sizes[s, f_i] = size
+            for c in np.unique(truth):
+                per[s, f_i, c] = hit[truth == c].mean()
+    return LearningCurve(
+        fractions=np.asarray(fractions, dtype=np.float64),
+        sizes=sizes.mean(axis=0),
+        accuracy=acc,
+        per_class=per,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@dataclass
+class SaturatingFit:
+    """``accuracy(n) = ceiling - scale * n ** -rate``: rises with more images and levels off."""
+
+    ceiling: float
+    scale: float
+    rate: float
+
+    def __call__(self, n) -> np.ndarray:
+        return np.clip(self.ceiling - self.scale * np.power(np.asarray(n, dtype=np.float64), -self.rate), 0, 1)
+
+
+def fit_saturating(sizes: np.ndarray, accuracy: np.ndarray) -> SaturatingFit | None:
+    """Least-squares fit of ``ceiling - scale * n^-rate`` (rate on a grid, the rest linear).
+
+    Returns None with fewer than 3 distinct sizes. The ceiling is kept at or below 1 and the
+    scale at or above 0, so the curve never predicts falling accuracy with more data.
+    """
+    sizes, accuracy = np.asarray(sizes, np.float64), np.asarray(accuracy, np.float64)
+    ok = np.isfinite(accuracy) & (sizes > 0)
+    sizes, accuracy = sizes[ok], accuracy[ok]
+    if len(np.unique(sizes)) < 3:
+        return None
+    best: tuple[float, SaturatingFit] | None = None
+    for rate in np.linspace(0.05, 2.0, 40):
+        basis = np.power(sizes, -rate)
+        A = np.stack([np.ones_like(basis), -basis], axis=1)
+        (ceiling, scale), *_ = np.linalg.lstsq(A, accuracy, rcond=None)
+        scale = max(scale, 0.0)
+        ceiling = min(ceiling, 1.0)
+        err = float(((ceiling - scale * basis - accuracy) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, SaturatingFit(float(ceiling), float(scale), float(rate)))
+    return best[1] if best else None
