@@ -346,7 +346,9 @@ class SaturatingFit:
     rate: float
 
     def __call__(self, n) -> np.ndarray:
-        return np.clip(self.ceiling - self.scale * np.power(np.asarray(n, dtype=np.float64), -self.rate), 0, 1)
+        return np.clip(
+            self.ceiling - self.scale * np.power(np.asarray(n, dtype=np.float64), -self.rate), 0, 1
+        )
 
 
 def fit_saturating(sizes: np.ndarray, accuracy: np.ndarray) -> SaturatingFit | None:

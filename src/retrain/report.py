@@ -83,7 +83,9 @@ def render(run_dir: Path, metrics: dict, audit: dict, fine_tune: dict | None) ->
     ]
     ctx.make_thumbnails()
     nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title, _ in sections)
-    body = "".join(f'<section id="{sid}"><h2>{_e(title)}</h2>{content}</section>' for sid, title, content in sections)
+    body = "".join(
+        f'<section id="{sid}"><h2>{_e(title)}</h2>{content}</section>' for sid, title, content in sections
+    )
     data = _script_json(ctx.script_data())
     test = metrics.get("test") or {}
     headline = _acc_text(test.get("correct"), test.get("count")) if test.get("count") else "not measured"
@@ -147,8 +149,14 @@ class _Context:
             },
             "cells": self.cells,
             "issues": [
-                [printable(self.paths[i]), self.labels[self.y[i]], self.labels[self.a["issue_suggested"][i]],
-                 round(float(self.a["issue_score"][i]), 4), rank, str(self.split[i])]
+                [
+                    printable(self.paths[i]),
+                    self.labels[self.y[i]],
+                    self.labels[self.a["issue_suggested"][i]],
+                    round(float(self.a["issue_score"][i]), 4),
+                    rank,
+                    str(self.split[i]),
+                ]
                 for rank, i in enumerate(issues, start=1)
             ],
         }
@@ -189,8 +197,12 @@ def _data_section(ctx: _Context) -> str:
     ratio = per_class.max() / max(per_class.min(), 1)
     imbalance = (
         f"<p>Largest class / smallest class: <b>{ratio:.1f}x</b> ({per_class.max()} vs {per_class.min()} images)."
-        + (" Classes this uneven bias the layer towards the big ones; the default <code>--class_balance sample"
-           "</code> draws classes evenly.</p>" if ratio >= 3 else "</p>")
+        + (
+            " Classes this uneven bias the layer towards the big ones; the default <code>--class_balance sample"
+            "</code> draws classes evenly.</p>"
+            if ratio >= 3
+            else "</p>"
+        )
     )
     skipped = ""
     if ctx.a["skipped_paths"]:
@@ -209,16 +221,28 @@ def _training_section(ctx: _Context, fine_tune: dict | None) -> str:
     out = ""
     if "history_step" in a and len(a["history_step"]):
         steps = a["history_step"]
-        out += "<div class=charts>" + _line_chart(
-            "accuracy", steps,
-            [("train (batch)", a["history_train_accuracy"], "#4c78a8"),
-             ("validation", a["history_validation_accuracy"], "#f58518")],
-            y_range=(0, 1), percent=True,
-        ) + _line_chart(
-            "cross entropy", steps,
-            [("train (batch)", a["history_cross_entropy"], "#4c78a8"),
-             ("validation", a["history_validation_cross_entropy"], "#f58518")],
-        ) + "</div>"
+        out += (
+            "<div class=charts>"
+            + _line_chart(
+                "accuracy",
+                steps,
+                [
+                    ("train (batch)", a["history_train_accuracy"], "#4c78a8"),
+                    ("validation", a["history_validation_accuracy"], "#f58518"),
+                ],
+                y_range=(0, 1),
+                percent=True,
+            )
+            + _line_chart(
+                "cross entropy",
+                steps,
+                [
+                    ("train (batch)", a["history_cross_entropy"], "#4c78a8"),
+                    ("validation", a["history_validation_cross_entropy"], "#f58518"),
+                ],
+            )
+            + "</div>"
+        )
         best = ctx.metrics.get("best_step")
         if best:
             out += f"<p>Kept the weights of step {int(best)} (best validation accuracy).</p>"
@@ -231,19 +255,31 @@ def _training_section(ctx: _Context, fine_tune: dict | None) -> str:
     if fine_tune and fine_tune.get("history"):
         hist = fine_tune["history"]
         epochs = np.array([h.get("epoch", i) for i, h in enumerate(hist)], dtype=np.float64)
-        val = np.array([np.nan if h.get("validation_accuracy") is None else h["validation_accuracy"] for h in hist])
-        out += "<h3>Fine-tuning</h3><div class=charts>" + _line_chart(
-            "validation accuracy by epoch", epochs, [("validation", val, "#f58518")], y_range=(0, 1), percent=True,
-            x_name="epoch",
-        ) + "</div>"
+        val = np.array(
+            [np.nan if h.get("validation_accuracy") is None else h["validation_accuracy"] for h in hist]
+        )
+        out += (
+            "<h3>Fine-tuning</h3><div class=charts>"
+            + _line_chart(
+                "validation accuracy by epoch",
+                epochs,
+                [("validation", val, "#f58518")],
+                y_range=(0, 1),
+                percent=True,
+                x_name="epoch",
+            )
+            + "</div>"
+        )
     return out or "<p>No training curve was recorded.</p>"
 
 
 def _test_section(ctx: _Context) -> str:
     test = ctx.metrics.get("test")
     if not test or not test.get("count"):
-        return "<p>No test images: the test accuracy is not measured (every class is too small, or " \
-               "<code>--testing_percentage</code> is 0).</p>"
+        return (
+            "<p>No test images: the test accuracy is not measured (every class is too small, or "
+            "<code>--testing_percentage</code> is 0).</p>"
+        )
     rows = ""
     for m in test["per_class"]:
         rows += (
@@ -259,8 +295,11 @@ def _test_section(ctx: _Context) -> str:
     return (
         f"<p>Accuracy <b>{_acc_text(test['correct'], test['count'])}</b>. The interval is Wilson's: with few "
         "test images it is wide, and it says how far the true accuracy may be from the measured one.</p>"
-        + table + "<h3>Confusion matrix</h3><p class=hint>Rows: true class; columns: predicted class. Click a "
-        "cell to see its images.</p>" + _confusion(ctx, test) + "<div id='cell-images' class='gallery'></div>"
+        + table
+        + "<h3>Confusion matrix</h3><p class=hint>Rows: true class; columns: predicted class. Click a "
+        "cell to see its images.</p>"
+        + _confusion(ctx, test)
+        + "<div id='cell-images' class='gallery'></div>"
         + _misclassified(ctx)
     )
 
@@ -296,8 +335,12 @@ def _misclassified(ctx: _Context) -> str:
         return "<h3>Misclassified test images</h3><p>None.</p>"
     wrong.sort(key=lambda i: -float(ctx.proba[i].max()))
     cards = "".join(
-        _card(ctx, i, f"true <b>{_e(ctx.labels[ctx.y[i]])}</b><br>predicted <b>{_e(ctx.labels[ctx.pred[i]])}</b>"
-                      f" ({100 * float(ctx.proba[i].max()):.0f}%)")
+        _card(
+            ctx,
+            i,
+            f"true <b>{_e(ctx.labels[ctx.y[i]])}</b><br>predicted <b>{_e(ctx.labels[ctx.pred[i]])}</b>"
+            f" ({100 * float(ctx.proba[i].max()):.0f}%)",
+        )
         for i in wrong[:MAX_GALLERY]
     )
     more = f"<p>… and {len(wrong) - MAX_GALLERY} more.</p>" if len(wrong) > MAX_GALLERY else ""
@@ -314,8 +357,10 @@ def _card(ctx: _Context, i: int, caption: str, extra: str = "") -> str:
 def _calibration_section(ctx: _Context) -> str:
     cal = ctx.metrics.get("calibration")
     if not cal:
-        return ("<p>This run recorded no calibration figures (temperature, expected calibration error). "
-                "Runs of a retrain version that measures them show them here.</p>")
+        return (
+            "<p>This run recorded no calibration figures (temperature, expected calibration error). "
+            "Runs of a retrain version that measures them show them here.</p>"
+        )
     parts = []
     for key, value in cal.items():
         if isinstance(value, (int, float)):
@@ -335,7 +380,8 @@ def _reliability(bins: dict) -> str:
     sy = lambda v: h - m - v * (h - 2 * m)  # noqa: E731
     dots = "".join(
         f'<circle cx="{sx(c):.1f}" cy="{sy(a):.1f}" r="4" fill="#4c78a8"/>'
-        for c, a in zip(conf, acc) if np.isfinite(c) and np.isfinite(a)
+        for c, a in zip(conf, acc)
+        if np.isfinite(c) and np.isfinite(a)
     )
     return (
         f'<svg class=chart width="{w}" height="{h}" role="img" aria-label="reliability diagram">'
@@ -359,7 +405,8 @@ def _label_section(ctx: _Context) -> str:
         return intro
     cards = "".join(
         _card(
-            ctx, i,
+            ctx,
+            i,
             f"given <b>{_e(ctx.labels[ctx.y[i]])}</b><br>suggested <b>{_e(ctx.labels[ctx.a['issue_suggested'][i]])}"
             f"</b><br>score {float(score[i]):.2f} · {_e(str(ctx.split[i]))}",
             f'<select class=action data-path-index="{rank}" aria-label="action">'
@@ -368,7 +415,11 @@ def _label_section(ctx: _Context) -> str:
         )
         for rank, i in enumerate(order[: len(suspects)][:MAX_SUSPECTS])
     )
-    more = f"<p>… and {len(suspects) - MAX_SUSPECTS} more in label_issues.csv.</p>" if len(suspects) > MAX_SUSPECTS else ""
+    more = (
+        f"<p>… and {len(suspects) - MAX_SUSPECTS} more in label_issues.csv.</p>"
+        if len(suspects) > MAX_SUSPECTS
+        else ""
+    )
     return (
         intro + f"<div class=gallery>{cards}</div>{more}"
         "<p><button id=download type=button>Download label_issues.csv with these actions</button> "
@@ -410,7 +461,10 @@ def _duplicate_section(ctx: _Context) -> str:
             f"<br>{' '.join(flags)}</td></tr>"
         )
     more = f"<p>… and {n - MAX_PAIRS} more in duplicates.csv.</p>" if n > MAX_PAIRS else ""
-    return out + f"<table class=pairs><tr><th>image</th><th>copy</th><th>kind, similarity</th></tr>{rows}</table>{more}"
+    return (
+        out
+        + f"<table class=pairs><tr><th>image</th><th>copy</th><th>kind, similarity</th></tr>{rows}</table>{more}"
+    )
 
 
 def _curve_section(ctx: _Context) -> str:
@@ -463,30 +517,44 @@ def _next_steps(ctx: _Context) -> str:
             "</b>. Remove the copies, or give copies a shared <code>_nohash_</code> name so they land in one split."
         )
     if dup.get("conflicting_pairs"):
-        tips.append(f"{dup['conflicting_pairs']} pair(s) of copies carry different labels: decide which label is "
-                    "right (see <a href='#duplicates'>duplicates</a>).")
+        tips.append(
+            f"{dup['conflicting_pairs']} pair(s) of copies carry different labels: decide which label is "
+            "right (see <a href='#duplicates'>duplicates</a>)."
+        )
     suspects = int((ctx.a["issue_score"] >= SUSPECT_SCORE).sum())
     if suspects:
-        tips.append(f"{suspects} image(s) look mislabelled: review them in <a href='#labels'>suspected label "
-                    "errors</a>, mark them, download the CSV and run <code>retrain relabel label_issues.csv</code>.")
+        tips.append(
+            f"{suspects} image(s) look mislabelled: review them in <a href='#labels'>suspected label "
+            "errors</a>, mark them, download the CSV and run <code>retrain relabel label_issues.csv</code>."
+        )
     tips += _class_tips(ctx, test, curve)
     gain = curve.get("gain_2x")
     if gain is not None:
         if gain >= 0.01:
-            tips.append(f"Twice as many photos would add about <b>{100 * gain:+.1f}</b> points overall "
-                        "(<a href='#curve'>learning curve</a>).")
+            tips.append(
+                f"Twice as many photos would add about <b>{100 * gain:+.1f}</b> points overall "
+                "(<a href='#curve'>learning curve</a>)."
+            )
         else:
-            tips.append(f"More photos of the same kind would add little ({100 * gain:+.1f} points for twice as "
-                        "many): look at the confusions and label errors instead, or try <code>--fine_tune</code>.")
+            tips.append(
+                f"More photos of the same kind would add little ({100 * gain:+.1f} points for twice as "
+                "many): look at the confusions and label errors instead, or try <code>--fine_tune</code>."
+            )
     if test.get("count") and test.get("accuracy_ci"):
         lo, hi = test["accuracy_ci"]
         if hi - lo > 0.15:
-            tips.append(f"The test set is small (N={test['count']}): the true accuracy lies anywhere in "
-                        f"{100 * lo:.0f}–{100 * hi:.0f}%. More images per class measure it more precisely.")
+            tips.append(
+                f"The test set is small (N={test['count']}): the true accuracy lies anywhere in "
+                f"{100 * lo:.0f}–{100 * hi:.0f}%. More images per class measure it more precisely."
+            )
     if ctx.a["skipped_paths"]:
-        tips.append(f"{len(ctx.a['skipped_paths'])} file(s) could not be used (see <a href='#data'>data</a>).")
+        tips.append(
+            f"{len(ctx.a['skipped_paths'])} file(s) could not be used (see <a href='#data'>data</a>)."
+        )
     if not tips:
-        tips.append("Nothing stands out: no leakage, no suspected label error, and more photos would add little.")
+        tips.append(
+            "Nothing stands out: no leakage, no suspected label error, and more photos would add little."
+        )
     return "<ol class=tips>" + "".join(f"<li>{t}</li>" for t in tips) + "</ol>"
 
 
@@ -500,21 +568,33 @@ def _class_tips(ctx: _Context, test: dict, curve: dict) -> list[str]:
         m = per_class.get(label) or {}
         recall, gain = m.get("recall"), per_gain.get(label)
         if recall is not None and recall < 0.9 and gain is not None and gain >= 0.02:
-            weak.append((recall, f"class <b>{_e(label)}</b>: {train_counts[c]} training images, test recall "
-                                 f"{100 * recall:.0f}% and still rising with data ({100 * gain:+.1f} points for 2x): "
-                                 f"add photos of {_e(label)}."))
+            weak.append(
+                (
+                    recall,
+                    f"class <b>{_e(label)}</b>: {train_counts[c]} training images, test recall "
+                    f"{100 * recall:.0f}% and still rising with data ({100 * gain:+.1f} points for 2x): "
+                    f"add photos of {_e(label)}.",
+                )
+            )
         elif train_counts[c] < FEW_IMAGES and recall is not None and recall < 0.9:
-            weak.append((recall, f"class <b>{_e(label)}</b>: {train_counts[c]} training images, test recall "
-                                 f"{100 * recall:.0f}%; the tutorial asks for at least {FEW_IMAGES} per class."))
+            weak.append(
+                (
+                    recall,
+                    f"class <b>{_e(label)}</b>: {train_counts[c]} training images, test recall "
+                    f"{100 * recall:.0f}%; the tutorial asks for at least {FEW_IMAGES} per class.",
+                )
+            )
     tips += [t for _, t in sorted(weak)]
     confusion = np.array(test.get("confusion") or [[0]])
     off = confusion.copy()
     np.fill_diagonal(off, 0)
     if off.max() > 0:
         t, p = np.unravel_index(off.argmax(), off.shape)
-        tips.append(f"The most common confusion: <b>{_e(ctx.labels[t])}</b> taken for <b>{_e(ctx.labels[p])}</b> "
-                    f"in {off[t, p]} of {confusion[t].sum()} test images (click that cell in the "
-                    "<a href='#test'>confusion matrix</a>).")
+        tips.append(
+            f"The most common confusion: <b>{_e(ctx.labels[t])}</b> taken for <b>{_e(ctx.labels[p])}</b> "
+            f"in {off[t, p]} of {confusion[t].sum()} test images (click that cell in the "
+            "<a href='#test'>confusion matrix</a>)."
+        )
     return tips
 
 
@@ -552,8 +632,10 @@ def _line_chart(title, x, series, *, y_range=None, percent=False, x_name="step")
         step = max(1, int(ok.sum()) // 400)  # at most ~400 points per line
         pts = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in list(zip(x[ok], v[ok]))[::step])
         lines += f'<polyline fill="none" stroke="{colour}" stroke-width="1.6" points="{pts}"/>'
-        legend += (f'<rect x="{w - 150}" y="{10 + 16 * k}" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{w - 136}" y="{19 + 16 * k}">{_e(name)}</text>')
+        legend += (
+            f'<rect x="{w - 150}" y="{10 + 16 * k}" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{w - 136}" y="{19 + 16 * k}">{_e(name)}</text>'
+        )
     fmt = (lambda v: f"{100 * v:.0f}%") if percent else (lambda v: f"{v:.2g}")
     ticks = "".join(
         f'<text x="{m - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{fmt(v)}</text>'
@@ -561,7 +643,8 @@ def _line_chart(title, x, series, *, y_range=None, percent=False, x_name="step")
         for v in np.linspace(lo, hi, 5)
     )
     xt = "".join(
-        f'<text x="{sx(v):.1f}" y="{h - m + 16}" text-anchor="middle">{v:.0f}</text>' for v in np.linspace(x0, x1, 5)
+        f'<text x="{sx(v):.1f}" y="{h - m + 16}" text-anchor="middle">{v:.0f}</text>'
+        for v in np.linspace(x0, x1, 5)
     )
     return (
         f'<figure class=chartbox><figcaption>{_e(title)}</figcaption><svg class=chart viewBox="0 0 {w} {h}" '
@@ -583,7 +666,9 @@ def _curve_chart(sizes: np.ndarray, acc: np.ndarray, fit: dict | None, now: int 
 
     dots = "".join(
         f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="3" fill="#4c78a8" opacity="0.6"/>'
-        for row in acc for s, v in zip(sizes, row) if np.isfinite(v)
+        for row in acc
+        for s, v in zip(sizes, row)
+        if np.isfinite(v)
     )
     mean = np.nanmean(acc, axis=0)
     line = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in zip(sizes, mean))
@@ -596,9 +681,11 @@ def _curve_chart(sizes: np.ndarray, acc: np.ndarray, fit: dict | None, now: int 
     marks = ""
     if now:
         for v, name in ((now, "now"), (2 * now, "2x")):
-            marks += (f'<line x1="{sx(v):.1f}" x2="{sx(v):.1f}" y1="{m // 2}" y2="{h - m}" stroke="#999" '
-                      f'stroke-dasharray="2 3"/><text x="{sx(v):.1f}" y="{m // 2 - 2}" text-anchor="middle">{name}'
-                      "</text>")
+            marks += (
+                f'<line x1="{sx(v):.1f}" x2="{sx(v):.1f}" y1="{m // 2}" y2="{h - m}" stroke="#999" '
+                f'stroke-dasharray="2 3"/><text x="{sx(v):.1f}" y="{m // 2 - 2}" text-anchor="middle">{name}'
+                "</text>"
+            )
     ticks = "".join(
         f'<text x="{m - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{100 * v:.0f}%</text>'
         for v in np.linspace(lo, 1, 5)
@@ -608,10 +695,10 @@ def _curve_chart(sizes: np.ndarray, acc: np.ndarray, fit: dict | None, now: int 
         for v in np.geomspace(sizes.min(), far, 5)
     )
     return (
-        f'<figure class=chartbox><figcaption>accuracy vs training images (log scale); dots: seeds, solid: mean, '
+        f"<figure class=chartbox><figcaption>accuracy vs training images (log scale); dots: seeds, solid: mean, "
         f'dashed: fitted curve</figcaption><svg class=chart id=curve-chart viewBox="0 0 {w} {h}" width="{w}" '
         f'height="{h}" role="img" aria-label="learning curve">{ticks}{xt}'
-        f'{_axes(w, h, m, "training images", "accuracy")}{marks}{dots}'
+        f"{_axes(w, h, m, 'training images', 'accuracy')}{marks}{dots}"
         f'<polyline fill="none" stroke="#4c78a8" stroke-width="2" points="{line}"/>{fitted}</svg></figure>'
     )
 

@@ -146,13 +146,19 @@ def _curve_summary(curve: audit.LearningCurve, data: RunData) -> dict:
         "fractions": curve.fractions.tolist(),
         "sizes": curve.sizes.round(1).tolist(),
         "accuracy_mean": [None if np.isnan(v) else round(float(v), 4) for v in mean],
-        "steps": min(audit.LEARNING_CURVE_STEPS, int(data.head_params.get("steps", audit.LEARNING_CURVE_STEPS))),
+        "steps": min(
+            audit.LEARNING_CURVE_STEPS, int(data.head_params.get("steps", audit.LEARNING_CURVE_STEPS))
+        ),
         "seeds": len(curve.accuracy),
         "fit": None,
         "per_class_gain_2x": None,
     }
     if fit is not None:
-        out["fit"] = {"ceiling": round(fit.ceiling, 4), "scale": round(fit.scale, 4), "rate": round(fit.rate, 4)}
+        out["fit"] = {
+            "ceiling": round(fit.ceiling, 4),
+            "scale": round(fit.scale, 4),
+            "rate": round(fit.rate, 4),
+        }
         out["images_now"] = int(now)
         out["predicted_now"] = round(float(fit(now)), 4)
         out["predicted_2x"] = round(float(fit(2 * now)), 4)
@@ -165,7 +171,9 @@ def _per_class_gain(curve: audit.LearningCurve, labels: list[str], now: float) -
     """Per class: the fitted curve's gain from twice the images (class shares stay as they are)."""
     gains: dict[str, float | None] = {}
     for c, label in enumerate(labels):
-        fit = audit.fit_saturating(np.tile(curve.sizes, len(curve.accuracy)), curve.per_class[:, :, c].ravel())
+        fit = audit.fit_saturating(
+            np.tile(curve.sizes, len(curve.accuracy)), curve.per_class[:, :, c].ravel()
+        )
         gains[label] = None if fit is None else round(float(fit(2 * now) - fit(now)), 4)
     return gains
 
@@ -186,8 +194,15 @@ def _write_label_issues(path: Path, issues: audit.LabelIssues, data: RunData) ->
     rows = []
     for rank, i in enumerate(issues.order, start=1):
         rows.append(
-            [data.paths[i], data.labels[y[i]], data.labels[issues.suggested[i]], f"{issues.score[i]:.4f}", rank,
-             data.split[i], ""]
+            [
+                data.paths[i],
+                data.labels[y[i]],
+                data.labels[issues.suggested[i]],
+                f"{issues.score[i]:.4f}",
+                rank,
+                data.split[i],
+                "",
+            ]
         )
     header = ["path", "given_label", "suggested_label", "score", "rank", "split", "action"]
     atomic_write_bytes(path, _csv_bytes(header, rows))
@@ -196,8 +211,16 @@ def _write_label_issues(path: Path, issues: audit.LabelIssues, data: RunData) ->
 def _write_duplicates(path: Path, pairs: audit.DuplicatePairs, data: RunData) -> None:
     y = np.asarray(data.y)
     rows = [
-        [data.paths[a], data.paths[b], kind, f"{sim:.4f}", data.labels[y[a]], data.labels[y[b]], data.split[a],
-         data.split[b]]
+        [
+            data.paths[a],
+            data.paths[b],
+            kind,
+            f"{sim:.4f}",
+            data.labels[y[a]],
+            data.labels[y[b]],
+            data.split[a],
+            data.split[b],
+        ]
         for a, b, kind, sim in zip(pairs.i, pairs.j, pairs.kind, pairs.similarity)
     ]
     header = ["path_a", "path_b", "kind", "similarity", "label_a", "label_b", "split_a", "split_b"]
@@ -273,7 +296,9 @@ def load_audit(path: Path) -> dict:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
     except Exception as exc:  # noqa: BLE001 - np.load raises many types for a damaged file
-        raise RetrainError(f"{printable(str(path))} is damaged ({type(exc).__name__}); train again.") from None
+        raise RetrainError(
+            f"{printable(str(path))} is damaged ({type(exc).__name__}); train again."
+        ) from None
     if int(out.get("version", -1)) != AUDIT_VERSION:
         raise RetrainError(f"{printable(str(path))} was written by another version of retrain; train again.")
     out["image_dir"] = os.fsdecode(bytes(out["image_dir"]))
@@ -290,16 +315,34 @@ def _log_summary(summary: dict) -> None:
     log.info(
         "Audit: %d suspected label error(s) of %d images (label_issues.csv); %d exact and %d near duplicate "
         "pair(s) (duplicates.csv); %.1f s",
-        issues["suspects"], issues["rows"], dup["exact_pairs"], dup["near_pairs"], summary["seconds"]["total"],
+        issues["suspects"],
+        issues["rows"],
+        dup["exact_pairs"],
+        dup["near_pairs"],
+        summary["seconds"]["total"],
     )
     if dup["conflicting_pairs"]:
-        log.warning("%d duplicate pair(s) carry different labels (see duplicates.csv and report.html)",
-                    dup["conflicting_pairs"])
+        log.warning(
+            "%d duplicate pair(s) carry different labels (see duplicates.csv and report.html)",
+            dup["conflicting_pairs"],
+        )
     if dup["leaked_test_images"]:
         acc = dup["test_accuracy_without_leaked"]
-        shown = f"{100 * acc:.1f}% (N={dup['test_count_without_leaked']})" if acc is not None else "not measurable"
-        log.warning("%d test image(s) have a copy in training or validation (leakage); test accuracy without them: "
-                    "%s", dup["leaked_test_images"], shown)
+        shown = (
+            f"{100 * acc:.1f}% (N={dup['test_count_without_leaked']})"
+            if acc is not None
+            else "not measurable"
+        )
+        log.warning(
+            "%d test image(s) have a copy in training or validation (leakage); test accuracy without them: "
+            "%s",
+            dup["leaked_test_images"],
+            shown,
+        )
     if curve and curve.get("gain_2x") is not None:
-        log.info("Learning curve: %.1f%% with %d images; twice as many would give about %+.1f points",
-                 100 * curve["predicted_now"], curve["images_now"], 100 * curve["gain_2x"])
+        log.info(
+            "Learning curve: %.1f%% with %d images; twice as many would give about %+.1f points",
+            100 * curve["predicted_now"],
+            curve["images_now"],
+            100 * curve["gain_2x"],
+        )

@@ -1,0 +1,121 @@
+"""Audit computations on arrays: intervals, metrics, label issues, duplicates, learning curve."""
+
+import numpy as np
+import pytest
+
+from retrain.audit import (
+    accuracy_line,
+    classification_metrics,
+    find_duplicates,
+    fit_saturating,
+    learning_curve,
+    rank_label_issues,
+    wilson_interval,
+)
+from retrain.crossfit import cross_fit
+
+
+def blobs(n_per_class=40, n_classes=3, d=24, seed=0, spread=0.6):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, size=(n_classes, d))
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    X = centres[y] + spread * rng.normal(0, 1, size=(len(y), d))
+    return X.astype(np.float32), y
+
+
+def test_wilson_interval_matches_known_values():
+    lo, hi = wilson_interval(20, 21)
+    assert (round(100 * lo, 1), round(100 * hi, 1)) == (77.3, 99.2)
+    assert accuracy_line(20, 21) == "95.2% (N=21, 95% CI 77.3-99.2%)"
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0 and 0.25 < hi < 0.35  # honest at 0%: not the normal approximation's [0, 0]
+    assert wilson_interval(5, 5)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_classification_metrics_per_class_and_confusion():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    p = np.array([0, 0, 1, 1, 1, 0])
+    m = classification_metrics(y, p, ["a", "b", "c"])
+    assert m["confusion"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["count"] == 6
+    a, b, c = m["per_class"]
+    assert (a["precision"], a["recall"], a["support"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3), 3)
+    assert b["precision"] == pytest.approx(2 / 3) and b["recall"] == 1.0
+    assert c["precision"] is None and c["recall"] == 0.0 and c["f1"] is None  # never predicted
+    assert b["recall_ci"][0] < 1.0 <= b["recall_ci"][1] + 1e-12
+
+
+def test_label_issues_rank_flipped_labels_first():
+    X, y = blobs(n_per_class=50, spread=0.5)
+    rng = np.random.default_rng(3)
+    flipped = rng.choice(len(y), size=8, replace=False)
+    noisy = y.copy()
+    noisy[flipped] = (y[flipped] + 1) % 3
+    cf = cross_fit(X, noisy, n_classes=3, head_params={"steps": 300}, folds=5, seed=0)
+    issues = rank_label_issues(cf.proba, noisy)
+    top = set(issues.order[:8])
+    assert len(top & set(flipped)) >= 7
+    # The suggestion for a flipped row is its true class, never the given one.
+    assert all(issues.suggested[i] == y[i] for i in flipped if i in top)
+    assert (issues.suggested != noisy).all()
+    assert np.all(np.diff(issues.score[issues.order]) <= 0)
+
+
+def test_label_issues_with_neighbours_also_rank_flips_first():
+    X, y = blobs(n_per_class=50, spread=0.5)
+    noisy = y.copy()
+    noisy[[0, 60, 120]] = [1, 2, 0]
+    cf = cross_fit(X, noisy, n_classes=3, head_params={"steps": 300}, folds=5, seed=0)
+    issues = rank_label_issues(cf.proba, noisy, X=X, neighbours=10)
+    assert set(issues.order[:3]) == {0, 60, 120}
+    assert list(issues.suggested[[0, 60, 120]]) == [0, 1, 2]
+
+
+def test_duplicates_exact_from_keys_and_near_from_features():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 32)).astype(np.float32)
+    X[10] = X[3] + 0.01 * rng.normal(size=32)  # a near copy of row 3
+    keys = [bytes([i]) * 20 for i in range(50)]
+    keys[7] = keys[5]  # an exact copy of row 5 (same content key)
+    X[7] = X[5]
+    pairs = find_duplicates(X, keys, threshold=0.9)
+    found = {(int(i), int(j), str(k)) for i, j, k in zip(pairs.i, pairs.j, pairs.kind)}
+    assert found == {(5, 7, "exact"), (3, 10, "near")}
+    assert pairs.similarity[list(pairs.kind).index("near")] > 0.99
+
+
+def test_random_features_give_no_near_pairs_at_the_default_threshold():
+    X = np.random.default_rng(1).normal(size=(400, 256)).astype(np.float32)
+    assert len(find_duplicates(X, [i.to_bytes(20, "big") for i in range(400)])) == 0
+
+
+def test_duplicates_in_blocks_equal_one_block():
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(30, 16))
+    X = np.concatenate([base, base + 0.02 * rng.normal(size=base.shape)]).astype(np.float32)
+    keys = [i.to_bytes(20, "big") for i in range(60)]
+    a, b = find_duplicates(X, keys, threshold=0.95), find_duplicates(X, keys, threshold=0.95, block=7)
+    assert len(a) == 30 and np.array_equal(a.i, b.i) and np.array_equal(a.j, b.j)
+
+
+def test_learning_curve_rises_and_the_fit_saturates():
+    X, y = blobs(n_per_class=80, spread=3.0, d=32)
+    fold = np.arange(len(y)) % 5
+    curve = learning_curve(X, y, fold, n_classes=3, head_params={"steps": 300}, seeds=2, steps=200)
+    assert curve.accuracy.shape == (2, 6) and curve.per_class.shape == (2, 6, 3)
+    mean = curve.accuracy.mean(axis=0)
+    assert mean[-1] > mean[0]
+    assert curve.sizes[-1] == pytest.approx(len(y) * 4 / 5, abs=3)
+    fit = fit_saturating(np.tile(curve.sizes, 2), curve.accuracy.ravel())
+    assert fit is not None and fit(10_000) <= 1.0
+    assert fit(2 * curve.sizes[-1]) >= fit(curve.sizes[-1])
+
+
+def test_saturating_fit_recovers_a_known_curve():
+    n = np.array([10, 20, 40, 80, 160, 320], dtype=float)
+    acc = 0.95 - 0.8 * n**-0.5
+    fit = fit_saturating(n, acc)
+    assert fit.ceiling == pytest.approx(0.95, abs=0.01)
+    assert fit(640) == pytest.approx(0.95 - 0.8 * 640**-0.5, abs=0.005)
+    assert fit_saturating(n[:2], acc[:2]) is None
