@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image_folder
 from PIL import Image
 
 import retrain
+from conftest import make_image_folder
 from retrain.cli import retrain_main
 from retrain.report import REPORT_FILE, write_report
 from retrain.runaudit import RunData, audit_run, load_audit
@@ -80,8 +80,15 @@ def test_the_report_escapes_names_and_embeds_everything(audited_run):
     assert "café ☕" in page
     assert "default-src 'none'" in page  # the page may load nothing, from anywhere
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)
-    for section in ("What to do next", "Data", "Training", "Test results", "Suspected label errors",
-                    "Duplicates and leakage", "How many more photos?"):
+    for section in (
+        "What to do next",
+        "Data",
+        "Training",
+        "Test results",
+        "Suspected label errors",
+        "Duplicates and leakage",
+        "How many more photos?",
+    ):
         assert f">{section}</h2>" in page
     assert "data:image/jpeg;base64," in page
 
@@ -133,14 +140,28 @@ def _synthetic_run(tmp_path: Path, n: int = 10_000, n_classes: int = 10, d: int 
     logits = 3 * X @ centres.T / d
     proba = np.exp(logits - logits.max(1, keepdims=True))
     proba /= proba.sum(1, keepdims=True)
-    split = np.where(np.arange(n) % 10 == 0, "testing", np.where(np.arange(n) % 10 == 1, "validation", "training"))
+    split = np.where(
+        np.arange(n) % 10 == 0, "testing", np.where(np.arange(n) % 10 == 1, "validation", "training")
+    )
     data = RunData(
-        image_dir=str(tmp_path / "img"), labels=[f"class {c}" for c in range(n_classes)],
-        paths=[files[i % len(files)] for i in range(n)], split=list(split), y=y,
-        keys=[i.to_bytes(20, "big") for i in range(n)], X=X, proba=proba,
-        fold=np.where(split == "testing", -1, np.arange(n) % 5), head_params={"steps": 100}, train_count=8000,
-        history={"step": list(range(10, 4001, 10)), "train_accuracy": [0.9] * 400, "cross_entropy": [0.3] * 400,
-                 "validation_accuracy": [0.8] * 400, "validation_cross_entropy": [0.5] * 400},
+        image_dir=str(tmp_path / "img"),
+        labels=[f"class {c}" for c in range(n_classes)],
+        paths=[files[i % len(files)] for i in range(n)],
+        split=list(split),
+        y=y,
+        keys=[i.to_bytes(20, "big") for i in range(n)],
+        X=X,
+        proba=proba,
+        fold=np.where(split == "testing", -1, np.arange(n) % 5),
+        head_params={"steps": 100},
+        train_count=8000,
+        history={
+            "step": list(range(10, 4001, 10)),
+            "train_accuracy": [0.9] * 400,
+            "cross_entropy": [0.3] * 400,
+            "validation_accuracy": [0.8] * 400,
+            "validation_cross_entropy": [0.5] * 400,
+        },
     )
     run = tmp_path / "run"
     run.mkdir()
@@ -160,5 +181,5 @@ def test_report_of_a_10000_image_run_takes_under_5_seconds(tmp_path):
     seconds = time.perf_counter() - t0
     assert seconds < 5, seconds
     page = (run / REPORT_FILE).read_text(encoding="utf-8")
-    assert page.count("<button class=\"cell") == 100
+    assert page.count('<button class="cell') == 100
     assert len(load_audit(run / "audit.npz")["paths"]) == 10_000

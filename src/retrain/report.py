@@ -489,7 +489,7 @@ def _curve_section(ctx: _Context) -> str:
         )
     per = summary.get("per_class_gain_2x") or {}
     if per:
-        mean_recall = np.nanmean(a["lc_per_class"][:, -1, :], axis=0)
+        mean_recall = _nanmean(a["lc_per_class"][:, -1, :])
         rows = "".join(
             f"<tr><td>{_e(label)}</td><td class=n>{_pct(None if np.isnan(mean_recall[c]) else mean_recall[c])}"
             f"</td><td class=n>{'–' if per.get(label) is None else f'{100 * per[label]:+.1f}'}</td></tr>"
@@ -670,7 +670,7 @@ def _curve_chart(sizes: np.ndarray, acc: np.ndarray, fit: dict | None, now: int 
         for s, v in zip(sizes, row)
         if np.isfinite(v)
     )
-    mean = np.nanmean(acc, axis=0)
+    mean = _nanmean(acc)
     line = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in zip(sizes, mean))
     fitted = ""
     if fit:
@@ -704,6 +704,14 @@ def _curve_chart(sizes: np.ndarray, acc: np.ndarray, fit: dict | None, now: int 
 
 
 # -- small helpers -----------------------------------------------------------------------------------------
+def _nanmean(values: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 ignoring NaN; NaN (and no warning) where a column has no number."""
+    ok = np.isfinite(values)
+    total = np.where(ok, values, 0).sum(axis=0)
+    count = ok.sum(axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def _e(text: str) -> str:
     return html.escape(str(text), quote=True)
 

@@ -138,7 +138,9 @@ def _duplicate_summary(pairs: audit.DuplicatePairs, data: RunData) -> dict:
 
 
 def _curve_summary(curve: audit.LearningCurve, data: RunData) -> dict:
-    mean = np.nanmean(curve.accuracy, axis=0)
+    ok = np.isfinite(curve.accuracy)
+    mean = np.where(ok, curve.accuracy, 0).sum(0) / np.maximum(ok.sum(0), 1)
+    mean[ok.sum(0) == 0] = np.nan
     fit = audit.fit_saturating(np.tile(curve.sizes, len(curve.accuracy)), curve.accuracy.ravel())
     # The curve's x axis counts the images its fits saw; the final layer saw train_count.
     now = data.train_count or float(curve.sizes[-1])
