@@ -258,7 +258,7 @@ def save_audit(
         "paths": _fs(data.paths),
         "split": np.array(data.split, dtype="U10"),
         "y": np.asarray(data.y, dtype=np.int64),
-        "keys": np.array(data.keys, dtype="S20") if data.keys else np.zeros(0, "S20"),
+        "keys": np.array([k.hex() for k in data.keys], dtype=str),  # hex: a bytes array drops trailing zeros
         "proba": np.asarray(data.proba, dtype=np.float32),
         "fold": np.asarray(data.fold, dtype=np.int64),
         "issue_score": issues.score.astype(np.float32),
@@ -308,6 +308,7 @@ def load_audit(path: Path) -> dict:
     for name in ("paths", "skipped_paths"):
         out[name] = [os.fsdecode(b) for b in out[name]]
     out["skipped_reasons"] = [b.decode() for b in out["skipped_reasons"]]
+    out["keys"] = [bytes.fromhex(k) for k in out["keys"]]
     return out
 
 
