@@ -33,7 +33,7 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 NEAR_DUPLICATE_THRESHOLD = 0.80
 
 LEARNING_CURVE_FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7, 1.0)
-LEARNING_CURVE_SEEDS = 3
+LEARNING_CURVE_SEEDS = 2
 LEARNING_CURVE_STEPS = 200  # per fit: the accuracy has settled by then on the sample photos (docs/report.md)
 
 
