@@ -39,12 +39,10 @@ from retrain.audit import (
     learning_curve,
     rank_label_issues,
 )
-from retrain.backbones import get_backbone
-from retrain.cache import BottleneckStore
 from retrain.config import TrainConfig
 from retrain.crossfit import cross_fit
 from retrain.data import discover
-from retrain.features import cache_namespace, compute_features, make_engine
+from retrain.features import extract_features
 
 THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.90)
 
@@ -62,14 +60,9 @@ def head_params() -> dict:
 
 
 def extract(paths: list[str], cache: Path):
-    spec = get_backbone("efficientnet_lite0")
-    store = BottleneckStore(cache / cache_namespace(spec), spec.feature_dim)
-    table = compute_features(
-        paths, spec, store, engine_factory=lambda: make_engine(spec, device="cpu"), progress=False
-    )
+    table = extract_features(paths, bottleneck_dir=cache, device="cpu")
     kept = [p for p in paths if p in table.keys]
-    keys = [table.keys[p] for p in kept]
-    return kept, keys, store.get_many(keys), table
+    return kept, [table.keys[p] for p in kept], table.matrix(kept), table
 
 
 def recall_at(order: np.ndarray, moved: set[int], k: int) -> float:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image_folder
 from PIL import Image
 
 import retrain
+from conftest import make_image_folder
 
 CHROMIUM = os.environ.get("RETRAIN_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = (

@@ -223,7 +223,7 @@ def test_folder_with_every_case_trains_to_the_same_accuracy(sample_runs):
     run, clean = runs["everything"], runs["clean"]
     assert run.returncode == 0, run.stdout + run.stderr
     # The same test images; the extra training copies may move the result by at most one test image.
-    n_test = int(re.search(r"^Final test accuracy = [\d.]+% \(N=(\d+)\)", clean.stdout, re.M)[1])
+    n_test = int(re.search(r"^Final test accuracy = [\d.]+% \(N=(\d+)", clean.stdout, re.M)[1])
     assert abs(final_accuracy(run.stdout) - final_accuracy(clean.stdout)) <= 100 / n_test + 0.1
     assert final_accuracy(run.stdout) >= 85.0
     assert (tmp / "out_everything" / "output_labels.txt").read_text() == \

@@ -28,8 +28,8 @@ import numpy as np
 from retrain.audit import wilson_interval
 from retrain.cache import atomic_write_bytes
 from retrain.data import SPLITS, TESTING, printable
+from retrain.devices import cpu_cores
 from retrain.errors import RetrainError
-from retrain.features import cpu_cores
 from retrain.runaudit import AUDIT_FILE, SUSPECT_SCORE, load_audit
 
 REPORT_FILE = "report.html"

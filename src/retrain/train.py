@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrain.audit import accuracy_line, classification_metrics
 from retrain.backbones import BackboneSpec, get_backbone
 from retrain.cache import atomic_write_bytes
 from retrain.config import TrainConfig
@@ -62,6 +63,7 @@ class TestReport:
     accuracy: float | None
     count: int
     misclassified: list[tuple[str, str]]  # (path, predicted label)
+    metrics: dict | None = None  # audit.classification_metrics: per class, intervals, confusion matrix
 
 
 @dataclass
@@ -104,7 +106,11 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
                             testing_percentage=cfg.testing_percentage)
     _report_split(splits.dataset, already_said=len(dataset.notices))
 
-    head = _fit_head(cfg, spec, seed, splits, paths, timings)
+    history: dict[str, list] = defaultdict(list)  # the training curves, for the report
+    # Out-of-fold fits on training + validation, made once per run and handed to the stages that need them.
+    crossfit = None if cfg.no_report else _cross_fit(cfg, splits, seed, timings)
+    frozen = splits  # bottleneck features, before any fine-tuning: what the audit compares
+    head = _fit_head(cfg, spec, seed, splits, paths, timings, history)
     validation_accuracy = _validation_accuracy(head, splits.validation)
     backbone_onnx = None
     if cfg.fine_tune:
@@ -129,7 +135,14 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
         "train_count": len(splits.train.y),
         "skipped_files": len(table.skipped),
         "seed": seed,
+        "test": test.metrics,
     }
+    if crossfit is not None:
+        metrics["crossfit"] = {"accuracy": crossfit.accuracy, "best_steps": crossfit.best_steps,
+                               "folds": int(crossfit.fold.max()) + 1, "seconds": round(crossfit.seconds, 3)}
+        t0 = time.perf_counter()
+        metrics["audit"] = _audit(cfg, frozen, crossfit, head, splits.test, table.skipped, history, seed, paths)
+        timings["audit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     _export(cfg, spec, splits.dataset, head, metrics, backbone_onnx, paths)
     timings["export"] = time.perf_counter() - t0
@@ -137,6 +150,10 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
     metrics["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     metrics["cpu_seconds"] = {k: round(v, 3) for k, v in cpu_timings.items()}
     atomic_write_bytes(paths.run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    if crossfit is not None:
+        from retrain.report import write_report
+
+        log.info("Wrote the report %s", write_report(paths.run_dir))
     _link_latest(cfg, paths)
     return TrainResult(
         labels=splits.labels,
@@ -310,8 +327,54 @@ def _report_split(dataset: Dataset, *, already_said: int) -> None:
         log.info("%-*s  %8d %10d %7d", width, printable(label), c[TRAINING], c[VALIDATION], c[TESTING])
 
 
+def head_params(cfg: TrainConfig) -> dict:
+    """SoftmaxHead keyword arguments of the final layer (all but the seed), for it and its cross-fits."""
+    return dict(steps=cfg.how_many_training_steps, learning_rate=cfg.learning_rate,
+                batch_size=cfg.train_batch_size, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                class_balance=cfg.class_balance)
+
+
+def _cross_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[str, float]):
+    """Out-of-fold logits for every training and validation image (crossfit.cross_fit); None if too few."""
+    from retrain.crossfit import cross_fit
+
+    rows = [splits.train, splits.validation]
+    keys = [k for s in rows for k in s.keys]
+    if len(set(keys)) < 2:
+        return None
+    result = cross_fit(np.concatenate([s.X for s in rows]), np.concatenate([s.y for s in rows]),
+                       n_classes=len(splits.labels), head_params=head_params(cfg), groups=keys, seed=seed)
+    timings["cross_fit"] = result.seconds
+    log.info("Cross-fit: out-of-fold accuracy %s over %d folds, %.1f s",
+             accuracy_line(int(round(result.accuracy * len(keys))), len(keys)), result.fold.max() + 1,
+             result.seconds)
+    return result
+
+
+def _audit(cfg: TrainConfig, frozen: Splits, crossfit, head, test: Split, skipped: dict[str, str],
+           history: dict[str, list], seed: int, paths: RunPaths) -> dict:
+    """Label issues, duplicates and the learning curve (retrain.runaudit) from arrays the run holds.
+
+    Training and validation images are scored out-of-fold, test images by the final layer: every
+    image by a layer that never saw it."""
+    from retrain.runaudit import RunData, audit_run
+
+    parts = [frozen.train, frozen.validation, frozen.test]
+    test_proba = head.predict_proba(test.X) if len(test.y) else np.zeros((0, len(frozen.labels)), np.float32)
+    data = RunData(
+        image_dir=os.path.abspath(frozen.dataset.image_dir), labels=frozen.labels,
+        paths=[os.path.abspath(p) for s in parts for p in s.paths],
+        split=[name for name, s in zip((TRAINING, VALIDATION, TESTING), parts) for _ in s.y],
+        y=np.concatenate([s.y for s in parts]), keys=[k for s in parts for k in s.keys],
+        X=np.concatenate([s.X for s in parts]), proba=np.concatenate([crossfit.proba, test_proba]),
+        fold=np.concatenate([crossfit.fold, np.full(len(test.y), -1)]), head_params=head_params(cfg),
+        seed=seed, train_count=len(frozen.train.y), skipped=skipped, history=dict(history),
+    )
+    return audit_run(data, paths.run_dir)
+
+
 def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, paths: RunPaths,
-              timings: dict[str, float]) -> SoftmaxHead:
+              timings: dict[str, float], history: dict[str, list] | None = None) -> SoftmaxHead:
     """The new layer on the training features (distorted variants with the distortion flags)."""
     train, val = splits.train, splits.validation
     X_train, y_train = train.X, train.y
@@ -321,15 +384,7 @@ def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, p
         t0 = time.perf_counter()
         X_train, y_train = distorted_training_features(train, spec, cfg)
         timings["distortions"] = time.perf_counter() - t0
-    head = SoftmaxHead(
-        steps=cfg.how_many_training_steps,
-        learning_rate=cfg.learning_rate,
-        batch_size=cfg.train_batch_size,
-        optimizer=cfg.optimizer,
-        weight_decay=cfg.weight_decay,
-        class_balance=cfg.class_balance,
-        seed=seed,
-    )
+    head = SoftmaxHead(**head_params(cfg), seed=seed)
 
     def snapshot(step: int, head: SoftmaxHead) -> None:
         from retrain.export import classifier_model, save_model
@@ -340,7 +395,8 @@ def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, p
         save_model(model, path)
         log.info("Saved intermediate model %s", path)
 
-    logger = _TrainingLogger(cfg, splits.labels, paths, snapshot, _head_fingerprint(cfg, spec, train, len(y_train)))
+    logger = _TrainingLogger(cfg, splits.labels, paths, snapshot, _head_fingerprint(cfg, spec, train, len(y_train)),
+                             history)
     resume_state = logger.load_checkpoint() if cfg.resume else None
     t0 = time.perf_counter()
     try:
@@ -402,13 +458,13 @@ def evaluate(head, test: Split, labels: list[str], *, test_batch_size: int = -1,
         idx = np.random.default_rng(seed + 2).choice(idx, size=test_batch_size, replace=False)
     pred = head.predict(test.X[idx])
     acc = float((pred == test.y[idx]).mean())
-    log.info("Final test accuracy = %.1f%% (N=%d)", 100 * acc, len(idx))
+    log.info("Final test accuracy = %s", accuracy_line(int((pred == test.y[idx]).sum()), len(idx)))
     wrong = [(test.paths[i], labels[p]) for i, p in zip(idx, pred) if p != test.y[i]]
     if print_misclassified:
         log.info("=== MISCLASSIFIED TEST IMAGES ===")
         for path, label in wrong:
             log.info("%70s  %s", printable(path), printable(label))
-    return TestReport(acc, len(idx), wrong)
+    return TestReport(acc, len(idx), wrong, classification_metrics(test.y[idx], pred, labels))
 
 
 def _export(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset, head, metrics: dict, backbone_onnx,
@@ -460,11 +516,13 @@ class _TrainingLogger:
     """Called at every evaluation step: the log line, TensorBoard, snapshots and checkpoints."""
 
     def __init__(self, cfg: TrainConfig, labels: list[str], paths: RunPaths,
-                 snapshot: Callable[[int, SoftmaxHead], None], fingerprint: dict):
+                 snapshot: Callable[[int, SoftmaxHead], None], fingerprint: dict,
+                 history: dict[str, list] | None = None):
         from retrain.summaries import EventWriter, new_run_dirs
 
         self.labels, self.checkpoint, self.snapshot = labels, paths.checkpoint, snapshot
         self.fingerprint = fingerprint
+        self.history = history if history is not None else defaultdict(list)  # curves for the report
         train_dir, val_dir = new_run_dirs(paths.summaries_dir)
         self.train_writer, self.val_writer = EventWriter(train_dir), EventWriter(val_dir)
         self.last_checkpoint = time.monotonic()
@@ -481,6 +539,8 @@ class _TrainingLogger:
         )
         log.info("Step %d: Train accuracy = %.1f%%, Cross entropy = %.6f%s",
                  r.step, 100 * r.train_accuracy, r.cross_entropy, val)
+        for name in ("step", "train_accuracy", "cross_entropy", "validation_accuracy", "validation_cross_entropy"):
+            self.history[name].append(getattr(r, name))
         self.train_writer.scalars({"accuracy": r.train_accuracy, "cross_entropy": r.cross_entropy}, r.step)
         if r.step % self.histogram_every == 0 or r.step == head.steps:
             self.train_writer.histogram("final_retrain_ops/weights", head.coef_, r.step)
