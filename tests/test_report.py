@@ -140,9 +140,8 @@ def _synthetic_run(tmp_path: Path, n: int = 10_000, n_classes: int = 10, d: int 
     logits = 3 * X @ centres.T / d
     proba = np.exp(logits - logits.max(1, keepdims=True))
     proba /= proba.sum(1, keepdims=True)
-    split = np.where(
-        np.arange(n) % 10 == 0, "testing", np.where(np.arange(n) % 10 == 1, "validation", "training")
-    )
+    draw = rng.random(n)  # ~10% test and ~10% validation images in every class
+    split = np.where(draw < 0.1, "testing", np.where(draw < 0.2, "validation", "training"))
     data = RunData(
         image_dir=str(tmp_path / "img"),
         labels=[f"class {c}" for c in range(n_classes)],
@@ -185,3 +184,27 @@ def test_report_of_a_10000_image_run_takes_under_5_seconds(tmp_path):
     saved = load_audit(run / "audit.npz")
     assert len(saved["paths"]) == 10_000
     assert saved["keys"][:300] == [i.to_bytes(20, "big") for i in range(300)]  # keys ending in zero bytes too
+
+
+def test_calibration_figures_in_metrics_get_a_reliability_diagram(audited_run):
+    _, result = audited_run
+    path = result.run_dir / "metrics.json"
+    metrics = json.loads(path.read_text())
+    bins = {
+        "ece": 0.05,
+        "bins": 3,
+        "count": [0, 4, 10],
+        "confidence": [None, 0.6, 0.95],
+        "accuracy": [None, 0.5, 1.0],
+    }
+    metrics["calibration"] = {
+        "method": "temperature",
+        "temperature": 1.7,
+        "fitted_on": "out-of-fold",
+        "ece_before": {"test": 0.08},
+        "ece_after": {"test": 0.03},
+        "reliability": {"test": {"before": bins, "after": bins}},
+    }
+    path.write_text(json.dumps(metrics))
+    page = write_report(result.run_dir).read_text(encoding="utf-8")
+    assert "ECE on test" in page and "reliability on test" in page and page.count("<circle") >= 4

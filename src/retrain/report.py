@@ -355,38 +355,78 @@ def _card(ctx: _Context, i: int, caption: str, extra: str = "") -> str:
 
 
 def _calibration_section(ctx: _Context) -> str:
-    cal = ctx.metrics.get("calibration")
-    if not cal:
+    """Temperature, ECE before/after and reliability diagrams from metrics.json's ``calibration``, and
+    the unknown-score summary from its ``unknown``, when the run recorded them."""
+    cal, unknown = ctx.metrics.get("calibration"), ctx.metrics.get("unknown")
+    if not cal and not unknown:
         return (
-            "<p>This run recorded no calibration figures (temperature, expected calibration error). "
-            "Runs of a retrain version that measures them show them here.</p>"
+            "<p>This run recorded no calibration figures (temperature, expected calibration error) and no "
+            "unknown score. Runs of a retrain version that measures them show them here.</p>"
         )
-    parts = []
-    for key, value in cal.items():
-        if isinstance(value, (int, float)):
-            parts.append(f"<tr><td>{_e(key)}</td><td class=n>{value:.4g}</td></tr>")
-    out = f"<table>{''.join(parts)}</table>" if parts else ""
-    bins = cal.get("reliability") or cal.get("bins")
-    if isinstance(bins, dict) and "confidence" in bins and "accuracy" in bins:
-        out += _reliability(bins)
-    return out or f"<pre>{_e(json.dumps(cal, indent=1)[:4000])}</pre>"
+    out = ""
+    if cal:
+        facts = [
+            (k, v) for k, v in cal.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+        ]
+        out += "<table>" + "".join(f"<tr><td>{_e(k)}</td><td class=n>{_num(v)}</td></tr>" for k, v in facts)
+        before, after = cal.get("ece_before") or {}, cal.get("ece_after") or {}
+        for name in before:
+            out += (
+                f"<tr><td>ECE on {_e(name)}</td><td class=n>{_num(before[name])} before → "
+                f"{_num(after.get(name))} after</td></tr>"
+            )
+        out += "</table>"
+        diagrams = "".join(
+            _reliability(name, pair.get("before") or {}, pair.get("after") or {})
+            for name, pair in (cal.get("reliability") or {}).items()
+            if isinstance(pair, dict)
+        )
+        if diagrams:
+            out += f"<div class=charts>{diagrams}</div>"
+    if unknown:
+        facts = [
+            (k, v) for k, v in unknown.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+        ]
+        out += (
+            "<h3>Unknown score</h3><table>"
+            + "".join(f"<tr><td>{_e(k)}</td><td class=n>{_num(v)}</td></tr>" for k, v in facts)
+            + "</table>"
+        )
+    return out
 
 
-def _reliability(bins: dict) -> str:
-    conf = np.array([np.nan if v is None else v for v in bins["confidence"]], dtype=np.float64)
-    acc = np.array([np.nan if v is None else v for v in bins["accuracy"]], dtype=np.float64)
-    w, h, m = 300, 300, 40
-    sx = lambda v: m + v * (w - 2 * m)  # noqa: E731
-    sy = lambda v: h - m - v * (h - 2 * m)  # noqa: E731
-    dots = "".join(
-        f'<circle cx="{sx(c):.1f}" cy="{sy(a):.1f}" r="4" fill="#4c78a8"/>'
-        for c, a in zip(conf, acc)
-        if np.isfinite(c) and np.isfinite(a)
-    )
+def _num(v) -> str:
+    if v is None:
+        return "–"
+    return _e(f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def _reliability(name: str, before: dict, after: dict) -> str:
+    """A reliability diagram: mean confidence against accuracy per bin, before (grey) and after (blue)."""
+    w, h, m = 300, 300, 44
+
+    def sx(v):
+        return m + v * (w - 1.5 * m)
+
+    def sy(v):
+        return h - m - v * (h - 1.5 * m)
+
+    def dots(bins: dict, colour: str) -> str:
+        conf, acc, count = bins.get("confidence") or [], bins.get("accuracy") or [], bins.get("count") or []
+        peak = max([c for c in count if c] or [1])
+        return "".join(
+            f'<circle cx="{sx(c):.1f}" cy="{sy(a):.1f}" r="{2 + 5 * math.sqrt(n / peak):.1f}" fill="{colour}" '
+            'opacity="0.75"/>'
+            for c, a, n in zip(conf, acc, count or [peak] * len(conf))
+            if c is not None and a is not None and n
+        )
+
     return (
-        f'<svg class=chart width="{w}" height="{h}" role="img" aria-label="reliability diagram">'
+        f"<figure class=chartbox><figcaption>reliability on {_e(name)}: grey before, blue after calibration"
+        f'</figcaption><svg class=chart viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+        f'aria-label="reliability diagram">'
         f'<line x1="{sx(0)}" y1="{sy(0)}" x2="{sx(1)}" y2="{sy(1)}" stroke="#aaa" stroke-dasharray="4"/>'
-        f"{_axes(w, h, m, 'confidence', 'accuracy')}{dots}</svg>"
+        f"{_axes(w, h, m, 'confidence', 'accuracy')}{dots(before, '#999')}{dots(after, '#4c78a8')}</svg></figure>"
     )
 
 
