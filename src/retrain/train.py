@@ -113,6 +113,8 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
 
     test = evaluate(head, splits.test, splits.labels, test_batch_size=cfg.test_batch_size, seed=seed,
                     print_misclassified=cfg.print_misclassified_test_images)
+    open_world = _open_world(cfg, splits, head, seed)
+    timings["open_world"] = open_world.seconds
     metrics = {
         "test_accuracy": test.accuracy,
         "test_count": test.count,
@@ -121,9 +123,10 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
         "train_count": len(splits.train.y),
         "skipped_files": len(table.skipped),
         "seed": seed,
+        **open_world.metrics(),
     }
     t0 = time.perf_counter()
-    _export(cfg, spec, splits.dataset, head, metrics, backbone_onnx, paths)
+    _export(cfg, spec, splits.dataset, head, metrics, backbone_onnx, paths, open_world)
     timings["export"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     metrics["seconds"] = {k: round(v, 3) for k, v in timings.items()}
@@ -373,14 +376,24 @@ def evaluate(head, test: Split, labels: list[str], *, test_batch_size: int = -1,
     return TestReport(acc, len(idx), wrong)
 
 
+def _open_world(cfg: TrainConfig, splits: Splits, head, seed: int, cross=None):
+    """Temperature and unknown score (retrain/openworld.py) for the final ``head``."""
+    from retrain.openworld import fit_open_world, held_out_inputs
+
+    held_out = held_out_inputs(splits.train, splits.validation, head, cross=cross, seed=seed)
+    return fit_open_world(labels=splits.labels, **held_out, coef=head.coef_, intercept=head.intercept_,
+                          X_test=splits.test.X, y_test=splits.test.y, calibration=cfg.calibration,
+                          unknown_threshold=cfg.unknown_threshold)
+
+
 def _export(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset, head, metrics: dict, backbone_onnx,
-            paths: RunPaths) -> None:
+            paths: RunPaths, open_world=None) -> None:
     """The model, its labels, the serving folder, the quantized copy and ``config.json``."""
     from retrain.export import classifier_model, save_model, write_labels, write_saved_model_dir
 
     model, manifest = classifier_model(spec, dataset.labels, head, backbone_onnx=backbone_onnx,
                                        model_dir=cfg.model_dir or None, output_name=cfg.final_tensor_name,
-                                       metrics=metrics)
+                                       metrics=metrics, open_world=open_world)
     save_model(model, paths.output_graph)
     write_labels(dataset.labels, paths.output_labels)
     log.info("Wrote the model to %s and its labels to %s", paths.output_graph, paths.output_labels)
