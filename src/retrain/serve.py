@@ -192,12 +192,17 @@ class _Service:
     def __init__(self, clf: Classifier, limits: Limits, decode_threads: int | None):
         self.clf, self.limits = clf, limits
         self.batcher = MicroBatcher(
-            clf.predict_proba, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue
+            self._predict_rows, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue
         )
         self.decode_threads = decode_threads or min(4, os.cpu_count() or 1)
         self._decode_pool: ThreadPoolExecutor | None = None
         self.responses: Counter[int] = Counter()
         self.started = time.time()
+
+    def _predict_rows(self, pixels: np.ndarray) -> list[tuple[np.ndarray, float | None]]:
+        """(N, H, W, 3) -> per image (probabilities, unknown score or None): both outputs of one model run."""
+        probs, scores = self.clf.predict(pixels)
+        return list(zip(probs, [None] * len(probs) if scores is None else scores))
 
     @property
     def decode_pool(self) -> ThreadPoolExecutor:
@@ -222,6 +227,11 @@ class _Service:
             "output": m.get("output"),
             "quantization": m.get("quantization") or "float32",
             "fine_tuned": m.get("fine_tuned"),
+            "calibration": m.get("calibration"),
+            "unknown": None if not self.clf.has_unknown else {
+                **(m.get("unknown") or {}),
+                "threshold": self.clf.unknown_threshold if np.isfinite(self.clf.unknown_threshold) else None,
+            },
             "metrics": {k: v for k, v in (m.get("metrics") or {}).items() if k in ("test_accuracy", "test_count",
                                                                                   "validation_accuracy")},
             "created": m.get("created"),
@@ -373,9 +383,12 @@ async def _classify(service: _Service, request):
         raise HTTPError(status, f"{what} cannot be classified: {reason}{more}; {hint}")
     rows = await asyncio.gather(*(service.batcher.submit(px) for px, _ in decoded))
     results = []
-    for (name, _), probs in zip(files, rows):
-        preds = service.clf.rank(probs, top_k)
-        results.append({"filename": name, "predictions": [{"label": p.label, "score": p.score} for p in preds]})
+    for (name, _), (probs, unknown_score) in zip(files, rows):
+        preds = service.clf.rank(probs, top_k, unknown_score)
+        result = {"filename": name, "predictions": [{"label": p.label, "score": p.score} for p in preds]}
+        if preds.unknown_score is not None:  # absent for a model made before the unknown score
+            result.update(unknown_score=preds.unknown_score, unknown=preds.unknown)
+        results.append(result)
     return _json({"results": results})
 
 
@@ -511,6 +524,8 @@ def serve(
     except ImportError:
         raise RetrainError("serving needs Starlette and uvicorn: pip install 'retrain[serve]'") from None
     app = create_app(model, **app_options)
+    if app.state.service.clf.unknown_note:
+        print(f"note: {app.state.service.clf.unknown_note}", flush=True)
     sock = bind_socket(host, port)
     bound = sock.getsockname()
     shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
