@@ -94,7 +94,7 @@ def test_threshold_accepts_95_percent_of_known_held_out_images():
     fold = assign_folds(y, 5, seed=0)
     model = fit_unknown(X[::2], y[::2], fold[::2], labels=["a", "b", "c"], X_test=X[1::2], y_test=y[1::2])
     assert model.known_rejected == pytest.approx(0.05, abs=0.01)
-    new_known = model.stats.score(X[1::2])  # never fitted on: about 5% above the threshold
+    new_known = model.score(X[1::2], None)  # never fitted on: about 5% above the threshold
     assert (new_known > model.threshold).mean() < 0.1
     fixed = fit_unknown(X, y, fold, labels=["a", "b", "c"], threshold=123.0)
     assert fixed.threshold == 123.0 and fixed.rule == "--unknown_threshold"
@@ -165,7 +165,8 @@ def test_run_reports_calibration_and_unknown_numbers(run):
     diagram = cal["reliability"]["test"]["after"]
     assert diagram["bins"] == 15 and sum(diagram["count"]) == result.test_count
     unk = metrics["unknown"]
-    assert unk["method"] == "mahalanobis" and unk["threshold"] > 0 and "95%" in unk["rule"]
+    assert unk["method"] == "mahalanobis+energy" and np.isfinite(unk["threshold"]) and "95%" in unk["rule"]
+    assert unk["combination"]["energy_spread"] is not None  # held-out logits scaled the energy term
     assert set(unk["leave_one_class_out_auroc"]) == {"red", "green", "blue"}
     assert 0 <= unk["test_called_unknown"] <= 1 and unk["leave_one_class_out_auroc_mean"] > 0.5
     manifest = retrain.load(result.output_graph).manifest
@@ -193,7 +194,7 @@ def test_temperature_off_leaves_probabilities_raw(run, tmp_path):
     result, images, _, root = run
     raw = retrain.train(images, architecture=TINY, bottleneck_dir=str(root / "b"), model_dir=str(root / "m"),
                         output_dir=str(tmp_path / "raw"), how_many_training_steps=300, eval_step_interval=100,
-                        seed=1, quiet=True, calibration="none", unknown_threshold=0.0)
+                        seed=1, quiet=True, calibration="none", unknown_threshold=-1e9)
     clf_raw, clf_cal = retrain.load(raw.output_graph), retrain.load(result.output_graph)
     assert clf_raw.manifest["calibration"]["temperature"] == 1.0
     photos = [str(p) for p in sorted(images.rglob("*.jpg"))[::5]]
@@ -202,7 +203,7 @@ def test_temperature_off_leaves_probabilities_raw(run, tmp_path):
     t = clf_cal.manifest["calibration"]["temperature"]
     if abs(t - 1) > 0.05:
         assert not np.allclose([r[0].score for r in a], [r[0].score for r in b], atol=1e-4)
-    assert all(r.unknown for r in a)  # --unknown_threshold 0: everything is unknown
+    assert all(r.unknown for r in a)  # --unknown_threshold -1e9: everything is unknown
 
 
 def _label_image(*args):
@@ -259,3 +260,32 @@ def test_http_api_carries_the_same_fields(run):
     (local,) = clf.classify(str(odd[0]))
     assert res["unknown"] is True and res["unknown_score"] == pytest.approx(local.unknown_score, rel=1e-5)
     assert res["predictions"][0]["label"] == local[0].label
+
+
+def test_exported_graph_computes_exactly_the_python_score(tmp_path):
+    from conftest import TINY
+
+    from retrain.backbones import get_backbone
+    from retrain.engines import OnnxEngine
+    from retrain.export import backbone_onnx_path, build_classifier, make_manifest
+    from retrain.openset import energy
+
+    spec = get_backbone(TINY)
+    backbone = backbone_onnx_path(spec, tmp_path)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+    pixels[:20, ..., 0] = 250  # three kinds of image, so that the classes differ
+    pixels[20:40, ..., 1] = 250
+    X = OnnxEngine(str(backbone))(pixels)  # (60, 16) features from the backbone alone
+    y = np.repeat([0, 1, 2], 20)
+    coef = rng.normal(0, 1, (16, 3)).astype(np.float32)
+    b = np.zeros(3, np.float32)
+    t = 1.7
+    logits = (X @ coef + b) / t
+    model = fit_unknown(X, y, assign_folds(y, 4), labels=["r", "g", "x"], held_out_logits=logits,
+                        held_out_rows=np.arange(60))
+    graph = build_classifier(backbone, coef, b, make_manifest(spec, ["r", "g", "x"]), temperature=t, unknown=model)
+    probs, score = OnnxEngine(graph.SerializeToString()).session.run(None, {"image": pixels})
+    assert np.allclose(probs, softmax(logits), atol=1e-5)  # the temperature is in the graph
+    assert np.allclose(score, model.score(X, logits), rtol=1e-4, atol=1e-4)
+    assert np.allclose(model.score(X, logits), model.combination(model.stats.score(X), energy(logits)))

@@ -151,18 +151,21 @@ def build_classifier(
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["batch", n_classes]))
     if unknown is not None:
-        _append_unknown_score(graph, unknown)
+        _append_unknown_score(graph, unknown, "logits")
     set_manifest(model, manifest)
     return model
 
 
-def _append_unknown_score(graph: onnx.GraphProto, stats) -> None:
-    """``unknown_score`` (N,) = sqrt(max(0, min_c ||(x/|x| - center) W - m_c||^2) / D) from the features.
+def _append_unknown_score(graph: onnx.GraphProto, unknown, logits: str) -> None:
+    """``unknown_score`` (N,) = a * maha + b * logsumexp(logits) + c (:class:`retrain.openset.Combination`),
+    maha = sqrt(max(0, min_c ||(x/|x| - center) W - m_c||^2) / D) from the features.
 
     The squared distance is expanded as ||z||^2 - 2 z.m_c + ||m_c||^2 (one product for all
     classes). The whitener is stored in float16 (half the bytes; ONNX Runtime casts it back
     once, when the session loads) -- its rounding moves scores by about 1e-3 relative.
+    ``logits`` are the temperature-scaled logits (the temperature is folded into the layer).
     """
+    stats, comb = unknown.stats, unknown.combination
     p = "unknown_score_ops/"
     W = np.asarray(stats.whitener, np.float32)  # (D, D)
     means = np.asarray(stats.means[stats.present], np.float32)  # (C', D), whitened
@@ -192,9 +195,32 @@ def _append_unknown_score(graph: onnx.GraphProto, stats) -> None:
             helper.make_node("ReduceMin", [p + "dist_sq"], [p + "nearest"], axes=[1], keepdims=0),
             helper.make_node("Mul", [p + "nearest", p + "inv_dim"], [p + "per_dim"]),
             helper.make_node("Relu", [p + "per_dim"], [p + "clamped"]),
-            helper.make_node("Sqrt", [p + "clamped"], [UNKNOWN_NAME], name=UNKNOWN_NAME),
+            helper.make_node("Sqrt", [p + "clamped"], [p + "maha"]),
         ]
     )
+    # energy = -logsumexp(logits), taken stably: max + log(sum(exp(logits - max))).
+    use_energy = np.isfinite(comb.energy_spread)
+    a = 1.0 / comb.maha_spread
+    b = -1.0 / comb.energy_spread if use_energy else 0.0
+    c = -comb.maha_mid / comb.maha_spread - (comb.energy_mid / comb.energy_spread if use_energy else 0.0)
+    graph.initializer.extend([numpy_helper.from_array(np.array(v, np.float32), p + name)
+                              for name, v in (("a", a), ("b", b), ("c", c))])
+    graph.node.extend(
+        [
+            helper.make_node("ReduceMax", [logits], [p + "lmax"], axes=[1], keepdims=1),
+            helper.make_node("Sub", [logits, p + "lmax"], [p + "shifted"]),
+            helper.make_node("Exp", [p + "shifted"], [p + "exp"]),
+            helper.make_node("ReduceSum", [p + "exp", p + "sum_axes"], [p + "sum"], keepdims=0),
+            helper.make_node("Log", [p + "sum"], [p + "log_sum"]),
+            helper.make_node("Squeeze", [p + "lmax", p + "sum_axes"], [p + "lmax_1d"]),
+            helper.make_node("Add", [p + "lmax_1d", p + "log_sum"], [p + "lse"]),
+            helper.make_node("Mul", [p + "maha", p + "a"], [p + "maha_term"]),
+            helper.make_node("Mul", [p + "lse", p + "b"], [p + "energy_term"]),
+            helper.make_node("Add", [p + "maha_term", p + "energy_term"], [p + "terms"]),
+            helper.make_node("Add", [p + "terms", p + "c"], [UNKNOWN_NAME], name=UNKNOWN_NAME),
+        ]
+    )
+    graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), p + "sum_axes"))
     graph.output.append(helper.make_tensor_value_info(UNKNOWN_NAME, TensorProto.FLOAT, ["batch"]))
 
 
@@ -229,7 +255,7 @@ def classifier_model(
     extra = {}
     if open_world is not None:  # intermediate snapshots stay uncalibrated and without the score
         manifest.update(open_world.manifest())
-        extra = dict(temperature=open_world.temperature, unknown=open_world.unknown.stats)
+        extra = dict(temperature=open_world.temperature, unknown=open_world.unknown)
     source = backbone_onnx if backbone_onnx is not None else backbone_onnx_path(spec, model_dir)
     return build_classifier(source, head.coef_, head.intercept_, manifest, **extra), manifest
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-METHOD = "mahalanobis"
+METHOD = "mahalanobis+energy"
 DEFAULT_ACCEPT = 0.95  # the automatic threshold keeps this share of known (out-of-fold) images
 
 
@@ -214,25 +214,74 @@ def leave_one_class_out(
     return _leave_one_class_out(sc, X_known, np.asarray(y_known, np.int64))
 
 
+def loco_rows(y_fit: np.ndarray, y_known: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of the leave-one-class-out comparison for class ``c``: known = ``y_known`` rows of other
+    classes; unknown = ``y_fit`` rows of ``c``, then ``y_known`` rows of ``c`` (index arrays, that order)."""
+    return np.flatnonzero(y_known != c), np.flatnonzero(y_fit == c), np.flatnonzero(y_known == c)
+
+
 def _leave_one_class_out(sc: _Scatter, X_known: np.ndarray, y_known: np.ndarray) -> dict[int, float]:
+    return {c: auroc(k, u) for c, (k, u) in _leave_one_class_out_scores(sc, X_known, y_known).items()}
+
+
+def _leave_one_class_out_scores(sc: _Scatter, X_known: np.ndarray, y_known: np.ndarray):
+    """Per class c: (known scores, unknown scores) under statistics fitted without c, rows as :func:`loco_rows`."""
     y_fit = sc.y
     known_c = (normalize(X_known) - sc.center).astype(np.float32)
-    out: dict[int, float] = {}
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     present = sc.counts > 0
     for c in np.flatnonzero(present):
         others = present.copy()
         others[c] = False
-        if not others.any():
+        k_idx, u_fit, u_known = loco_rows(y_fit, y_known, c)
+        if not others.any() or not len(k_idx):
             continue
         keep = y_fit != c
-        known_rows = known_c[y_known != c]
-        if not len(known_rows):
-            continue
         cov, _ = _shrunk_cov(sc.W - gram(sc.R[~keep]), sc.R[keep], int(keep.sum() - others.sum()))
-        unknown_rows = np.concatenate([sc.Xc[~keep], known_c[y_known == c]])
-        scores = _solve_scores(cov, sc.means[others], np.concatenate([known_rows, unknown_rows]))
-        out[int(c)] = auroc(scores[: len(known_rows)], scores[len(known_rows) :])
+        rows = np.concatenate([known_c[k_idx], sc.Xc[u_fit], known_c[u_known]])
+        scores = _solve_scores(cov, sc.means[others], rows)
+        out[int(c)] = (scores[: len(k_idx)], scores[len(k_idx) :])
     return out
+
+
+def energy(logits: np.ndarray) -> np.ndarray:
+    """-logsumexp of (temperature-scaled) logits (N,): high when no class claims the image."""
+    z = np.asarray(logits, np.float64)
+    m = z.max(axis=1)
+    return -(m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
+
+
+def robust_scale(known: np.ndarray) -> tuple[float, float]:
+    """(median, 95th percentile - median) of held-out known scores: puts two scores on one footing."""
+    known = np.asarray(known, np.float64)
+    known = known[np.isfinite(known)]
+    if len(known) < 2:
+        return 0.0, float("inf")  # nothing to scale by: the term drops out
+    mid = float(np.median(known))
+    return mid, max(float(np.quantile(known, DEFAULT_ACCEPT)) - mid, 1e-6)
+
+
+@dataclass
+class Combination:
+    """unknown_score = (maha - maha_mid) / maha_spread + (energy - energy_mid) / energy_spread.
+
+    Each term is about 0 for a typical known image and 1 at its 95th percentile; an infinite
+    spread drops a term (no held-out logits to scale energy by).
+    """
+
+    maha_mid: float
+    maha_spread: float
+    energy_mid: float
+    energy_spread: float
+
+    def __call__(self, maha: np.ndarray, en: np.ndarray | None) -> np.ndarray:
+        out = (np.asarray(maha, np.float64) - self.maha_mid) / self.maha_spread
+        if en is not None and np.isfinite(self.energy_spread):
+            out = out + (np.asarray(en, np.float64) - self.energy_mid) / self.energy_spread
+        return out
+
+    def to_dict(self) -> dict:
+        return {k: (v if np.isfinite(v) else None) for k, v in self.__dict__.items()}
 
 
 def choose_threshold(known_scores: np.ndarray, accept: float = DEFAULT_ACCEPT) -> float:
@@ -249,6 +298,7 @@ class UnknownModel:
     """What the run fitted: the statistics the graph carries, the threshold and how it was chosen."""
 
     stats: MahalanobisStats
+    combination: Combination
     threshold: float
     rule: str
     known_rejected: float  # share of out-of-fold known scores above the threshold
@@ -256,9 +306,14 @@ class UnknownModel:
     loco_auroc: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def score(self, X: np.ndarray, logits: np.ndarray | None) -> np.ndarray:
+        """The graph's ``unknown_score`` for features ``X`` and their temperature-scaled ``logits``."""
+        return self.combination(self.stats.score(X), None if logits is None else energy(logits))
+
     def manifest(self) -> dict:
         return {
             "method": METHOD,
+            "combination": self.combination.to_dict(),
             "features": "l2-normalized",
             "output": "unknown_score",
             "threshold": self.threshold if np.isfinite(self.threshold) else None,  # None: never unknown
@@ -284,34 +339,52 @@ def fit_unknown(
     fold: np.ndarray,
     *,
     labels: list[str],
+    held_out_logits: np.ndarray | None = None,
+    held_out_rows: np.ndarray | None = None,
     X_test: np.ndarray | None = None,
     y_test: np.ndarray | None = None,
+    loco_energy=None,
     threshold: float | None = None,
     accept: float = DEFAULT_ACCEPT,
 ) -> UnknownModel:
-    """Statistics from all rows of ``X`` (N, D), a threshold from out-of-fold scores (``fold``, N),
-    and the leave-one-class-out AUROC with ``X_test`` rows as the known images.
+    """Statistics from all rows of ``X`` (N, D), a threshold from held-out known scores, and the
+    leave-one-class-out AUROC with ``X_test`` rows as the known images.
 
+    Mahalanobis scores are out-of-fold (``fold``, N). ``held_out_logits`` (M, C, temperature-scaled)
+    of rows ``held_out_rows`` come from layers that did not see them: their energies put the energy
+    term on the same footing, and the threshold is chosen on those rows (all N with a cross-fit).
+    Without them the score is the Mahalanobis term alone. ``loco_energy(c)`` gives (known, unknown)
+    energies from a layer fitted without class c, rows as :func:`loco_rows`; without it the
+    leave-one-class-out estimate uses the Mahalanobis term alone.
     ``threshold`` (e.g. ``--unknown_threshold``) replaces the automatic one.
     """
     t0 = time.perf_counter()
     with threadpool_limits(1, user_api="blas"):  # OpenBLAS threads collapse on a busy machine; one is plenty
-        return _fit_unknown(X, y, fold, labels, X_test, y_test, threshold, accept, t0)
-
-
-def _fit_unknown(X, y, fold, labels, X_test, y_test, threshold, accept, t0) -> UnknownModel:
-    n_classes = len(labels)
-    sc = _Scatter(normalize(X), np.asarray(y, np.int64), n_classes)
-    stats = _fitted(sc)
-    oof = _out_of_fold(sc, np.asarray(fold))
-    finite = oof[np.isfinite(oof)]
+        n_classes = len(labels)
+        sc = _Scatter(normalize(X), np.asarray(y, np.int64), n_classes)
+        stats = _fitted(sc)
+        oof = _out_of_fold(sc, np.asarray(fold))
+        loco_maha = (_leave_one_class_out_scores(sc, X_test, np.asarray(y_test, np.int64))
+                     if X_test is not None and y_test is not None and len(y_test) else {})
+    maha_mid, maha_spread = robust_scale(oof)
+    if held_out_logits is not None and len(held_out_rows) >= 2:
+        en = energy(held_out_logits)
+        comb = Combination(maha_mid, maha_spread, *robust_scale(en))
+        known = comb(oof[held_out_rows], en)
+        where = "held-out scores"
+    else:
+        comb = Combination(maha_mid, maha_spread, 0.0, float("inf"))
+        known = comb(oof, None)
+        where = "out-of-fold Mahalanobis scores"
+    known = known[np.isfinite(known)]
     if threshold is None:
-        threshold = choose_threshold(finite, accept)
-        rule = f"accept {100 * accept:g}% of known images (out-of-fold scores, N={len(finite)})"
+        threshold = choose_threshold(known, accept)
+        rule = f"accept {100 * accept:g}% of known images ({where}, N={len(known)})"
     else:
         rule = "--unknown_threshold"
-    rejected = float((finite > threshold).mean()) if len(finite) else float("nan")
+    rejected = float((known > threshold).mean()) if len(known) else float("nan")
     loco: dict[str, float] = {}
-    if X_test is not None and y_test is not None and len(y_test):
-        loco = {labels[c]: v for c, v in _leave_one_class_out(sc, X_test, np.asarray(y_test, np.int64)).items()}
-    return UnknownModel(stats, float(threshold), rule, rejected, len(finite), loco, time.perf_counter() - t0)
+    for c, (k, u) in loco_maha.items():
+        ek, eu = loco_energy(c) if loco_energy is not None else (None, None)
+        loco[labels[c]] = auroc(comb(k, ek), comb(u, eu))
+    return UnknownModel(stats, comb, float(threshold), rule, rejected, len(known), loco, time.perf_counter() - t0)

@@ -256,6 +256,7 @@ def create_app(
     default_top_k: int = Limits.default_top_k,
     threads: int | None = None,
     decode_threads: int | None = None,
+    unknown_threshold: float | None = None,
 ):
     """The ASGI app (Starlette) serving ``model``: a loaded :class:`Classifier` or a model path.
 
@@ -270,6 +271,8 @@ def create_app(
 
     limits = Limits(max_batch, max_wait_ms, max_body_bytes, max_pixels, max_images, max_queue, default_top_k)
     clf = model if isinstance(model, Classifier) else load(model, threads=threads)
+    if unknown_threshold is not None and clf.has_unknown:  # as label_image --unknown_threshold
+        clf.unknown_threshold = float(unknown_threshold)
     service = _Service(clf, limits, decode_threads)
     page = resources.files("retrain").joinpath("serve_static/index.html").read_bytes()
 
@@ -560,6 +563,8 @@ def _parser():
     _add(p, "max_images", type=int, default=d.max_images, help="files per request at most")
     _add(p, "max_queue", type=int, default=d.max_queue, help="images waiting for the model before answering 503")
     _add(p, "num_threads", type=int, default=0, help="inference threads (0 = automatic)")
+    _add(p, "unknown_threshold", type=float, default=None,
+         help="call an image unknown above this unknown_score (default: the threshold stored in the model)")
     _add(p, "log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
          help="server messages (debug also logs every request)")
     return p
@@ -573,6 +578,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns.graph, host=ns.host, port=ns.port, log_level=ns.log_level,
         max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms, max_body_bytes=ns.max_body_bytes,
         max_pixels=ns.max_pixels, max_images=ns.max_images, max_queue=ns.max_queue,
-        threads=ns.num_threads or None,
+        threads=ns.num_threads or None, unknown_threshold=ns.unknown_threshold,
     )
     return 0

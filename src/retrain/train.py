@@ -113,7 +113,10 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
 
     test = evaluate(head, splits.test, splits.labels, test_batch_size=cfg.test_batch_size, seed=seed,
                     print_misclassified=cfg.print_misclassified_test_images)
-    open_world = _open_world(cfg, splits, head, seed)
+    # Out-of-fold predictions describe the frozen features; fine-tuning replaced them.
+    cross = _cross_fit(cfg, splits, seed) if backbone_onnx is None else None
+    timings["cross_fit"] = cross.seconds if cross is not None else 0.0
+    open_world = _open_world(cfg, splits, head, seed, cross)
     timings["open_world"] = open_world.seconds
     metrics = {
         "test_accuracy": test.accuracy,
@@ -376,14 +379,38 @@ def evaluate(head, test: Split, labels: list[str], *, test_batch_size: int = -1,
     return TestReport(acc, len(idx), wrong)
 
 
+def _cross_fit(cfg: TrainConfig, splits: Splits, seed: int):
+    """The run's one cross-fit: out-of-fold logits for every training + validation image (None when
+    there are fewer than two distinct images)."""
+    from retrain.crossfit import cross_fit
+
+    groups = list(splits.train.keys) + list(splits.validation.keys)
+    if len(set(groups)) < 2:
+        return None
+    X = np.concatenate([splits.train.X, splits.validation.X])
+    y = np.concatenate([splits.train.y, splits.validation.y])
+    params = dict(steps=cfg.how_many_training_steps, learning_rate=cfg.learning_rate, batch_size=cfg.train_batch_size,
+                  optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, class_balance=cfg.class_balance)
+    return cross_fit(X, y, n_classes=len(splits.labels), head_params=params, groups=groups, seed=seed)
+
+
 def _open_world(cfg: TrainConfig, splits: Splits, head, seed: int, cross=None):
     """Temperature and unknown score (retrain/openworld.py) for the final ``head``."""
     from retrain.openworld import fit_open_world, held_out_inputs
 
+    # The final layer here is fitted on the training split alone, unlike the folds: its own
+    # validation logits choose the temperature.
     held_out = held_out_inputs(splits.train, splits.validation, head, cross=cross, seed=seed)
     return fit_open_world(labels=splits.labels, **held_out, coef=head.coef_, intercept=head.intercept_,
                           X_test=splits.test.X, y_test=splits.test.y, calibration=cfg.calibration,
-                          unknown_threshold=cfg.unknown_threshold)
+                          unknown_threshold=cfg.unknown_threshold, head_params=_head_params(cfg, head), seed=seed)
+
+
+def _head_params(cfg: TrainConfig, head) -> dict:
+    """The final layer's settings and step count, for refits (leave-one-class-out)."""
+    return dict(steps=max(1, getattr(head, "best_step_", None) or cfg.how_many_training_steps),
+                learning_rate=cfg.learning_rate, batch_size=cfg.train_batch_size, optimizer=cfg.optimizer,
+                weight_decay=cfg.weight_decay, class_balance=cfg.class_balance)
 
 
 def _export(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset, head, metrics: dict, backbone_onnx,
