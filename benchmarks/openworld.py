@@ -26,8 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-SETS = {"cutouts": "vegetable", "deepsky": "planetary_nebula", "digits": "digit_9", "gcompris": "renewable_energy",
-        "textures": "carpet"}
+SETS = {
+    "cutouts": "vegetable",
+    "deepsky": "planetary_nebula",
+    "digits": "digit_9",
+    "gcompris": "renewable_energy",
+    "textures": "carpet",
+}
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -68,8 +73,10 @@ def layer_of(graph: Path) -> tuple[np.ndarray, np.ndarray]:
     from onnx import numpy_helper
 
     init = {t.name: t for t in onnx.load(str(graph)).graph.initializer}
-    return (numpy_helper.to_array(init["final_retrain_ops/weights"]),
-            numpy_helper.to_array(init["final_retrain_ops/biases"]))
+    return (
+        numpy_helper.to_array(init["final_retrain_ops/weights"]),
+        numpy_helper.to_array(init["final_retrain_ops/biases"]),
+    )
 
 
 def knn_distance(train: np.ndarray, X: np.ndarray, k: int) -> np.ndarray:
@@ -87,16 +94,24 @@ def one_set(name: str, held_out: str, data: Path, bottleneck_dir: Path, seed: in
 
     known = known_folder(data / name, held_out, work / name)
     t0 = time.perf_counter()
-    res = retrain.train(known, bottleneck_dir=str(bottleneck_dir), output_dir=str(work / f"{name}-run-{seed}"),
-                        seed=seed, quiet=True)
+    res = retrain.train(
+        known,
+        bottleneck_dir=str(bottleneck_dir),
+        output_dir=str(work / f"{name}-run-{seed}"),
+        seed=seed,
+        quiet=True,
+    )
     run_seconds = time.perf_counter() - t0
     ds = assign_splits(discover(known))
     test = [r for r in ds.records if r.split == TESTING]
     fitted = [r for r in ds.records if r.split != TESTING]
     test_paths = [r.path for r in test]
     y_test = np.array([r.label_index for r in test])
-    groups = {"known": test_paths, "held_out": [str(p) for p in image_files(data / name / held_out)],
-              "unrelated": [str(p) for p in image_files(data / "unrelated")]}
+    groups = {
+        "known": test_paths,
+        "held_out": [str(p) for p in image_files(data / name / held_out)],
+        "unrelated": [str(p) for p in image_files(data / "unrelated")],
+    }
     clf = retrain.load(res.output_graph)
     out = {k: run_model(clf, v) for k, v in groups.items()}
     feats = {k: features(v, bottleneck_dir) for k, v in groups.items()}
@@ -124,20 +139,28 @@ def one_set(name: str, held_out: str, data: Path, bottleneck_dir: Path, seed: in
     cal = res.metrics["calibration"]
     unknown = res.metrics["unknown"]
     return {
-        "set": name, "held_out": held_out, "seed": seed, "classes": len(res.labels),
-        "train_count": res.metrics["train_count"], "test_count": len(test_paths),
+        "set": name,
+        "held_out": held_out,
+        "seed": seed,
+        "classes": len(res.labels),
+        "train_count": res.metrics["train_count"],
+        "test_count": len(test_paths),
         "auroc": aurocs,
-        "threshold": clf.unknown_threshold, "rule": unknown["rule"],
+        "threshold": clf.unknown_threshold,
+        "rule": unknown["rule"],
         "known_called_unknown": float(flags["known"].mean()),
         "held_out_called_unknown": float(flags["held_out"].mean()),
         "unrelated_called_unknown": float(flags["unrelated"].mean()),
-        "ece_test_before": cal["ece_before"].get("test"), "ece_test_after": cal["ece_after"].get("test"),
-        "ece_oof_before": cal["ece_before"].get("out_of_fold"), "ece_oof_after": cal["ece_after"].get("out_of_fold"),
+        "ece_test_before": cal["ece_before"].get("test"),
+        "ece_test_after": cal["ece_after"].get("test"),
+        "ece_oof_before": cal["ece_before"].get("out_of_fold"),
+        "ece_oof_after": cal["ece_after"].get("out_of_fold"),
         "temperature": cal["temperature"],
         "test_accuracy_run": res.test_accuracy,
         "test_accuracy_model": float((out["known"][0].argmax(axis=1) == y_test).mean()),
         "loco_auroc_mean": unknown["leave_one_class_out_auroc_mean"],
-        "open_world_seconds": res.metrics["open_world_seconds"], "run_seconds": round(run_seconds, 1),
+        "open_world_seconds": res.metrics["open_world_seconds"],
+        "run_seconds": round(run_seconds, 1),
     }
 
 
@@ -154,21 +177,37 @@ def fitting_cost(n: int = 10_000, d: int = 1280, classes: int = 10, seed: int = 
     n_test = n // 10
     fit = slice(n_test, None)
     t0, c0 = time.perf_counter(), time.process_time()
-    ow = fit_open_world(labels=[str(c) for c in range(classes)], X_fit=X[fit], y_fit=y[fit],
-                        held_out_logits=X[fit] @ coef, held_out_rows=np.arange(n - n_test),
-                        fold=assign_folds(y[fit], 5), held_out_name="out_of_fold", coef=coef,
-                        intercept=np.zeros(classes, np.float32), X_test=X[:n_test], y_test=y[:n_test],
-                        head_params={"steps": 4000}, seed=seed)
-    return {"images": n, "dim": d, "classes": classes, "wall_s": round(time.perf_counter() - t0, 2),
-            "cpu_s": round(time.process_time() - c0, 2), "loco_classes": len(ow.unknown.loco_auroc)}
+    ow = fit_open_world(
+        labels=[str(c) for c in range(classes)],
+        X_fit=X[fit],
+        y_fit=y[fit],
+        held_out_logits=X[fit] @ coef,
+        held_out_rows=np.arange(n - n_test),
+        fold=assign_folds(y[fit], 5),
+        held_out_name="out_of_fold",
+        coef=coef,
+        intercept=np.zeros(classes, np.float32),
+        X_test=X[:n_test],
+        y_test=y[:n_test],
+        head_params={"steps": 4000},
+        seed=seed,
+    )
+    return {
+        "images": n,
+        "dim": d,
+        "classes": classes,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "cpu_s": round(time.process_time() - c0, 2),
+        "loco_classes": len(ow.unknown.loco_auroc),
+    }
 
 
 def inference_cost(graph: Path, repeats: int = 7, batch: int = 32) -> dict:
     """Seconds per image with and without the unknown_score nodes (same file otherwise), alternated."""
     import onnx
 
-    from retrain.export import UNKNOWN_NAME
     from retrain.engines import OnnxEngine
+    from retrain.export import UNKNOWN_NAME
 
     full = onnx.load(str(graph))
     plain = onnx.load(str(graph))
@@ -187,8 +226,12 @@ def inference_cost(graph: Path, repeats: int = 7, batch: int = 32) -> dict:
             e.session.run(None, {e.input_name: pixels})
             times[k].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) / batch for k, v in times.items()}
-    return {"ms_per_image_with": round(1000 * med["with"], 3), "ms_per_image_without": round(1000 * med["without"], 3),
-            "ratio": round(med["with"] / med["without"], 4), "model_bytes": graph.stat().st_size}
+    return {
+        "ms_per_image_with": round(1000 * med["with"], 3),
+        "ms_per_image_without": round(1000 * med["without"], 3),
+        "ratio": round(med["with"] / med["without"], 4),
+        "model_bytes": graph.stat().st_size,
+    }
 
 
 def main() -> None:
@@ -212,28 +255,37 @@ def main() -> None:
     cost = fitting_cost()
     print_table(rows, cost, inference)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "fitting_cost": cost, "inference": inference}, indent=2))
+        args.json.write_text(
+            json.dumps({"rows": rows, "fitting_cost": cost, "inference": inference}, indent=2)
+        )
 
 
 def print_table(rows: list[dict], cost: dict, inference: dict) -> None:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    print("\n| set (held-out class) | AUROC held-out: unknown_score / max-softmax / Mahalanobis / energy / kNN1 | AUROC unrelated: "
-          "the same | known called unknown | held-out / unrelated called unknown "
-          "| test ECE before -> after | top-1 run / model | LOCO AUROC mean |")
+    print(
+        "\n| set (held-out class) | AUROC held-out: unknown_score / max-softmax / Mahalanobis / energy / kNN1 | AUROC unrelated: "
+        "the same | known called unknown | held-out / unrelated called unknown "
+        "| test ECE before -> after | top-1 run / model | LOCO AUROC mean |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         a = r["auroc"]
         ms = ("unknown_score", "max_softmax", "mahalanobis", "energy", "knn1")
-        print(f"| {r['set']} ({r['held_out']}), seed {r['seed']} | "
-              + " / ".join(pct(a[m]["held_out"]) for m in ms) + " | "
-              + " / ".join(pct(a[m]["unrelated"]) for m in ms)
-              + f" | {pct(r['known_called_unknown'])}% | {pct(r['held_out_called_unknown'])}% / "
-              f"{pct(r['unrelated_called_unknown'])}% | {pct(r['ece_test_before'])} -> {pct(r['ece_test_after'])} | "
-              f"{pct(r['test_accuracy_run'])} / {pct(r['test_accuracy_model'])} | {pct(r['loco_auroc_mean'])} |")
+        print(
+            f"| {r['set']} ({r['held_out']}), seed {r['seed']} | "
+            + " / ".join(pct(a[m]["held_out"]) for m in ms)
+            + " | "
+            + " / ".join(pct(a[m]["unrelated"]) for m in ms)
+            + f" | {pct(r['known_called_unknown'])}% | {pct(r['held_out_called_unknown'])}% / "
+            f"{pct(r['unrelated_called_unknown'])}% | {pct(r['ece_test_before'])} -> {pct(r['ece_test_after'])} | "
+            f"{pct(r['test_accuracy_run'])} / {pct(r['test_accuracy_model'])} | {pct(r['loco_auroc_mean'])} |"
+        )
     for key in ("held_out", "unrelated"):
         means = {m: np.mean([r["auroc"][m][key] for r in rows]) for m in rows[0]["auroc"]}
         print(f"mean AUROC vs {key}: " + ", ".join(f"{m} {100 * v:.1f}" for m, v in means.items()))
-    print(f"fitting cost (temperature + unknown statistics + out-of-fold threshold + leave-one-class-out): {cost}")
+    print(
+        f"fitting cost (temperature + unknown statistics + out-of-fold threshold + leave-one-class-out): {cost}"
+    )
     print(f"inference cost of unknown_score (batch 32, {os.cpu_count()} cores): {inference}")
 
 

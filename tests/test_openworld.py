@@ -106,7 +106,9 @@ def test_two_classes_and_a_one_image_class_still_get_scores():
     X2, y2 = np.concatenate([X, one]), np.r_[y, 2]
     fold = assign_folds(y2, 5, seed=0)
     for Xs, ys, labels in ((X, y, ["a", "b"]), (X2, y2, ["a", "b", "lonely"])):
-        model = fit_unknown(Xs, ys, assign_folds(ys, 5, seed=0), labels=labels, X_test=Xs[::3], y_test=ys[::3])
+        model = fit_unknown(
+            Xs, ys, assign_folds(ys, 5, seed=0), labels=labels, X_test=Xs[::3], y_test=ys[::3]
+        )
         assert np.isfinite(model.threshold) and np.all(np.isfinite(model.stats.score(Xs)))
         assert set(model.loco_auroc) <= set(labels) and model.loco_auroc
     del fold
@@ -123,8 +125,14 @@ def test_fitting_10000_cached_images_takes_a_few_seconds():
     logits = rng.normal(0, 3, (n, classes))
     t0 = time.process_time()
     fit_temperature(logits, y)
-    model = fit_unknown(X[1000:], y[1000:], assign_folds(y[1000:], 5), labels=[str(c) for c in range(classes)],
-                        X_test=X[:1000], y_test=y[:1000])
+    model = fit_unknown(
+        X[1000:],
+        y[1000:],
+        assign_folds(y[1000:], 5),
+        labels=[str(c) for c in range(classes)],
+        X_test=X[:1000],
+        y_test=y[:1000],
+    )
     cpu = time.process_time() - t0
     assert len(model.loco_auroc) == classes
     assert cpu < 12, f"{cpu:.1f} CPU seconds (one BLAS thread; about 4 on an idle machine)"
@@ -147,9 +155,17 @@ def run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ow")
     images = make_image_folder(root / "images", per_class=20)
-    result = retrain.train(images, architecture=TINY, bottleneck_dir=str(root / "b"), model_dir=str(root / "m"),
-                           output_dir=str(root / "out"), how_many_training_steps=300, eval_step_interval=100,
-                           seed=1, quiet=True)
+    result = retrain.train(
+        images,
+        architecture=TINY,
+        bottleneck_dir=str(root / "b"),
+        model_dir=str(root / "m"),
+        output_dir=str(root / "out"),
+        how_many_training_steps=300,
+        eval_step_interval=100,
+        seed=1,
+        quiet=True,
+    )
     odd = [_solid(root / f"yellow{i}.jpg", (230, 230, 30), i) for i in range(4)]
     odd += [_solid(root / f"grey{i}.jpg", (128, 128, 128), i) for i in range(4)]
     return result, images, odd, root
@@ -161,7 +177,10 @@ def test_run_reports_calibration_and_unknown_numbers(run):
     cal = metrics["calibration"]
     # The main-branch layer is fitted on the training split: its validation logits choose T.
     assert cal["method"] == "temperature" and cal["temperature"] > 0 and cal["fitted_on"] == "validation"
-    assert set(cal["ece_before"]) == {"validation", "test"} and set(cal["ece_after"]) == {"validation", "test"}
+    assert set(cal["ece_before"]) == {"validation", "test"} and set(cal["ece_after"]) == {
+        "validation",
+        "test",
+    }
     diagram = cal["reliability"]["test"]["after"]
     assert diagram["bins"] == 15 and sum(diagram["count"]) == result.test_count
     unk = metrics["unknown"]
@@ -192,9 +211,19 @@ def test_temperature_off_leaves_probabilities_raw(run, tmp_path):
     from conftest import TINY
 
     result, images, _, root = run
-    raw = retrain.train(images, architecture=TINY, bottleneck_dir=str(root / "b"), model_dir=str(root / "m"),
-                        output_dir=str(tmp_path / "raw"), how_many_training_steps=300, eval_step_interval=100,
-                        seed=1, quiet=True, calibration="none", unknown_threshold=-1e9)
+    raw = retrain.train(
+        images,
+        architecture=TINY,
+        bottleneck_dir=str(root / "b"),
+        model_dir=str(root / "m"),
+        output_dir=str(tmp_path / "raw"),
+        how_many_training_steps=300,
+        eval_step_interval=100,
+        seed=1,
+        quiet=True,
+        calibration="none",
+        unknown_threshold=-1e9,
+    )
     clf_raw, clf_cal = retrain.load(raw.output_graph), retrain.load(result.output_graph)
     assert clf_raw.manifest["calibration"]["temperature"] == 1.0
     photos = [str(p) for p in sorted(images.rglob("*.jpg"))[::5]]
@@ -207,8 +236,12 @@ def test_temperature_off_leaves_probabilities_raw(run, tmp_path):
 
 
 def _label_image(*args):
-    cmd = [sys.executable, "-c", "import sys; from retrain.cli import label_image_main; sys.exit(label_image_main())",
-           *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from retrain.cli import label_image_main; sys.exit(label_image_main())",
+        *map(str, args),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -223,7 +256,9 @@ def test_label_image_json_and_text_say_unknown(run):
     assert lines[0]["predictions"][0]["label"] == "red"
     text = _label_image("--graph", result.output_graph, "--image", odd[0])
     assert text.stdout.startswith("unknown (score ") and "closest: " in text.stdout.splitlines()[0]
-    never = _label_image("--graph", result.output_graph, "--image", odd[0], "--unknown_threshold", "1e9", "--json")
+    never = _label_image(
+        "--graph", result.output_graph, "--image", odd[0], "--unknown_threshold", "1e9", "--json"
+    )
     assert json.loads(never.stdout)["unknown"] is False
 
 
@@ -255,7 +290,9 @@ def test_http_api_carries_the_same_fields(run):
     with TestClient(create_app(result.output_graph)) as client:
         info = client.get("/v1/model").json()
         assert info["unknown"]["threshold"] == pytest.approx(clf.unknown_threshold)
-        body = client.post("/v1/classify", files=[("file", ("odd.jpg", odd[0].read_bytes(), "image/jpeg"))]).json()
+        body = client.post(
+            "/v1/classify", files=[("file", ("odd.jpg", odd[0].read_bytes(), "image/jpeg"))]
+        ).json()
     (res,) = body["results"]
     (local,) = clf.classify(str(odd[0]))
     assert res["unknown"] is True and res["unknown_score"] == pytest.approx(local.unknown_score, rel=1e-5)
@@ -264,7 +301,6 @@ def test_http_api_carries_the_same_fields(run):
 
 def test_exported_graph_computes_exactly_the_python_score(tmp_path):
     from conftest import TINY
-
     from retrain.backbones import get_backbone
     from retrain.engines import OnnxEngine
     from retrain.export import backbone_onnx_path, build_classifier, make_manifest
@@ -282,9 +318,12 @@ def test_exported_graph_computes_exactly_the_python_score(tmp_path):
     b = np.zeros(3, np.float32)
     t = 1.7
     logits = (X @ coef + b) / t
-    model = fit_unknown(X, y, assign_folds(y, 4), labels=["r", "g", "x"], held_out_logits=logits,
-                        held_out_rows=np.arange(60))
-    graph = build_classifier(backbone, coef, b, make_manifest(spec, ["r", "g", "x"]), temperature=t, unknown=model)
+    model = fit_unknown(
+        X, y, assign_folds(y, 4), labels=["r", "g", "x"], held_out_logits=logits, held_out_rows=np.arange(60)
+    )
+    graph = build_classifier(
+        backbone, coef, b, make_manifest(spec, ["r", "g", "x"]), temperature=t, unknown=model
+    )
     probs, score = OnnxEngine(graph.SerializeToString()).session.run(None, {"image": pixels})
     assert np.allclose(probs, softmax(logits), atol=1e-5)  # the temperature is in the graph
     assert np.allclose(score, model.score(X, logits), rtol=1e-4, atol=1e-4)

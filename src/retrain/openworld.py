@@ -97,10 +97,22 @@ def fit_open_world(
         enabled=calibration == "temperature",
     )
     t = cal.temperature
-    loco_energy = _loco_energy(X_fit, y_fit, X_test, y_test, len(labels), head_params, t, seed) if head_params else None
-    unknown = fit_unknown(X_fit, y_fit, fold, labels=labels, held_out_logits=held_out_logits / t,
-                          held_out_rows=held_out_rows, X_test=X_test, y_test=y_test, loco_energy=loco_energy,
-                          threshold=unknown_threshold, accept=DEFAULT_ACCEPT)
+    loco_energy = (
+        _loco_energy(X_fit, y_fit, X_test, y_test, len(labels), head_params, t, seed) if head_params else None
+    )
+    unknown = fit_unknown(
+        X_fit,
+        y_fit,
+        fold,
+        labels=labels,
+        held_out_logits=held_out_logits / t,
+        held_out_rows=held_out_rows,
+        X_test=X_test,
+        y_test=y_test,
+        loco_energy=loco_energy,
+        threshold=unknown_threshold,
+        accept=DEFAULT_ACCEPT,
+    )
     rate = None
     if len(y_test):
         rate = float((unknown.score(X_test, test_logits / t) > unknown.threshold).mean())
@@ -109,7 +121,9 @@ def fit_open_world(
     return result
 
 
-def _loco_energy(X_fit, y_fit, X_test, y_test, n_classes: int, head_params: dict, temperature: float, seed: int):
+def _loco_energy(
+    X_fit, y_fit, X_test, y_test, n_classes: int, head_params: dict, temperature: float, seed: int
+):
     """``c -> (known, unknown)`` energies from layers fitted without class c (rows as ``openset.loco_rows``).
 
     One :func:`retrain.crossfit.fit_and_score_many` loop fits every class's layer at once; class c's
@@ -124,9 +138,14 @@ def _loco_energy(X_fit, y_fit, X_test, y_test, n_classes: int, head_params: dict
     n_fit = len(y_fit)
     classes = [c for c in range(n_classes) if (y_fit != c).any() and (y_test != c).any()]
     rows = {c: loco_rows(y_fit, np.asarray(y_test), c) for c in classes}
-    jobs = [(np.flatnonzero(y_fit != c),
-             np.concatenate([n_fit + rows[c][0], rows[c][1], n_fit + rows[c][2]]), seed + 7 * (c + 1))
-            for c in classes]
+    jobs = [
+        (
+            np.flatnonzero(y_fit != c),
+            np.concatenate([n_fit + rows[c][0], rows[c][1], n_fit + rows[c][2]]),
+            seed + 7 * (c + 1),
+        )
+        for c in classes
+    ]
     if not jobs:
         return None
     _, scored = fit_and_score_many(X, y, jobs, n_classes=n_classes, head_params=head_params)
@@ -144,28 +163,50 @@ def _log(ow: OpenWorld, labels: list[str]) -> None:
     def ece(name: str) -> str:
         if name not in cal.before:
             return ""
-        return f"{name.replace('_', '-')} {100 * cal.before[name].ece:.1f}% -> {100 * cal.after[name].ece:.1f}%"
+        return (
+            f"{name.replace('_', '-')} {100 * cal.before[name].ece:.1f}% -> {100 * cal.after[name].ece:.1f}%"
+        )
 
     sets = ", ".join(s for s in (ece(cal.fitted_on), ece("test")) if s)
-    log.info("Calibration: temperature %.3f from %d %s predictions; expected calibration error (15 bins, top-1) "
-             "before -> after: %s", cal.temperature, cal.fitted_count, cal.fitted_on.replace("_", "-"), sets)
+    log.info(
+        "Calibration: temperature %.3f from %d %s predictions; expected calibration error (15 bins, top-1) "
+        "before -> after: %s",
+        cal.temperature,
+        cal.fitted_count,
+        cal.fitted_on.replace("_", "-"),
+        sets,
+    )
     u = ow.unknown
     if u is None:
         return
-    rate = "" if ow.test_unknown_rate is None else f"; known test images called unknown: {100 * ow.test_unknown_rate:.1f}%"
+    rate = (
+        ""
+        if ow.test_unknown_rate is None
+        else f"; known test images called unknown: {100 * ow.test_unknown_rate:.1f}%"
+    )
     if np.isfinite(u.threshold):
-        log.info("Unknown score (Mahalanobis distance to the nearest class + energy): threshold %.4f (%s)%s",
-                 u.threshold, u.rule, rate)
+        log.info(
+            "Unknown score (Mahalanobis distance to the nearest class + energy): threshold %.4f (%s)%s",
+            u.threshold,
+            u.rule,
+            rate,
+        )
     else:
-        log.warning("Unknown score: no held-out images to choose a threshold from, so no image is called unknown; "
-                    "pass --unknown_threshold to set one")
+        log.warning(
+            "Unknown score: no held-out images to choose a threshold from, so no image is called unknown; "
+            "pass --unknown_threshold to set one"
+        )
     if u.loco_auroc:
         values = [v for v in u.loco_auroc.values() if np.isfinite(v)]
         per = ", ".join(f"{printable(k)} {100 * v:.1f}%" for k, v in u.loco_auroc.items())
-        log.info("Leave-one-class-out AUROC of the unknown score: mean %.1f%% (%s)", 100 * np.mean(values), per)
+        log.info(
+            "Leave-one-class-out AUROC of the unknown score: mean %.1f%% (%s)", 100 * np.mean(values), per
+        )
 
 
-def held_out_inputs(train, validation, head, *, cross=None, head_like_folds: bool = False, seed: int = 0) -> dict:
+def held_out_inputs(
+    train, validation, head, *, cross=None, head_like_folds: bool = False, seed: int = 0
+) -> dict:
     """``fit_open_world`` keywords for the labelled rows: ``train`` + ``validation`` splits, in that order.
 
     ``cross`` is the run's :class:`~retrain.crossfit.CrossFit` over those rows: its out-of-fold logits
@@ -184,12 +225,27 @@ def held_out_inputs(train, validation, head, *, cross=None, head_like_folds: boo
     val_logits = np.asarray(validation.X, np.float32) @ head.coef_ + head.intercept_
     if cross is not None:
         if len(cross.fold) != len(y):
-            raise ValueError(f"the cross-fit has {len(cross.fold)} rows for {len(y)} training + validation rows")
+            raise ValueError(
+                f"the cross-fit has {len(cross.fold)} rows for {len(y)} training + validation rows"
+            )
         own = None if head_like_folds or not len(val_rows) else (val_logits, val_rows, "validation")
-        return dict(X_fit=X, y_fit=y, held_out_logits=cross.logits, held_out_rows=np.arange(len(y)),
-                    fold=cross.fold, held_out_name="out_of_fold", temperature_from=own)
+        return dict(
+            X_fit=X,
+            y_fit=y,
+            held_out_logits=cross.logits,
+            held_out_rows=np.arange(len(y)),
+            fold=cross.fold,
+            held_out_name="out_of_fold",
+            temperature_from=own,
+        )
     groups = list(train.keys) + list(validation.keys)
     k = min(DEFAULT_FOLDS, len(set(groups)))
     fold = assign_folds(y, k, groups=groups, seed=seed) if k >= 2 else np.full(len(y), -1)
-    return dict(X_fit=X, y_fit=y, held_out_logits=val_logits, held_out_rows=val_rows, fold=fold,
-                held_out_name="validation")
+    return dict(
+        X_fit=X,
+        y_fit=y,
+        held_out_logits=val_logits,
+        held_out_rows=val_rows,
+        fold=fold,
+        held_out_name="validation",
+    )
