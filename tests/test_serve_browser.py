@@ -122,3 +122,27 @@ def test_a_file_that_is_not_an_image_shows_the_error(browser, server, tmp_path: 
     message = browser.find_element(By.ID, "status").text
     assert "holiday.jpg" in message and "not an image" in message
     assert _results(browser) == []
+
+
+def test_a_photo_of_none_of_the_classes_says_so(browser, tmp_path_factory):
+    # --unknown_threshold -1000: every photo is "unknown"; the page names the closest class instead of asserting it.
+    model = sample_model(tmp_path_factory)
+    with running_server(model.output_graph, "--unknown_threshold=-1000") as url:
+        wait = _open(browser, url)
+        photo = sample_photo("fish", 4)
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
+        card = browser.find_element(By.CSS_SELECTOR, "#results .result")
+        assert card.get_attribute("data-unknown") == "true"
+        note = card.find_element(By.CSS_SELECTOR, ".unknown").text
+        assert note.startswith("None of the 4 classes") and "it looks most like fish" in note
+        assert "unknown score" in note
+
+
+def test_a_known_photo_has_no_unknown_note(browser, server):
+    wait = _open(browser, server)
+    browser.find_element(By.ID, "file").send_keys(str(sample_photo("tools", 1)))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
+    card = browser.find_element(By.CSS_SELECTOR, "#results .result")
+    assert card.get_attribute("data-unknown") == "false"
+    assert card.find_elements(By.CSS_SELECTOR, ".unknown") == []

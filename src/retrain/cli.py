@@ -110,6 +110,12 @@ def training_parser() -> _Parser:
           "none: draw images uniformly")
     _add(g, "seed", type=int, default=d.seed, help="random seed; the same seed gives the same model bit for bit "
           "(default: random, printed in metrics.json)")
+    _add(g, "calibration", default=d.calibration, choices=["temperature", "none"],
+         help="fit a temperature on held-out predictions so that the probabilities are calibrated (the predicted "
+         "class never changes); none keeps the raw softmax")
+    _add(g, "unknown_threshold", type=float, default=d.unknown_threshold,
+         help="unknown_score above which an image is called unknown (default: chosen so that 95%% of known "
+         "out-of-fold images are accepted)")
     _add(g, "resume", action="store_true", help="continue an interrupted run from its checkpoint; without "
           "--output_dir or --checkpoint_path, the last interrupted run under retrain_runs/")
     g = p.add_argument_group("distortions (training images only)")
@@ -260,6 +266,8 @@ def label_image_parser() -> _Parser:
     _add(p, "top_k", type=int, default=5, help="how many labels to print per image")
     _add(p, "num_top_predictions", type=int, default=None, help="same as --top_k (old label_image name)")
     _add(p, "num_threads", type=int, default=0, help="inference threads (0 = automatic)")
+    _add(p, "unknown_threshold", type=float, default=None,
+         help="call an image unknown above this unknown_score (default: the threshold stored in the model)")
     _add(p, "input_layer", default=None, help="accepted for compatibility; the model knows its input")
     _add(p, "output_layer", default=None, help="accepted for compatibility; the model knows its output")
     _add(p, "input_height", type=int, default=None, help="accepted; the model's input size is used")
@@ -284,6 +292,12 @@ def classify_command(ns: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     if ns.labels:
         clf.labels = read_labels_file(ns.labels, clf)
+    if clf.unknown_note:
+        print(f"note: {clf.unknown_note}", file=sys.stderr)
+        if ns.unknown_threshold is not None:
+            print("note: --unknown_threshold ignored: this model has no unknown score", file=sys.stderr)
+    elif ns.unknown_threshold is not None:
+        clf.unknown_threshold = ns.unknown_threshold
     top_k = ns.num_top_predictions or ns.top_k
     if not ns.image:
         raise RetrainError("no images given: pass --image PATH [PATH ...] (files or folders)")
@@ -302,11 +316,13 @@ def classify_command(ns: argparse.Namespace) -> int:
                 print(f"error: {shown}: {reason}", file=sys.stderr)
             continue
         if ns.json:
-            obj = {"image": shown, "predictions": [{"label": p.label, "score": round(p.score, 6)} for p in preds]}
-            print(json.dumps(obj, ensure_ascii=False), flush=True)
+            print(json.dumps({"image": shown, **preds.to_dict()}, ensure_ascii=False), flush=True)
         else:
             if not single:
                 print(shown)
+            if preds.unknown:
+                print(f"unknown (score {preds.unknown_score:.3f} > {clf.unknown_threshold:.3f}; "
+                      f"closest: {preds[0].label} {preds[0].score:.5f})")
             for p in preds:
                 print(f"{p.label} {p.score:.5f}")
             if not single:
@@ -349,6 +365,8 @@ def serve_parser() -> _Parser:
          "are answered 503 with Retry-After before their body is read (memory stays below about this many "
          "times --max_body_bytes)")
     _add(p, "num_threads", type=int, default=0, help="inference threads (0 = automatic)")
+    _add(p, "unknown_threshold", type=float, default=None,
+         help="call an image unknown above this unknown_score (default: the threshold stored in the model)")
     _add(p, "log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
          help="server messages (debug also logs every request)")
     return p
@@ -369,7 +387,7 @@ def _serve_command(ns: argparse.Namespace) -> int:
         graph, host=ns.host, port=ns.port, log_level=ns.log_level,
         max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms, max_body_bytes=ns.max_body_bytes,
         max_pixels=ns.max_pixels, max_images=ns.max_images, max_queue=ns.max_queue,
-        max_in_flight=ns.max_in_flight, threads=ns.num_threads or None,
+        max_in_flight=ns.max_in_flight, threads=ns.num_threads or None, unknown_threshold=ns.unknown_threshold,
     )
     return 0
 

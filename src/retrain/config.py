@@ -45,6 +45,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     class_balance: str = "sample"
     seed: int | None = None
+    # -- open world: calibrated confidence and the unknown answer ------------------------------
+    calibration: str = "temperature"  # or "none"
+    unknown_threshold: float | None = None  # None: chosen automatically (accept 95% of known images)
     # -- distortions (training images only) ------------------------------------------------
     flip_left_right: bool = False
     random_crop: float = 0

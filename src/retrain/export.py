@@ -33,6 +33,7 @@ MODEL_FORMAT = "retrain-model"
 MODEL_FORMAT_VERSION = 1
 INPUT_NAME = "image"
 FEATURES_NAME = "features"
+UNKNOWN_NAME = "unknown_score"
 EXPORTER_VERSION = 1  # bump when the backbone export changes
 OPSET = 17
 
@@ -119,16 +120,25 @@ def build_classifier(
     coef: np.ndarray,
     intercept: np.ndarray,
     manifest: dict,
+    *,
+    temperature: float = 1.0,
+    unknown=None,
 ) -> onnx.ModelProto:
-    """Append ``softmax(features @ coef + intercept)`` to a pixels->features graph."""
+    """Append ``softmax((features @ coef + intercept) / temperature)`` to a pixels->features graph,
+    and with ``unknown`` (:class:`retrain.openset.MahalanobisStats`) a second output ``unknown_score``.
+
+    The temperature is folded into the weights: the graph is the same size and speed either way.
+    """
     model = load_onnx(backbone)
     graph = model.graph
     out_name = manifest["output"]["name"]
     n_classes = coef.shape[1]
     graph.initializer.extend(
         [
-            numpy_helper.from_array(np.asarray(coef, np.float32), "final_retrain_ops/weights"),
-            numpy_helper.from_array(np.asarray(intercept, np.float32), "final_retrain_ops/biases"),
+            numpy_helper.from_array(np.asarray(coef, np.float32) / np.float32(temperature), "final_retrain_ops/weights"),
+            numpy_helper.from_array(
+                np.asarray(intercept, np.float32) / np.float32(temperature), "final_retrain_ops/biases"
+            ),
         ]
     )
     graph.node.extend(
@@ -140,8 +150,78 @@ def build_classifier(
     )
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["batch", n_classes]))
+    if unknown is not None:
+        _append_unknown_score(graph, unknown, "logits")
     set_manifest(model, manifest)
     return model
+
+
+def _append_unknown_score(graph: onnx.GraphProto, unknown, logits: str) -> None:
+    """``unknown_score`` (N,) = a * maha + b * logsumexp(logits) + c (:class:`retrain.openset.Combination`),
+    maha = sqrt(max(0, min_c ||(x/|x| - center) W - m_c||^2) / D) from the features.
+
+    The squared distance is expanded as ||z||^2 - 2 z.m_c + ||m_c||^2 (one product for all
+    classes). The whitener is stored in float16 (half the bytes; ONNX Runtime casts it back
+    once, when the session loads) -- its rounding moves scores by about 1e-3 relative.
+    ``logits`` are the temperature-scaled logits (the temperature is folded into the layer).
+    """
+    stats, comb = unknown.stats, unknown.combination
+    p = "unknown_score_ops/"
+    W = np.asarray(stats.whitener, np.float32)  # (D, D)
+    means = np.asarray(stats.means[stats.present], np.float32)  # (C', D), whitened
+    d = W.shape[0]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(W.astype(np.float16), p + "whitener_f16"),
+            numpy_helper.from_array(-(np.asarray(stats.center, np.float64) @ stats.whitener).astype(np.float32),
+                                    p + "center_bias"),
+            numpy_helper.from_array(means, p + "class_means"),
+            numpy_helper.from_array((means.astype(np.float64) ** 2).sum(axis=1).astype(np.float32), p + "mean_norms"),
+            numpy_helper.from_array(np.array(1e-12, np.float32), p + "eps"),
+            numpy_helper.from_array(np.array(1.0 / d, np.float32), p + "inv_dim"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("ReduceL2", [FEATURES_NAME], [p + "norm"], axes=[1], keepdims=1),
+            helper.make_node("Max", [p + "norm", p + "eps"], [p + "norm_safe"]),
+            helper.make_node("Div", [FEATURES_NAME, p + "norm_safe"], [p + "unit"]),
+            helper.make_node("Cast", [p + "whitener_f16"], [p + "whitener"], to=TensorProto.FLOAT),
+            helper.make_node("Gemm", [p + "unit", p + "whitener", p + "center_bias"], [p + "z"]),
+            helper.make_node("ReduceSumSquare", [p + "z"], [p + "z_sq"], axes=[1], keepdims=1),
+            helper.make_node("Gemm", [p + "z", p + "class_means", p + "mean_norms"], [p + "cross"],
+                             alpha=-2.0, beta=1.0, transB=1),
+            helper.make_node("Add", [p + "cross", p + "z_sq"], [p + "dist_sq"]),
+            helper.make_node("ReduceMin", [p + "dist_sq"], [p + "nearest"], axes=[1], keepdims=0),
+            helper.make_node("Mul", [p + "nearest", p + "inv_dim"], [p + "per_dim"]),
+            helper.make_node("Relu", [p + "per_dim"], [p + "clamped"]),
+            helper.make_node("Sqrt", [p + "clamped"], [p + "maha"]),
+        ]
+    )
+    # energy = -logsumexp(logits), taken stably: max + log(sum(exp(logits - max))).
+    use_energy = np.isfinite(comb.energy_spread)
+    a = 1.0 / comb.maha_spread
+    b = -1.0 / comb.energy_spread if use_energy else 0.0
+    c = -comb.maha_mid / comb.maha_spread - (comb.energy_mid / comb.energy_spread if use_energy else 0.0)
+    graph.initializer.extend([numpy_helper.from_array(np.array(v, np.float32), p + name)
+                              for name, v in (("a", a), ("b", b), ("c", c))])
+    graph.node.extend(
+        [
+            helper.make_node("ReduceMax", [logits], [p + "lmax"], axes=[1], keepdims=1),
+            helper.make_node("Sub", [logits, p + "lmax"], [p + "shifted"]),
+            helper.make_node("Exp", [p + "shifted"], [p + "exp"]),
+            helper.make_node("ReduceSum", [p + "exp", p + "sum_axes"], [p + "sum"], keepdims=0),
+            helper.make_node("Log", [p + "sum"], [p + "log_sum"]),
+            helper.make_node("Squeeze", [p + "lmax", p + "sum_axes"], [p + "lmax_1d"]),
+            helper.make_node("Add", [p + "lmax_1d", p + "log_sum"], [p + "lse"]),
+            helper.make_node("Mul", [p + "maha", p + "a"], [p + "maha_term"]),
+            helper.make_node("Mul", [p + "lse", p + "b"], [p + "energy_term"]),
+            helper.make_node("Add", [p + "maha_term", p + "energy_term"], [p + "terms"]),
+            helper.make_node("Add", [p + "terms", p + "c"], [UNKNOWN_NAME], name=UNKNOWN_NAME),
+        ]
+    )
+    graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), p + "sum_axes"))
+    graph.output.append(helper.make_tensor_value_info(UNKNOWN_NAME, TensorProto.FLOAT, ["batch"]))
 
 
 def load_onnx(source: onnx.ModelProto | bytes | str | os.PathLike) -> onnx.ModelProto:
@@ -165,13 +245,19 @@ def classifier_model(
     model_dir: str | os.PathLike | None = None,
     output_name: str = "final_result",
     metrics: dict | None = None,
+    open_world=None,
 ) -> tuple[onnx.ModelProto, dict]:
-    """(model, manifest): ``spec``'s backbone (or ``backbone_onnx``, a fine-tuned one) + ``head``'s layer."""
+    """(model, manifest): ``spec``'s backbone (or ``backbone_onnx``, a fine-tuned one) + ``head``'s layer,
+    with ``open_world`` (:class:`retrain.openworld.OpenWorld`) its temperature and ``unknown_score``."""
     manifest = make_manifest(
         spec, labels, output_name=output_name, fine_tuned=backbone_onnx is not None, metrics=metrics
     )
+    extra = {}
+    if open_world is not None:  # intermediate snapshots stay uncalibrated and without the score
+        manifest.update(open_world.manifest())
+        extra = dict(temperature=open_world.temperature, unknown=open_world.unknown)
     source = backbone_onnx if backbone_onnx is not None else backbone_onnx_path(spec, model_dir)
-    return build_classifier(source, head.coef_, head.intercept_, manifest), manifest
+    return build_classifier(source, head.coef_, head.intercept_, manifest, **extra), manifest
 
 
 def export_model(

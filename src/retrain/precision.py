@@ -84,14 +84,16 @@ def make_extraction_engine(
     return engine
 
 
-def with_extraction_backbone(model, manifest: dict, spec: BackboneSpec, cfg, head):
-    """The classifier rebuilt on the backbone its features came from (int8), manifest saying so."""
+def with_extraction_backbone(model, manifest: dict, spec: BackboneSpec, cfg, head, open_world=None):
+    """The classifier rebuilt on the backbone its features came from (int8), manifest saying so; with
+    ``open_world``'s temperature and unknown score, fitted on those same features."""
     from retrain.export import build_classifier, set_manifest
 
     del model
     manifest = {**manifest, "extraction_precision": cfg.extraction_precision}
     source = backbone_model_path(spec, cfg.extraction_precision, cfg.model_dir or None).read_bytes()
-    model = build_classifier(source, head.coef_, head.intercept_, manifest)
+    extra = {} if open_world is None else dict(temperature=open_world.temperature, unknown=open_world.unknown)
+    model = build_classifier(source, head.coef_, head.intercept_, manifest, **extra)
     set_manifest(model, manifest)
     return model, manifest
 

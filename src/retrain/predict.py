@@ -25,6 +25,26 @@ class Prediction:
     score: float
 
 
+class Ranked(list):
+    """One image's predictions, best first (a list of :class:`Prediction`), and the unknown answer.
+
+    ``unknown_score``: the model's ``unknown_score`` output (higher = less like any trained class),
+    None for a model made without one; ``unknown``: whether it is above the threshold (None likewise).
+    """
+
+    def __init__(self, predictions=(), unknown_score: float | None = None, unknown: bool | None = None):
+        super().__init__(predictions)
+        self.unknown_score, self.unknown = unknown_score, unknown
+
+    def to_dict(self) -> dict:
+        """``{"predictions": [...], "unknown_score": ..., "unknown": ...}`` (no unknown keys for an old model)."""
+        out: dict = {"predictions": [{"label": p.label, "score": round(p.score, 6)} for p in self]}
+        if self.unknown_score is not None:
+            out["unknown_score"] = round(self.unknown_score, 6)
+            out["unknown"] = self.unknown
+        return out
+
+
 ImageInput = str | os.PathLike | bytes | np.ndarray
 
 
@@ -86,6 +106,15 @@ class Classifier:
                 "the file was edited: re-export the model with retrain"
             )
         self.input_size = self.preprocessing.input_size
+        from retrain.export import UNKNOWN_NAME
+
+        # Models made before the unknown score have one output; they classify as before, without it.
+        self.has_unknown = any(o.name == UNKNOWN_NAME for o in model.graph.output)
+        threshold = (self.manifest.get("unknown") or {}).get("threshold")
+        # None in the manifest: the run had no held-out images to choose one from, so nothing is unknown.
+        self.unknown_threshold: float | None = (
+            (float("inf") if threshold is None else float(threshold)) if self.has_unknown else None
+        )
         try:
             if not tflite:
                 self._engine = OnnxEngine(data, threads=threads)
@@ -111,37 +140,59 @@ class Classifier:
         data = image if isinstance(image, bytes) else read_image_bytes(image)
         return decode_image(data, size, resample=resample)
 
+    @property
+    def unknown_note(self) -> str | None:
+        """Why answers carry no unknown fields, for a model made before the unknown score (else None)."""
+        if self.has_unknown:
+            return None
+        return (f"{self.path.name} has no unknown_score output (made before retrain could say 'unknown'); "
+                "answers carry no unknown fields. Retrain to get them.")
+
     def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, n_classes) probabilities."""
         return self._engine(np.ascontiguousarray(pixels, dtype=np.uint8))
 
-    def rank(self, probs: np.ndarray, top_k: int | None = 5) -> list[Prediction]:
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, H, W, 3) uint8 -> ((N, n_classes) probabilities, (N,) unknown scores or None), in one run."""
+        outputs = self._engine.session.run(None, {self._engine.input_name: np.ascontiguousarray(pixels, np.uint8)})
+        return outputs[0], (outputs[1] if self.has_unknown else None)
+
+    def rank(self, probs: np.ndarray, top_k: int | None = 5, unknown_score: float | None = None) -> Ranked:
         order = np.argsort(-probs, kind="stable")[: top_k or len(probs)]
-        return [Prediction(self.labels[i], float(probs[i])) for i in order]
+        preds = [Prediction(self.labels[i], float(probs[i])) for i in order]
+        if unknown_score is None or not self.has_unknown:
+            return Ranked(preds)
+        score = float(unknown_score)
+        return Ranked(preds, score, bool(score > self.unknown_threshold))
+
+    def _ranked_batch(self, pixels: np.ndarray, top_k: int | None) -> list[Ranked]:
+        probs, scores = self.predict(pixels)
+        return [self.rank(p, top_k, None if scores is None else s) for p, s in
+                zip(probs, scores if scores is not None else [None] * len(probs))]
 
     def classify(
         self, images: ImageInput | Sequence[ImageInput], *, top_k: int | None = 5, batch_size: int = 32
-    ) -> list[list[Prediction]]:
-        """Ranked predictions (best first) for each image. Unreadable images raise ImageError."""
+    ) -> list[Ranked]:
+        """Ranked predictions (best first) for each image, each with ``unknown_score`` and ``unknown``
+        (None for a model made before them). Unreadable images raise ImageError."""
         if isinstance(images, (str, bytes, os.PathLike, np.ndarray)):
             images = [images]
-        out: list[list[Prediction]] = []
+        out: list[Ranked] = []
         for start in range(0, len(images), batch_size):
             chunk = [self.to_pixels(im) for im in images[start : start + batch_size]]
-            for probs in self.predict_proba(np.stack(chunk)):
-                out.append(self.rank(probs, top_k))
+            out.extend(self._ranked_batch(np.stack(chunk), top_k))
         return out
 
     def classify_files(
         self, paths: Iterable[str], *, top_k: int | None = 5, batch_size: int = 32
-    ) -> Iterable[tuple[str, list[Prediction] | None, str | None]]:
+    ) -> Iterable[tuple[str, Ranked | None, str | None]]:
         """Yield ``(path, predictions, None)`` or ``(path, None, reason)`` per file, never stopping on a bad one."""
         batch: list[tuple[str, np.ndarray]] = []
 
         def flush():
-            probs = self.predict_proba(np.stack([px for _, px in batch]))
-            for (p, _), row in zip(batch, probs):
-                yield p, self.rank(row, top_k), None
+            ranked = self._ranked_batch(np.stack([px for _, px in batch]), top_k)
+            for (p, _), row in zip(batch, ranked):
+                yield p, row, None
             batch.clear()
 
         for path in paths:

@@ -196,7 +196,7 @@ class _Service:
     def __init__(self, clf: Classifier, limits: Limits, decode_threads: int | None):
         self.clf, self.limits = clf, limits
         self.batcher = MicroBatcher(
-            clf.predict_proba, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue
+            self._predict_rows, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue
         )
         self.decode_threads = decode_threads or min(4, cpu_cores())
         self._decode_pool: ThreadPoolExecutor | None = None
@@ -204,6 +204,11 @@ class _Service:
         self.started = time.time()
         self.in_flight = 0  # classify requests admitted and not yet answered (one event loop: no lock needed)
         self.rejected_in_flight = 0
+
+    def _predict_rows(self, pixels: np.ndarray) -> list[tuple[np.ndarray, float | None]]:
+        """(N, H, W, 3) -> per image (probabilities, unknown score or None): both outputs of one model run."""
+        probs, scores = self.clf.predict(pixels)
+        return list(zip(probs, [None] * len(probs) if scores is None else scores))
 
     @property
     def decode_pool(self) -> ThreadPoolExecutor:
@@ -228,6 +233,11 @@ class _Service:
             "output": m.get("output"),
             "quantization": m.get("quantization") or "float32",
             "fine_tuned": m.get("fine_tuned"),
+            "calibration": m.get("calibration"),
+            "unknown": None if not self.clf.has_unknown else {
+                **(m.get("unknown") or {}),
+                "threshold": self.clf.unknown_threshold if np.isfinite(self.clf.unknown_threshold) else None,
+            },
             "metrics": {k: v for k, v in (m.get("metrics") or {}).items() if k in ("test_accuracy", "test_count",
                                                                                   "validation_accuracy")},
             "created": m.get("created"),
@@ -253,6 +263,7 @@ def create_app(
     max_in_flight: int = Limits.max_in_flight,
     threads: int | None = None,
     decode_threads: int | None = None,
+    unknown_threshold: float | None = None,
 ):
     """The ASGI app (Starlette) serving ``model``: a loaded :class:`Classifier` or a model path.
 
@@ -269,6 +280,8 @@ def create_app(
     limits = Limits(max_batch, max_wait_ms, max_body_bytes, max_pixels, max_images, max_queue, default_top_k,
                     max_in_flight)
     clf = model if isinstance(model, Classifier) else load(model, threads=threads)
+    if unknown_threshold is not None and clf.has_unknown:  # as label_image --unknown_threshold
+        clf.unknown_threshold = float(unknown_threshold)
     service = _Service(clf, limits, decode_threads)
     page = resources.files("retrain").joinpath("serve_static/index.html").read_bytes()
 
@@ -398,9 +411,12 @@ async def _classify_admitted(service: _Service, request):
         raise HTTPError(status, f"{what} cannot be classified: {reason}{more}; {hint}")
     rows = await asyncio.gather(*(service.batcher.submit(px) for px, _ in decoded))
     results = []
-    for (name, _), probs in zip(files, rows):
-        preds = service.clf.rank(probs, top_k)
-        results.append({"filename": name, "predictions": [{"label": p.label, "score": p.score} for p in preds]})
+    for (name, _), (probs, unknown_score) in zip(files, rows):
+        preds = service.clf.rank(probs, top_k, unknown_score)
+        result = {"filename": name, "predictions": [{"label": p.label, "score": p.score} for p in preds]}
+        if preds.unknown_score is not None:  # absent for a model made before the unknown score
+            result.update(unknown_score=preds.unknown_score, unknown=preds.unknown)
+        results.append(result)
     return _json({"results": results})
 
 
@@ -537,6 +553,8 @@ def serve(
         raise RetrainError("serving needs Starlette and uvicorn, which retrain depends on; this installation "
                            "lacks them: reinstall retrain (pip install --force-reinstall retrain)") from None
     app = create_app(model, **app_options)
+    if app.state.service.clf.unknown_note:
+        print(f"note: {app.state.service.clf.unknown_note}", flush=True)
     sock = bind_socket(host, port)
     bound = sock.getsockname()
     shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]

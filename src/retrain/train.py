@@ -108,7 +108,7 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
 
     history: dict[str, list] = defaultdict(list)  # the training curves, for the report
     # Out-of-fold fits on training + validation, made once per run and handed to the stages that need them.
-    crossfit = None if cfg.no_report else _cross_fit(cfg, splits, seed, timings)
+    crossfit = _cross_fit(cfg, splits, seed, timings)
     frozen = splits  # bottleneck features, before any fine-tuning: what the audit compares
     head = _fit_head(cfg, spec, seed, splits, paths, timings, history)
     validation_accuracy = _validation_accuracy(head, splits.validation)
@@ -127,6 +127,10 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
 
     test = evaluate(head, splits.test, splits.labels, test_batch_size=cfg.test_batch_size, seed=seed,
                     print_misclassified=cfg.print_misclassified_test_images)
+    # Out-of-fold predictions describe the frozen features; fine-tuning replaced them.
+    cross = crossfit if backbone_onnx is None else None
+    open_world = _open_world(cfg, splits, head, seed, cross)
+    timings["open_world"] = open_world.seconds
     metrics = {
         "test_accuracy": test.accuracy,
         "test_count": test.count,
@@ -136,21 +140,24 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
         "skipped_files": len(table.skipped),
         "seed": seed,
         "test": test.metrics,
+        **open_world.metrics(),
     }
     if crossfit is not None:
         metrics["crossfit"] = {"accuracy": crossfit.accuracy, "best_steps": crossfit.best_steps,
                                "folds": int(crossfit.fold.max()) + 1, "seconds": round(crossfit.seconds, 3)}
+    report = crossfit is not None and not cfg.no_report
+    if report:
         t0 = time.perf_counter()
         metrics["audit"] = _audit(cfg, frozen, crossfit, head, splits.test, table.skipped, history, seed, paths)
         timings["audit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _export(cfg, spec, splits.dataset, head, metrics, backbone_onnx, paths)
+    _export(cfg, spec, splits.dataset, head, metrics, backbone_onnx, paths, open_world)
     timings["export"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     metrics["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     metrics["cpu_seconds"] = {k: round(v, 3) for k, v in cpu_timings.items()}
     atomic_write_bytes(paths.run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
-    if crossfit is not None:
+    if report:
         from retrain.report import write_report
 
         log.info("Wrote the report %s", write_report(paths.run_dir))
@@ -467,18 +474,37 @@ def evaluate(head, test: Split, labels: list[str], *, test_batch_size: int = -1,
     return TestReport(acc, len(idx), wrong, classification_metrics(test.y[idx], pred, labels))
 
 
+def _open_world(cfg: TrainConfig, splits: Splits, head, seed: int, cross=None):
+    """Temperature and unknown score (retrain/openworld.py) for the final ``head``."""
+    from retrain.openworld import fit_open_world, held_out_inputs
+
+    # The final layer here is fitted on the training split alone, unlike the folds: its own
+    # validation logits choose the temperature.
+    held_out = held_out_inputs(splits.train, splits.validation, head, cross=cross, seed=seed)
+    return fit_open_world(labels=splits.labels, **held_out, coef=head.coef_, intercept=head.intercept_,
+                          X_test=splits.test.X, y_test=splits.test.y, calibration=cfg.calibration,
+                          unknown_threshold=cfg.unknown_threshold, head_params=_head_params(cfg, head), seed=seed)
+
+
+def _head_params(cfg: TrainConfig, head) -> dict:
+    """The final layer's settings and step count, for refits (leave-one-class-out)."""
+    return dict(steps=max(1, getattr(head, "best_step_", None) or cfg.how_many_training_steps),
+                learning_rate=cfg.learning_rate, batch_size=cfg.train_batch_size, optimizer=cfg.optimizer,
+                weight_decay=cfg.weight_decay, class_balance=cfg.class_balance)
+
+
 def _export(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset, head, metrics: dict, backbone_onnx,
-            paths: RunPaths) -> None:
+            paths: RunPaths, open_world=None) -> None:
     """The model, its labels, the serving folder, the quantized copy and ``config.json``."""
     from retrain.export import classifier_model, save_model, write_labels, write_saved_model_dir
 
     model, manifest = classifier_model(spec, dataset.labels, head, backbone_onnx=backbone_onnx,
                                        model_dir=cfg.model_dir or None, output_name=cfg.final_tensor_name,
-                                       metrics=metrics)
+                                       metrics=metrics, open_world=open_world)
     if cfg.extraction_precision != "float32" and backbone_onnx is None:  # the backbone the layer was trained on
         from retrain.precision import with_extraction_backbone
 
-        model, manifest = with_extraction_backbone(model, manifest, spec, cfg, head)
+        model, manifest = with_extraction_backbone(model, manifest, spec, cfg, head, open_world)
     save_model(model, paths.output_graph)
     write_labels(dataset.labels, paths.output_labels)
     log.info("Wrote the model to %s and its labels to %s", paths.output_graph, paths.output_labels)
