@@ -46,6 +46,13 @@ def sample_pixels(int8_run):
     return pixels, y, clf.predict_proba(pixels)
 
 
+def _float16_bytes(path) -> int:
+    import onnx
+
+    model = onnx.load(str(path))
+    return sum(len(i.raw_data) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16)
+
+
 def _int8_path(run):
     return run.output_graph.with_name("output_graph.int8.onnx")
 
@@ -55,7 +62,11 @@ def test_int8_at_training_time_is_small_and_keeps_test_accuracy(int8_run):
     float_size = int8_run.output_graph.stat().st_size
     int8_size = _int8_path(int8_run).stat().st_size
     assert report["size_bytes"] == int8_size and report["float_size_bytes"] == float_size
-    assert int8_size <= float_size / 3, (int8_size, float_size)
+    # The unknown score's whitener (D x D float16, the same whatever the training set) stays float16 in
+    # both files; everything else, backbone and new layer, is at most a third of its float size.
+    block = _float16_bytes(int8_run.output_graph)
+    assert block > 0 and _float16_bytes(_int8_path(int8_run)) == block
+    assert int8_size - block <= (float_size - block) / 3, (int8_size, float_size, block)
     c = report["comparison"]
     assert c["count"] == int8_run.test_count >= 15
     assert c["float_accuracy"] == pytest.approx(int8_run.test_accuracy, abs=1e-9)
@@ -107,7 +118,9 @@ def test_parity_with_the_float_model_on_the_sample_photos(fmt, int8_run, fp16_pa
 def test_fp16_is_half_size_and_marked(int8_run, fp16_path):
     clf = retrain.load(fp16_path)
     assert clf.manifest["quantization"] == "fp16"
-    assert fp16_path.stat().st_size <= 0.55 * int8_run.output_graph.stat().st_size
+    # Everything but the unknown score's whitener (float16 in the float model already) halves.
+    block = _float16_bytes(int8_run.output_graph)
+    assert fp16_path.stat().st_size - block <= 0.55 * (int8_run.output_graph.stat().st_size - block)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp16"])

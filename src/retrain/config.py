@@ -130,6 +130,7 @@ def _check_type(name: str, value: object, annotation: str) -> None:
         "int": (numbers.Integral,),
         "float": (numbers.Real,),
         "int | None": (numbers.Integral, type(None)),
+        "float | None": (numbers.Real, type(None)),
         "str | int": (str, numbers.Integral),
     }
     expected = kinds[annotation]
@@ -140,6 +141,7 @@ def _check_type(name: str, value: object, annotation: str) -> None:
             "int": "a whole number",
             "float": "a number",
             "int | None": "a whole number or None",
+            "float | None": "a number or None",
             "str | int": "a whole number or text",
         }[annotation]
         raise ConfigError(f"--{name} {value!r} is not allowed: expected {what}, got {type(value).__name__}")
@@ -193,5 +195,9 @@ _RULES = {
     "device": _one_of("auto", "cpu", "cuda"),
     "batch_size": ((lambda n: n >= 0), "a whole number of at least 0 (0 = automatic)"),
     "num_workers": ((lambda n: n >= 0), "a whole number of at least 0 (0 = automatic)"),
+    "calibration": _one_of("temperature", "none"),
+    "unknown_threshold": ((lambda x: x is None or math.isfinite(x)), "None (automatic) or a finite number"),
+    "engine": _one_of("local", "ray"),
+    "extraction_precision": _one_of("float32", "int8"),
     "logging_verbosity": _one_of("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL", "CRITICAL"),
 }

@@ -177,6 +177,7 @@ def quantize_int8(
         if reader.count == 0:
             raise QuantizeError("int8 calibration got no images; pass at least one readable photo")
         quantized = onnx.load(out)
+    _restore_float16_constants(model, quantized)
     n_weighted = sum(1 for n in pre_model.graph.node if _is_weighted(n, _initializers(pre_model)))
     n_float = sum(1 for n in pre_model.graph.node if n.name in set(excluded) and n.op_type in _WEIGHTED_OPS)
     set_manifest(quantized, {
@@ -189,6 +190,25 @@ def quantize_int8(
         },
     })
     return quantized
+
+
+def _restore_float16_constants(source: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
+    """Put back the float16 constants (e.g. the unknown score's whitener) that pre-processing folded.
+
+    ``quant_pre_process`` folds each ``Cast(float16 constant -> float32)`` into a float32 constant
+    twice the size; those nodes stay in float32 anyway, so the folding only doubles the file.
+    """
+    from onnx import TensorProto, helper
+
+    inits = {i.name: i for i in source.graph.initializer if i.data_type == TensorProto.FLOAT16}
+    casts = {n.output[0]: n for n in source.graph.node if n.op_type == "Cast" and n.input[0] in inits}
+    folded = [i for i in quantized.graph.initializer if i.name in casts and i.data_type == TensorProto.FLOAT]
+    for init in folded:
+        cast = casts[init.name]
+        quantized.graph.initializer.remove(init)
+        quantized.graph.initializer.append(inits[cast.input[0]])
+        quantized.graph.node.insert(0, helper.make_node("Cast", list(cast.input), list(cast.output),
+                                                         name=cast.name or None, to=TensorProto.FLOAT))
 
 
 def float_nodes(model: onnx.ModelProto, float_prefix: float = FLOAT_PREFIX) -> list[str]:
@@ -268,9 +288,13 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     manifest = get_manifest(model)
     # The uint8->float Cast must keep casting to float32: the converter would retype its output
     # but leave its `to` attribute behind, and ONNX Runtime refuses the graph.
+    for i, node in enumerate(model.graph.node):  # the converter names its casts after nodes: no two alike
+        node.name = node.name or f"retrain_node_{i}"
     keep = [n.name for n in model.graph.node if n.op_type == "Cast"]
     with _quiet():
-        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+        # check_fp16_ready off: the unknown score's whitener is float16 already, behind its own Cast.
+        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                                check_fp16_ready=False)
     set_manifest(half, {
         **manifest,
         "quantization": "fp16",
