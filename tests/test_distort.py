@@ -142,14 +142,15 @@ def test_training_images_only_and_variants_cached(colour_dir, fast_config, monke
     plain = retrain.train(colour_dir, **{**fast_config, "output_dir": str(tmp_path / "plain")})
     assert spy.paths == [] and spy.variants == 0
     first = retrain.train(colour_dir, **fast_config, **flags)
-    n_train = first.metrics["train_count"]
-    assert spy.variants == 3 * n_train
-    # Only training files were read by the distortion code: validation and test stay untouched, and
-    # their accuracy is measured on the same (undistorted) features as in the plain run.
-    from retrain.data import TRAINING, assign_splits, discover
+    # The images the final layer learns from (training + validation by default) are distorted; test images never.
+    n_train = first.metrics["final_fit_count"]
+    assert first.metrics["final_fit"] == "train+val" and spy.variants == 3 * n_train
+    # Only the files the layer learns from were read by the distortion code: test images stay untouched,
+    # and their accuracy is measured on the same (undistorted) features as in the plain run.
+    from retrain.data import TESTING, assign_splits, discover
 
     ds = assign_splits(discover(colour_dir), validation_percentage=10, testing_percentage=10)
-    train_paths = {r.path for r in ds.records if r.split == TRAINING}
+    train_paths = {r.path for r in ds.records if r.split != TESTING}
     assert set(spy.paths) == train_paths and len(train_paths) == n_train
     assert first.test_count == plain.test_count
 
@@ -176,7 +177,7 @@ def test_distorted_training_still_learns(colour_dir, fast_config, caplog):
                       r"images; (\d+) computed", caplog.text)
     assert found, caplog.text
     copies, n_train, computed = map(int, found.groups())
-    assert n_train == result.metrics["train_count"] and copies >= 2 and computed == copies * n_train
+    assert n_train == result.metrics["final_fit_count"] and copies >= 2 and computed == copies * n_train
     store = distort.variant_store(get_backbone(TINY), fast_config["bottleneck_dir"])
     store.refresh()
     assert len(store) == copies * n_train

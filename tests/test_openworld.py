@@ -175,10 +175,11 @@ def test_run_reports_calibration_and_unknown_numbers(run):
     result, _, _, _ = run
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     cal = metrics["calibration"]
-    # The main-branch layer is fitted on the training split: its validation logits choose T.
-    assert cal["method"] == "temperature" and cal["temperature"] > 0 and cal["fitted_on"] == "validation"
-    assert set(cal["ece_before"]) == {"validation", "test"} and set(cal["ece_after"]) == {
-        "validation",
+    # The default layer is fitted as the cross-fit's folds were (training + validation): the
+    # out-of-fold logits choose T.
+    assert cal["method"] == "temperature" and cal["temperature"] > 0 and cal["fitted_on"] == "out_of_fold"
+    assert set(cal["ece_before"]) == {"out_of_fold", "test"} and set(cal["ece_after"]) == {
+        "out_of_fold",
         "test",
     }
     diagram = cal["reliability"]["test"]["after"]

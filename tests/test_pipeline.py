@@ -49,7 +49,8 @@ def test_outputs_metadata_and_tensorboard(colour_dir: Path, fast_config: dict, t
 
 def test_exported_model_equals_the_head_on_cached_features(colour_dir: Path, fast_config: dict):
     # Few steps: probabilities well away from 0 and 1, so the comparison below sees the head's numbers.
-    cfg = {**fast_config, "how_many_training_steps": 4, "eval_step_interval": 2}
+    # No temperature: the exported layer is then exactly the head's (calibration divides it by T).
+    cfg = {**fast_config, "how_many_training_steps": 4, "eval_step_interval": 2, "calibration": "none"}
     result = retrain.train(colour_dir, **cfg)
     # train()'s steps by hand, on the features it cached: the same head, bit for bit.
     dataset = retrain.discover(colour_dir)
@@ -57,9 +58,11 @@ def test_exported_model_equals_the_head_on_cached_features(colour_dir: Path, fas
                                         model_dir=cfg["model_dir"])
     assert features.computed == 0 and features.cached == 36
     splits = retrain.split_features(dataset, features)
-    head = retrain.SoftmaxHead(steps=4, seed=cfg["seed"]).fit(
-        splits.train.X, splits.train.y, n_classes=3, X_val=splits.validation.X, y_val=splits.validation.y,
-        eval_every=2)
+    # The default final fit: training + validation, for the steps the cross-fit chose.
+    labelled = splits.train + splits.validation
+    steps = result.metrics["best_step"]
+    assert steps == result.cross_fit.best_steps <= 4
+    head = retrain.SoftmaxHead(steps=steps, seed=cfg["seed"]).fit(labelled.X, labelled.y, n_classes=3, eval_every=2)
     exported = _weights(result.output_graph)
     assert np.array_equal(exported["final_retrain_ops/weights"], head.coef_)
     assert np.array_equal(exported["final_retrain_ops/biases"], head.intercept_)

@@ -108,6 +108,10 @@ def training_parser() -> _Parser:
     _add(g, "class_balance", default=d.class_balance, choices=["sample", "weight", "none"],
           help="sample: draw classes uniformly (retrain.py); weight: weight the loss by inverse class frequency; "
           "none: draw images uniformly")
+    _add(g, "final_fit", default=d.final_fit, choices=["train", "train+val", "all"],
+         help="images the exported layer is fitted on: train+val (default; steps chosen by 5-fold cross-fitting), "
+         "train (retrain.py: best step on the validation split), or all (test images too, after the test "
+         "accuracy is printed)")
     _add(g, "seed", type=int, default=d.seed, help="random seed; the same seed gives the same model bit for bit "
           "(default: random, printed in metrics.json)")
     _add(g, "calibration", default=d.calibration, choices=["temperature", "none"],

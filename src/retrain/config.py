@@ -44,6 +44,7 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     class_balance: str = "sample"
+    final_fit: str = "train+val"  # what the exported layer learns from: train, train+val or all (see fit.py)
     seed: int | None = None
     # -- open world: calibrated confidence and the unknown answer ------------------------------
     calibration: str = "temperature"  # or "none"
@@ -177,6 +178,7 @@ _RULES = {
     "optimizer": _one_of("adam", "sgd", "momentum"),
     "weight_decay": ((lambda x: math.isfinite(x) and x >= 0), "a number of at least 0"),
     "class_balance": _one_of("sample", "weight", "none"),
+    "final_fit": _one_of("train", "train+val", "all"),
     "seed": ((lambda n: n is None or 0 <= n < 2**31), "None (random) or a whole number from 0 to 2147483647"),
     "random_crop": ((lambda x: math.isfinite(x) and x >= 0), "a percentage of at least 0"),
     "random_scale": ((lambda x: math.isfinite(x) and x >= 0), "a percentage of at least 0"),

@@ -91,6 +91,9 @@ def gram(R: np.ndarray) -> np.ndarray:
     return (R.T @ R).astype(np.float64)
 
 
+MIN_SHRINKAGE = 1e-3
+
+
 def _shrunk_cov(W: np.ndarray, R: np.ndarray, dof: int) -> tuple[np.ndarray, float]:
     """The Ledoit-Wolf shrunk covariance (D, D) of residual rows R (n, D) whose scatter is ``W``
     (``dof`` = rows minus fitted means), and the shrinkage intensity."""
@@ -105,7 +108,9 @@ def _shrunk_cov(W: np.ndarray, R: np.ndarray, dof: int) -> tuple[np.ndarray, flo
     delta = float((S * S).sum())  # ||S - mu I||^2
     sq = (R * R).sum(axis=1, dtype=np.float64)
     beta = ((sq**2).sum() / n - (delta + d * mu * mu)) / n  # ||S||^2 = ||S - mu I||^2 + d mu^2
-    alpha = float(np.clip(beta / delta, 0.0, 1.0)) if delta > 0 else 1.0
+    # At least MIN_SHRINKAGE: with fewer rows than dimensions the sample covariance is singular, and a
+    # zero estimate (tiny n gives noisy fourth moments) would leave no positive-definite matrix to invert.
+    alpha = float(np.clip(beta / delta, MIN_SHRINKAGE, 1.0)) if delta > 0 else 1.0
     S *= 1 - alpha
     S[np.diag_indices(d)] += mu
     return S, alpha

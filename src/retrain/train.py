@@ -27,6 +27,7 @@ from retrain.audit import accuracy_line, classification_metrics
 from retrain.backbones import BackboneSpec, get_backbone
 from retrain.cache import atomic_write_bytes
 from retrain.config import TrainConfig
+from retrain.crossfit import CrossFit
 from retrain.data import TESTING, TRAINING, VALIDATION, Dataset, discover, printable
 from retrain.errors import RetrainError, SkippedFilesError
 from retrain.features import FeatureTable, extract_features
@@ -54,6 +55,7 @@ class TrainResult:
     skipped: dict[str, str] = field(default_factory=dict)
     misclassified: list[tuple[str, str]] = field(default_factory=list)
     config: TrainConfig | None = None
+    cross_fit: CrossFit | None = None  # out-of-fold predictions for the training + validation images
 
 
 @dataclass
@@ -107,11 +109,14 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
     _report_split(splits.dataset, already_said=len(dataset.notices))
 
     history: dict[str, list] = defaultdict(list)  # the training curves, for the report
-    # Out-of-fold fits on training + validation, made once per run and handed to the stages that need them.
-    crossfit = _cross_fit(cfg, splits, seed, timings)
+    # One cross-fit on training + validation per run: it chooses the final layer's steps, and its
+    # out-of-fold predictions serve calibration, the unknown score and the audit.
+    plan = _plan_final_fit(cfg, splits, seed, timings)
+    crossfit = plan.cross
     frozen = splits  # bottleneck features, before any fine-tuning: what the audit compares
-    head = _fit_head(cfg, spec, seed, splits, paths, timings, history)
-    validation_accuracy = _validation_accuracy(head, splits.validation)
+    head = _fit_head(cfg, spec, seed, splits, paths, timings, history, plan)
+    validation_accuracy = (plan.validation_accuracy if plan.with_validation
+                           else _validation_accuracy(head, splits.validation))
     backbone_onnx = None
     if cfg.fine_tune:
         from retrain.finetune import fine_tune
@@ -127,16 +132,27 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
 
     test = evaluate(head, splits.test, splits.labels, test_batch_size=cfg.test_batch_size, seed=seed,
                     print_misclassified=cfg.print_misclassified_test_images)
+    tested = head  # the layer the test accuracy describes
+    fitted_count = len(splits.train.y) + (len(splits.validation.y) if plan.with_validation else 0)
+    if plan.mode == "all" and test.count:
+        from retrain.fit import log_refit_with_test
+
+        head = _refit_with_test(cfg, spec, seed, splits, plan.steps, timings)
+        fitted_count += len(splits.test.y)
+        log_refit_with_test(test.accuracy, fitted_count, len(splits.test.y))
     # Out-of-fold predictions describe the frozen features; fine-tuning replaced them.
     cross = crossfit if backbone_onnx is None else None
-    open_world = _open_world(cfg, splits, head, seed, cross)
+    open_world = _open_world(cfg, splits, head, seed, cross, head_like_folds=plan.with_validation)
     timings["open_world"] = open_world.seconds
     metrics = {
         "test_accuracy": test.accuracy,
         "test_count": test.count,
         "validation_accuracy": validation_accuracy,
+        "validation_kind": "out-of-fold" if plan.with_validation else "held-out",
         "best_step": getattr(head, "best_step_", None),
         "train_count": len(splits.train.y),
+        "final_fit": plan.mode,
+        "final_fit_count": fitted_count,
         "skipped_files": len(table.skipped),
         "seed": seed,
         "test": test.metrics,
@@ -144,11 +160,12 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
     }
     if crossfit is not None:
         metrics["crossfit"] = {"accuracy": crossfit.accuracy, "best_steps": crossfit.best_steps,
-                               "folds": int(crossfit.fold.max()) + 1, "seconds": round(crossfit.seconds, 3)}
+                               "folds": int(crossfit.fold.max()) + 1, "count": len(crossfit.fold),
+                               "seconds": round(crossfit.seconds, 3)}
     report = crossfit is not None and not cfg.no_report
     if report:
         t0 = time.perf_counter()
-        metrics["audit"] = _audit(cfg, frozen, crossfit, head, splits.test, table.skipped, history, seed, paths)
+        metrics["audit"] = _audit(cfg, frozen, crossfit, tested, splits.test, table.skipped, history, seed, paths)
         timings["audit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     _export(cfg, spec, splits.dataset, head, metrics, backbone_onnx, paths, open_world)
@@ -174,6 +191,7 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
         skipped=table.skipped,
         misclassified=test.misclassified,
         config=cfg,
+        cross_fit=crossfit,
     )
 
 
@@ -341,21 +359,20 @@ def head_params(cfg: TrainConfig) -> dict:
                 class_balance=cfg.class_balance)
 
 
-def _cross_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[str, float]):
-    """Out-of-fold logits for every training and validation image (crossfit.cross_fit); None if too few."""
-    from retrain.crossfit import cross_fit
+def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[str, float]):
+    """The run's one cross-fit over training + validation and what the final layer is fitted on (retrain.fit)."""
+    from retrain.fit import labelled_groups, plan_final_fit
 
-    rows = [splits.train, splits.validation]
-    keys = [k for s in rows for k in s.keys]
-    if len(set(keys)) < 2:
-        return None
-    result = cross_fit(np.concatenate([s.X for s in rows]), np.concatenate([s.y for s in rows]),
-                       n_classes=len(splits.labels), head_params=head_params(cfg), groups=keys, seed=seed)
-    timings["cross_fit"] = result.seconds
-    log.info("Cross-fit: out-of-fold accuracy %s over %d folds, %.1f s",
-             accuracy_line(int(round(result.accuracy * len(keys))), len(keys)), result.fold.max() + 1,
-             result.seconds)
-    return result
+    mode = cfg.final_fit
+    if cfg.fine_tune and mode != "train":
+        log.info("--fine_tune: the new layer is fitted on the training split, so that the validation split can "
+                 "judge the fine-tuning epochs (--final_fit %s applies without --fine_tune)", mode)
+        mode = "train"
+    labelled = splits.train + splits.validation
+    plan = plan_final_fit(labelled.X, labelled.y, labelled_groups(labelled.keys, labelled.paths),
+                          n_classes=len(splits.labels), head_params=head_params(cfg), mode=mode, seed=seed)
+    timings["cross_fit"] = plan.cross.seconds if plan.cross is not None else 0.0
+    return plan
 
 
 def _audit(cfg: TrainConfig, frozen: Splits, crossfit, head, test: Split, skipped: dict[str, str],
@@ -380,18 +397,26 @@ def _audit(cfg: TrainConfig, frozen: Splits, crossfit, head, test: Split, skippe
     return audit_run(data, paths.run_dir)
 
 
-def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, paths: RunPaths,
-              timings: dict[str, float], history: dict[str, list] | None = None) -> SoftmaxHead:
-    """The new layer on the training features (distorted variants with the distortion flags)."""
-    train, val = splits.train, splits.validation
-    X_train, y_train = train.X, train.y
+def _fit_rows(cfg: TrainConfig, spec: BackboneSpec, rows: Split, timings: dict[str, float]):
+    """(X, y) the layer learns from: ``rows``' features, or their distorted variants with the distortion flags."""
     if cfg.flip_left_right or cfg.random_crop or cfg.random_scale or cfg.random_brightness:
         from retrain.distort import distorted_training_features
 
         t0 = time.perf_counter()
-        X_train, y_train = distorted_training_features(train, spec, cfg)
+        X, y = distorted_training_features(rows, spec, cfg)
         timings["distortions"] = time.perf_counter() - t0
-    head = SoftmaxHead(**head_params(cfg), seed=seed)
+        return X, y
+    return rows.X, rows.y
+
+
+def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, paths: RunPaths,
+              timings: dict[str, float], history: dict[str, list] | None, plan) -> SoftmaxHead:
+    """The new layer as ``plan`` (retrain.fit.FitPlan) says: on training + validation for the cross-fit's
+    number of steps, or on training alone keeping its best step on validation (retrain.py's way)."""
+    train = splits.train + splits.validation if plan.with_validation else splits.train
+    val = None if plan.with_validation else splits.validation
+    X_train, y_train = _fit_rows(cfg, spec, train, timings)
+    head = SoftmaxHead(**{**head_params(cfg), "steps": plan.steps}, seed=seed)
 
     def snapshot(step: int, head: SoftmaxHead) -> None:
         from retrain.export import classifier_model, save_model
@@ -404,13 +429,15 @@ def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, p
 
     logger = _TrainingLogger(cfg, splits.labels, paths, snapshot, _head_fingerprint(cfg, spec, train, len(y_train)),
                              history)
+    if plan.with_validation:
+        logger.out_of_fold(plan.cross)
     resume_state = logger.load_checkpoint() if cfg.resume else None
     t0 = time.perf_counter()
     try:
         head.fit(
             X_train, y_train,
             n_classes=len(splits.labels),
-            X_val=val.X, y_val=val.y,
+            X_val=None if val is None else val.X, y_val=None if val is None else val.y,
             eval_every=max(1, cfg.eval_step_interval),
             validation_batch_size=cfg.validation_batch_size,
             on_eval=logger,
@@ -419,6 +446,17 @@ def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, p
     finally:
         logger.close()
     timings["train_head"] = time.perf_counter() - t0
+    return head
+
+
+def _refit_with_test(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, steps: int,
+                     timings: dict[str, float]) -> SoftmaxHead:
+    """``--final_fit all``'s last fit: every labelled image, test included, for ``steps`` steps."""
+    X, y = _fit_rows(cfg, spec, splits.train + splits.validation + splits.test, timings)
+    t0 = time.perf_counter()
+    head = SoftmaxHead(**{**head_params(cfg), "steps": steps}, keep_best=False, seed=seed).fit(
+        X, y, n_classes=len(splits.labels))
+    timings["refit_with_test"] = time.perf_counter() - t0
     return head
 
 
@@ -474,13 +512,16 @@ def evaluate(head, test: Split, labels: list[str], *, test_batch_size: int = -1,
     return TestReport(acc, len(idx), wrong, classification_metrics(test.y[idx], pred, labels))
 
 
-def _open_world(cfg: TrainConfig, splits: Splits, head, seed: int, cross=None):
-    """Temperature and unknown score (retrain/openworld.py) for the final ``head``."""
+def _open_world(cfg: TrainConfig, splits: Splits, head, seed: int, cross=None, *, head_like_folds: bool = False):
+    """Temperature and unknown score (retrain/openworld.py) for the final ``head``.
+
+    ``head_like_folds``: the final layer was fitted as the folds were (training + validation, the
+    cross-fit's steps), so the out-of-fold logits choose its temperature; otherwise (fitted on the
+    training split alone) its own validation logits do."""
     from retrain.openworld import fit_open_world, held_out_inputs
 
-    # The final layer here is fitted on the training split alone, unlike the folds: its own
-    # validation logits choose the temperature.
-    held_out = held_out_inputs(splits.train, splits.validation, head, cross=cross, seed=seed)
+    held_out = held_out_inputs(splits.train, splits.validation, head, cross=cross, head_like_folds=head_like_folds,
+                               seed=seed)
     return fit_open_world(labels=splits.labels, **held_out, coef=head.coef_, intercept=head.intercept_,
                           X_test=splits.test.X, y_test=splits.test.y, calibration=cfg.calibration,
                           unknown_threshold=cfg.unknown_threshold, head_params=_head_params(cfg, head), seed=seed)
@@ -580,6 +621,11 @@ class _TrainingLogger:
         if now - self.last_checkpoint > 2.0 or r.step == head.steps:
             self.save_checkpoint(head)
             self.last_checkpoint = now
+
+    def out_of_fold(self, cross) -> None:
+        """TensorBoard's validation curve when nothing is held out: the cross-fit's out-of-fold scores."""
+        for step, acc, loss in zip(cross.curve_steps, cross.curve_accuracy, cross.curve_loss):
+            self.val_writer.scalars({"accuracy": float(acc), "cross_entropy": float(loss)}, int(step))
 
     def save_checkpoint(self, head: SoftmaxHead) -> None:
         import io

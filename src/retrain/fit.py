@@ -1,0 +1,145 @@
+"""Which images the exported layer learns from, and how many steps it takes: decided honestly.
+
+retrain.py fitted the final layer on the training split alone and picked its weights by the few
+validation images, so 10% of the labelled photos never taught the model anything. Here one
+cross-fit (:func:`retrain.crossfit.cross_fit`) over training + validation scores every one of those
+images with a layer that never saw it, chooses the number of steps by that out-of-fold accuracy, and
+the final layer is then fitted on all of them at that number. The test split is never looked at
+before it is scored, so the printed test accuracy stays an honest estimate.
+
+``--final_fit`` says what the exported layer is fitted on:
+
+* ``train+val`` (default): training + validation, steps chosen by the cross-fit;
+* ``train``: retrain.py's way: the training split, ``--how_many_training_steps`` steps, the weights of
+  the step with the best validation accuracy;
+* ``all``: as ``train+val``, then, after the test accuracy is printed, fitted again with the test images
+  folded in (that printed figure describes the layer before this last fit).
+
+The cross-fit runs once per run in every mode; its :class:`~retrain.crossfit.CrossFit` is kept for the
+stages after training (calibration, the unknown threshold, the label-error report).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrain.crossfit import DEFAULT_FOLDS, CrossFit, cross_fit
+from retrain.errors import RetrainError
+
+log = logging.getLogger("retrain")
+
+FINAL_FITS = ("train", "train+val", "all")
+_NOHASH = re.compile(r"_nohash_.*$")
+
+
+def labelled_groups(keys: Sequence[bytes], paths: Sequence[str]) -> list[int]:
+    """One group id per row: rows with the same content key or the same ``_nohash_`` name share one.
+
+    Groups are closed under both relations (a union-find), so a row can never be scored by a layer
+    that trained on a copy of it or on a near-duplicate its owner marked with ``_nohash_``.
+    """
+    parent = list(range(len(keys)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[object, int] = {}
+    for i, (key, path) in enumerate(zip(keys, paths)):
+        stem = _NOHASH.sub("", path)
+        for token in (("key", key), ("name", stem)) if stem != path else (("key", key),):
+            j = first.setdefault(token, i)
+            parent[root(i)] = root(j)
+    return [root(i) for i in range(len(keys))]
+
+
+@dataclass
+class FitPlan:
+    """What the final layer is fitted on and for how many steps, and the cross-fit that decided it.
+
+    ``cross`` is None only when cross-fitting was impossible (fewer than two distinct images).
+    ``with_validation``: the fit uses training + validation rows and no step selection of its own;
+    otherwise it uses the training rows and keeps its best step on the validation split.
+    """
+
+    mode: str
+    steps: int
+    with_validation: bool
+    cross: CrossFit | None
+
+    @property
+    def validation_accuracy(self) -> float | None:
+        """The honest accuracy estimate available before testing: out-of-fold, in the train+val modes."""
+        return self.cross.accuracy if self.with_validation and self.cross is not None else None
+
+
+def plan_final_fit(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: Sequence[int],
+    *,
+    n_classes: int,
+    head_params: dict,
+    mode: str = "train+val",
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+) -> FitPlan:
+    """Cross-fit training + validation rows ``X`` (N, D), ``y`` (N,) once and decide the final fit.
+
+    ``head_params`` are the final layer's :class:`~retrain.head.SoftmaxHead` arguments; their
+    ``steps`` is the most the cross-fit tries (``--how_many_training_steps``).
+    """
+    if mode not in FINAL_FITS:
+        raise RetrainError(f"--final_fit must be one of {', '.join(FINAL_FITS)}, got {mode!r}")
+    try:
+        cross = cross_fit(
+            X, y, n_classes=n_classes, head_params=head_params, folds=folds, groups=groups, seed=seed
+        )
+    except ValueError as exc:
+        log.warning("No cross-fit (%s): the final layer trains for all %d steps", exc, head_params["steps"])
+        cross = None
+    with_validation = mode != "train" and cross is not None
+    steps = cross.best_steps if with_validation else int(head_params["steps"])
+    plan = FitPlan(mode=mode, steps=steps, with_validation=with_validation, cross=cross)
+    _log_plan(plan, len(y), folds)
+    return plan
+
+
+def _log_plan(plan: FitPlan, n: int, folds: int) -> None:
+    cross = plan.cross
+    if cross is None:
+        return
+    k = int(cross.fold.max()) + 1
+    curve = ", ".join(f"{s}: {100 * a:.1f}%" for s, a in zip(cross.curve_steps, cross.curve_accuracy))
+    log.info("Out-of-fold accuracy by number of steps (N=%d, %d folds): %s", n, k, curve)
+    where = f"all {n}" if plan.with_validation else "the training split only (--final_fit train)"
+    log.info(
+        "Cross-fitting %d folds on %d training+validation images: best at %d steps (out-of-fold accuracy %.1f%%, "
+        "%.1f s); final layer fitted on %s",
+        k,
+        n,
+        cross.best_steps,
+        100 * cross.accuracy,
+        cross.seconds,
+        where,
+    )
+
+
+def log_refit_with_test(test_accuracy: float | None, n_fitted: int, n_test: int) -> None:
+    """The ``--final_fit all`` notice: the exported layer has seen the test images."""
+    before = f" ({100 * test_accuracy:.1f}%)" if test_accuracy is not None else ""
+    log.info(
+        "--final_fit all: the final layer was fitted again on all %d images, the %d test images included. The test "
+        "accuracy above%s was measured before, by a layer that had not seen them; the exported model has no "
+        "held-out estimate of its own.",
+        n_fitted,
+        n_test,
+        before,
+    )
