@@ -44,18 +44,12 @@ def _images(folder: Path) -> tuple[list[str], list[Path], list[int]]:
 
 
 def _features(paths: list[Path], store_root: Path):
-    from retrain.backbones import get_backbone
-    from retrain.cache import BottleneckStore
-    from retrain.features import cache_namespace, compute_features, make_engine
+    from retrain import extract_features
 
-    spec = get_backbone("efficientnet_lite0")
-    store = BottleneckStore(store_root / cache_namespace(spec), spec.feature_dim)
-    table = compute_features(
-        [str(p) for p in paths], spec, store, engine_factory=lambda: make_engine(spec), progress=False
-    )
+    table = extract_features([str(p) for p in paths], bottleneck_dir=store_root)
     ok = [i for i, p in enumerate(paths) if str(p) in table.keys]
     keys = [table.keys[str(paths[i])] for i in ok]
-    return ok, store.get_many(keys), keys
+    return ok, table.matrix([str(paths[i]) for i in ok]), keys
 
 
 def _outer_split(
