@@ -47,6 +47,23 @@ def test_temperature_fixes_overconfidence_and_keeps_every_prediction():
     assert np.array_equal(softmax(hot).argmax(1), softmax(hot, t).argmax(1))
 
 
+def test_a_temperature_that_worsens_held_out_ece_is_not_used():
+    from retrain.calibrate import calibrate
+
+    # Top-1 calibrated exactly (90% sure and 90% right, 50% sure and 50% right), yet the cross entropy
+    # of the other classes' scores wants T = 0.89, which would move the ECE from 0 to 1.8%.
+    logits = np.log(np.concatenate([np.tile([[0.9, 0.05, 0.05]], (100, 1)), np.tile([[0.5, 0.45, 0.05]], (100, 1))]))
+    y = np.zeros(200, np.int64)
+    y[90:100] = 1
+    y[150:200] = 1
+    t = fit_temperature(logits, y)
+    assert t < 0.95 and reliability(softmax(logits, t), y).ece > reliability(softmax(logits), y).ece + 0.01
+    cal = calibrate(logits, y, fitted_on="out_of_fold")
+    assert cal.temperature == 1.0 and cal.after["out_of_fold"].ece == cal.before["out_of_fold"].ece
+    hot = calibrate(logits * 3, y, fitted_on="out_of_fold")  # overconfident: the temperature is used
+    assert hot.temperature > 2 and hot.after["out_of_fold"].ece < hot.before["out_of_fold"].ece
+
+
 def test_reliability_bins_by_hand():
     r = reliability(np.array([[0.9, 0.1], [0.6, 0.4], [0.65, 0.35]]), np.array([0, 1, 0]))
     # 0.9 -> bin 13 (0.867, 0.933], right; 0.6 and 0.65 -> bin 8 (0.533, 0.6] and bin 9 (0.6, 0.667]

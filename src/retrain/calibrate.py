@@ -148,8 +148,15 @@ def calibrate(
     enabled: bool = True,
 ) -> Calibration:
     """Fit T on ``fit_logits`` (N, C) / ``fit_y`` and measure ECE before and after on ``fitted_on`` and
-    on each ``measure`` entry (name -> (logits, labels)). ``enabled=False`` keeps T = 1 but still measures."""
+    on each ``measure`` entry (name -> (logits, labels)). ``enabled=False`` keeps T = 1 but still measures.
+
+    A temperature that would raise the ECE of the held-out rows it was fitted on is not used (T = 1):
+    it minimises their cross entropy, which on few or very confident rows can sharpen past calibration.
+    """
     t = fit_temperature(fit_logits, fit_y) if enabled else 1.0
+    if t != 1.0 and len(fit_y):
+        raw, scaled = reliability(softmax(fit_logits), fit_y).ece, reliability(softmax(fit_logits, t), fit_y).ece
+        t = t if scaled <= raw else 1.0
     sets = {fitted_on: (fit_logits, fit_y), **(measure or {})}
     sets = {name: (z, y) for name, (z, y) in sets.items() if len(y)}
     before = {name: reliability(softmax(z), y) for name, (z, y) in sets.items()}
