@@ -253,3 +253,81 @@ def test_a_killed_worker_shows_as_interrupted(client, tmp_path):
         assert state["training"] is None
         (summary,) = state["runs"]
         assert summary["id"] == run and summary["status"] == "interrupted" and summary["resumable"]
+
+
+def _start_cli(project: Path, photos: Path, env: dict):
+    """`retrain ui` as a user starts it; returns (process, url, seconds until the page answered)."""
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "retrain", "ui", "--project", str(project), "--image_dir",
+                             str(photos), "--port", "0", "--no_browser"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    url = None
+    for line in proc.stdout:
+        m = re.search(r"Open (http://\S+/)", line)
+        if m:
+            url = m[1]
+            break
+    assert url, "no URL printed"
+    page = urllib.request.urlopen(url, timeout=10).read().decode()
+    return proc, url, time.monotonic() - t0, re.search(r'name="csrf-token" content="([^"]+)"', page)[1]
+
+
+def _call(url: str, path: str, csrf: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url.rstrip("/") + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"X-CSRF-Token": csrf, "Content-Type": "application/json",
+                                          "Origin": url.rstrip("/")}, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_cli_start_up_kill_mid_training_and_resume(tmp_path):
+    """`retrain ui` answers in < 3 s; killed mid-training, its worker stops too, and the next start resumes."""
+    import signal
+
+    photos = make_image_folder(tmp_path / "mine", per_class=10)
+    project = tmp_path / "project"
+    env = {**os.environ, "RETRAIN_UI_PRELOAD": "conftest",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc, url, seconds, csrf = _start_cli(project, photos, env)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        assert seconds < 3, f"start-up to a usable page took {seconds:.2f} s"
+        run = _call(url, "/api/train", csrf, {"settings": {"architecture": TINY, "how_many_training_steps": 400000,
+                                                           "eval_step_interval": 1000}})["run"]
+        run_dir = project / "runs" / run
+        deadline = time.monotonic() + 60
+        while not (run_dir / "checkpoint.npz").exists():
+            assert time.monotonic() < deadline, (run_dir / "worker.log").read_text()
+            time.sleep(0.2)
+        worker = json.loads((run_dir / "ui_run.json").read_text())["pid"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{worker}").exists() and b"retrain.ui" in Path(f"/proc/{worker}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the worker outlived the killed server"
+        time.sleep(0.2)
+    saved = json.loads((run_dir / "ui_run.json").read_text())
+    saved["settings"]["how_many_training_steps"] = 2000  # so that the resumed run ends soon
+    (run_dir / "ui_run.json").write_text(json.dumps(saved))
+    proc, url, _, csrf = _start_cli(project, photos, env)
+    try:
+        (summary,) = _call(url, "/api/state", csrf)["runs"]
+        assert summary["status"] == "interrupted" and summary["resumable"]
+        assert _call(url, "/api/train", csrf, {"resume": run}) == {"run": run}
+        deadline = time.monotonic() + 120
+        while (status := _call(url, f"/api/runs/{run}", csrf)["status"]) == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert status == "finished", (run_dir / "worker.log").read_text()
+        assert (run_dir / "output_graph.onnx").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -499,6 +499,12 @@ class _ProgressEvents:
             self._send()
 
 
+def _preload() -> None:
+    """Import the modules named in RETRAIN_UI_PRELOAD (comma-separated): plug-in backbones a user registers."""
+    for name in filter(None, os.environ.get("RETRAIN_UI_PRELOAD", "").split(",")):
+        __import__(name.strip())
+
+
 def worker_main(run_dir: str) -> int:
     """Train the run described by ``run_dir/ui_run.json``; write its events, status and confusion matrix."""
     run = Path(run_dir)
@@ -513,8 +519,7 @@ def worker_main(run_dir: str) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    for name in filter(None, os.environ.get("RETRAIN_UI_PRELOAD", "").split(",")):
-        __import__(name)  # plug-in backbones registered by a module of the user's
+    _preload()
     import retrain.features as features_module
     from retrain.config import TrainConfig
 
@@ -594,6 +599,7 @@ def create_ui_app(
     from starlette.applications import Starlette
     from starlette.routing import Route
 
+    _preload()
     project = Project(Path(project_dir), {"bottleneck_dir": str(Path(project_dir).resolve() / "cache"),
                                           **(train_defaults or {})})
     if image_dir is not None:

@@ -198,6 +198,7 @@ function renderInterrupted() {
 
 let curve = [];
 function watch(id) {
+  if (watching === id) return;  // one polling loop per run, however many times it is asked for
   watching = id; curve = []; runId = id;
   $("progress").hidden = false; $("cancel").hidden = false; $("start").disabled = true;
   $("run-id").textContent = `(run ${id})`; $("log").textContent = ""; $("phase").textContent = "starting";
@@ -214,6 +215,7 @@ function watch(id) {
     if (r.status === "running") { setTimeout(tick, 700); return; }
     watching = null;
     $("cancel").hidden = true; $("start").disabled = false;
+    if (r.status === "finished") $("bar-fill").style.width = "100%";
     $("phase").textContent = r.status;
     await refresh();
     if (r.status === "finished") say(`Training finished: see step 3 Understand.`, true);
