@@ -53,9 +53,18 @@ _STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; cha
 _DOWNLOADABLE = (".onnx", ".txt", ".json", ".csv", ".html", ".tflite", ".mlmodel", ".pt", ".zip")
 # Settings the page may send, with their type; everything else in TrainConfig keeps its default.
 TRAIN_SETTINGS = {
-    "architecture": str, "how_many_training_steps": int, "learning_rate": float, "train_batch_size": int,
-    "validation_percentage": float, "testing_percentage": float, "eval_step_interval": int, "seed": int,
-    "flip_left_right": bool, "class_balance": str, "quantize": str, "fine_tune": bool,
+    "architecture": str,
+    "how_many_training_steps": int,
+    "learning_rate": float,
+    "train_batch_size": int,
+    "validation_percentage": float,
+    "testing_percentage": float,
+    "eval_step_interval": int,
+    "seed": int,
+    "flip_left_right": bool,
+    "class_balance": str,
+    "quantize": str,
+    "fine_tune": bool,
 }
 RUN_FILE, EVENTS_FILE, CONFUSION_FILE = "ui_run.json", "events.jsonl", "confusion.json"
 
@@ -79,8 +88,11 @@ def check_class_name(name: object) -> str:
     if len(name) > 100:
         raise HTTPError(400, f"class name is {len(name)} characters long; use at most 100")
     if "/" in name or "\\" in name or _CONTROL.search(name) or name in (".", "..") or name.startswith("."):
-        raise HTTPError(400, f"class name {name!r} cannot be a folder name: leave out '/', '\\', control characters "
-                             "and a leading '.'")
+        raise HTTPError(
+            400,
+            f"class name {name!r} cannot be a folder name: leave out '/', '\\', control characters "
+            "and a leading '.'",
+        )
     return name
 
 
@@ -93,7 +105,7 @@ def safe_file_name(name: str | None, fallback: str = "photo") -> str:
         base = fallback
     if len(base) > 120:
         stem, dot, ext = base.rpartition(".")
-        base = (stem[: 110] + dot + ext[:9]) if dot else base[:120]
+        base = (stem[:110] + dot + ext[:9]) if dot else base[:120]
     return base
 
 
@@ -226,8 +238,15 @@ class DataChecker:
         try:
             dataset = discover(image_dir)
         except DatasetError as exc:
-            return {"classes": [], "skipped": [], "notices": [str(exc)], "duplicates": [], "imbalance": None,
-                    "ready": False, "problem": str(exc)}
+            return {
+                "classes": [],
+                "skipped": [],
+                "notices": [str(exc)],
+                "duplicates": [],
+                "imbalance": None,
+                "ready": False,
+                "problem": str(exc),
+            }
         stats = {}
         for r in dataset.records:
             with contextlib.suppress(OSError):
@@ -246,13 +265,15 @@ class DataChecker:
         imbalance = round(max(usable) / min(usable), 2) if usable else None
         return {
             "classes": [{"name": k, "count": v} for k, v in counts.items()],
-            "skipped": skipped[:500], "skipped_total": len(skipped),
+            "skipped": skipped[:500],
+            "skipped_total": len(skipped),
             "notices": dataset.notices,
             "duplicates": _duplicates(dataset, stats)[:200],
             "imbalance": imbalance,
             "ready": sum(1 for n in usable if n >= 2) >= 2,
-            "problem": "" if sum(1 for n in usable if n >= 2) >= 2 else
-                       "training needs at least 2 classes with 2 or more usable photos each",
+            "problem": ""
+            if sum(1 for n in usable if n >= 2) >= 2
+            else "training needs at least 2 classes with 2 or more usable photos each",
         }
 
 
@@ -299,7 +320,8 @@ def run_status(run_dir: Path) -> dict:
         info["status"] = "finished"
     info["id"] = run_dir.name
     info["resumable"] = info["status"] in ("interrupted", "cancelled", "failed") and (
-        (run_dir / "checkpoint.npz").exists() or not (run_dir / "metrics.json").exists())
+        (run_dir / "checkpoint.npz").exists() or not (run_dir / "metrics.json").exists()
+    )
     return info
 
 
@@ -335,21 +357,33 @@ class Jobs:
         with self._lock:
             busy = self.current()
             if busy:
-                raise HTTPError(409, f"a training is already running in this project (run {busy['run']}, maybe "
-                                     "from another tab or window): wait for it to finish or cancel it on the Train "
-                                     "step first")
+                raise HTTPError(
+                    409,
+                    f"a training is already running in this project (run {busy['run']}, maybe "
+                    "from another tab or window): wait for it to finish or cancel it on the Train "
+                    "step first",
+                )
             if resume_run:
                 run_dir = _inside(self.project.runs, resume_run)
                 info = run_status(run_dir) if run_dir.is_dir() else {}
                 if not info.get("resumable"):
-                    raise HTTPError(409, f"run {resume_run!r} cannot be resumed (status: "
-                                         f"{info.get('status', 'no such run')}); start a new training instead")
+                    raise HTTPError(
+                        409,
+                        f"run {resume_run!r} cannot be resumed (status: "
+                        f"{info.get('status', 'no such run')}); start a new training instead",
+                    )
                 settings, image_dir = info["settings"], info["image_dir"]
             else:
                 image_dir = str(self.project.image_dir)
                 run_dir = self._new_run_dir()
-            record = {"status": "running", "settings": settings, "image_dir": image_dir,
-                      "started": time.time(), "resumed": bool(resume_run), "pid": None}
+            record = {
+                "status": "running",
+                "settings": settings,
+                "image_dir": image_dir,
+                "started": time.time(),
+                "resumed": bool(resume_run),
+                "pid": None,
+            }
             _atomic_json(run_dir / RUN_FILE, record)
             env = {**os.environ, **self.worker_env}
             kwargs = {}
@@ -358,9 +392,14 @@ class Jobs:
             log_file = open(run_dir / "worker.log", "ab")  # noqa: SIM115 - handed to the child
             try:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "retrain.ui", "worker", str(run_dir)], stdout=log_file,
-                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(self.project.root),
-                    **kwargs)
+                    [sys.executable, "-m", "retrain.ui", "worker", str(run_dir)],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    cwd=str(self.project.root),
+                    **kwargs,
+                )
             finally:
                 log_file.close()
             record["pid"] = self.proc.pid
@@ -437,8 +476,10 @@ def read_events(run_dir: Path, since: int = 0, limit: int = 2000) -> tuple[list[
 
 
 # -- the worker (a subprocess) --------------------------------------------------------------------------
-_STEP = re.compile(r"Step (\d+): Train accuracy = ([\d.]+)%, Cross entropy = ([\d.e+-]+)"
-                   r"(?:, Validation accuracy = ([\d.]+)%)?")
+_STEP = re.compile(
+    r"Step (\d+): Train accuracy = ([\d.]+)%, Cross entropy = ([\d.e+-]+)"
+    r"(?:, Validation accuracy = ([\d.]+)%)?"
+)
 
 
 class _EventWriter(logging.Handler):
@@ -459,8 +500,13 @@ class _EventWriter(logging.Handler):
         msg = record.getMessage()
         m = _STEP.match(msg)
         if m:
-            self.write(kind="step", step=int(m[1]), train_accuracy=float(m[2]) / 100, cross_entropy=float(m[3]),
-                       validation_accuracy=float(m[4]) / 100 if m[4] else None)
+            self.write(
+                kind="step",
+                step=int(m[1]),
+                train_accuracy=float(m[2]) / 100,
+                cross_entropy=float(m[3]),
+                validation_accuracy=float(m[4]) / 100 if m[4] else None,
+            )
             return
         if msg.startswith("Bottlenecks:"):
             self.write(kind="phase", phase="train")
@@ -483,8 +529,13 @@ class _ProgressEvents:
         elapsed = time.monotonic() - self.t0
         rate = self.done / elapsed if elapsed > 0 and self.done else 0.0
         eta = (self.total - self.done) / rate if rate else None
-        self.events.write(kind="extract", done=self.done, total=self.total, rate=round(rate, 1),
-                          eta=round(eta, 1) if eta is not None else None)
+        self.events.write(
+            kind="extract",
+            done=self.done,
+            total=self.total,
+            rate=round(rate, 1),
+            eta=round(eta, 1) if eta is not None else None,
+        )
 
     def update(self, n: int = 1) -> None:
         with self.lock:
@@ -526,7 +577,12 @@ def worker_main(run_dir: str) -> int:
     features_module.progress_bar = lambda total, enabled, desc="": _ProgressEvents(events, total)
     settings = dict(info.get("settings") or {})
     cfg = TrainConfig(**{k: v for k, v in settings.items() if k in TrainConfig.field_names()})
-    cfg.image_dir, cfg.output_dir, cfg.resume, cfg.quiet = info["image_dir"], str(run), bool(info.get("resumed")), False
+    cfg.image_dir, cfg.output_dir, cfg.resume, cfg.quiet = (
+        info["image_dir"],
+        str(run),
+        bool(info.get("resumed")),
+        False,
+    )
     events.write(kind="phase", phase="discover")
     status, error = "finished", ""
     try:
@@ -542,7 +598,10 @@ def worker_main(run_dir: str) -> int:
     except RetrainError as exc:
         status, error = "failed", str(exc)
     except Exception as exc:  # noqa: BLE001 - reported on the page, with the log kept in worker.log
-        status, error = "failed", f"internal error: {type(exc).__name__}: {exc} (see worker.log; please report it)"
+        status, error = (
+            "failed",
+            f"internal error: {type(exc).__name__}: {exc} (see worker.log; please report it)",
+        )
     if error:
         events.write(kind="error", status=status, message=error)
     info = _read_json(run / RUN_FILE)
@@ -559,10 +618,20 @@ def _write_confusion(run: Path, cfg, result) -> None:
     from retrain.train import resolve_backbone
 
     dataset = discover(cfg.image_dir)
-    table = extract_features(dataset, architecture=resolve_backbone(cfg), bottleneck_dir=cfg.bottleneck_dir,
-                             model_dir=cfg.model_dir or None, device=cfg.device, progress=False)
-    splits = split_features(dataset, table, validation_percentage=cfg.validation_percentage,
-                            testing_percentage=cfg.testing_percentage)
+    table = extract_features(
+        dataset,
+        architecture=resolve_backbone(cfg),
+        bottleneck_dir=cfg.bottleneck_dir,
+        model_dir=cfg.model_dir or None,
+        device=cfg.device,
+        progress=False,
+    )
+    splits = split_features(
+        dataset,
+        table,
+        validation_percentage=cfg.validation_percentage,
+        testing_percentage=cfg.testing_percentage,
+    )
     labels = splits.labels
     index = {label: i for i, label in enumerate(labels)}
     wrong = dict(result.misclassified)
@@ -573,7 +642,7 @@ def _write_confusion(run: Path, cfg, result) -> None:
     for path, y in zip(splits.test.paths, splits.test.y):
         pred = index[wrong[path]] if path in wrong else int(y)
         matrix[int(y)][pred] += 1
-        rel = path[len(root):] if path.startswith(root) else os.path.relpath(path, cfg.image_dir)
+        rel = path[len(root) :] if path.startswith(root) else os.path.relpath(path, cfg.image_dir)
         cells.setdefault(f"{int(y)},{pred}", []).append(rel.replace(os.sep, "/"))
     _atomic_json(run / CONFUSION_FILE, {"labels": labels, "matrix": matrix, "cells": cells})
 
@@ -600,15 +669,25 @@ def create_ui_app(
     from starlette.routing import Route
 
     _preload()
-    project = Project(Path(project_dir), {"bottleneck_dir": str(Path(project_dir).resolve() / "cache"),
-                                          **(train_defaults or {})})
+    project = Project(
+        Path(project_dir),
+        {"bottleneck_dir": str(Path(project_dir).resolve() / "cache"), **(train_defaults or {})},
+    )
     if image_dir is not None:
         chosen = Path(image_dir).expanduser().resolve()
         if not chosen.is_dir():
-            raise RetrainError(f"--image_dir {str(image_dir)!r} is not a folder; pass a folder of class folders")
+            raise RetrainError(
+                f"--image_dir {str(image_dir)!r} is not a folder; pass a folder of class folders"
+            )
         project.save_settings(image_dir=str(chosen))
-    state = _State(project, Jobs(project, worker_env), secrets.token_urlsafe(24), access_token, allowed_hosts,
-                   max_upload_bytes)
+    state = _State(
+        project,
+        Jobs(project, worker_env),
+        secrets.token_urlsafe(24),
+        access_token,
+        allowed_hosts,
+        max_upload_bytes,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -619,15 +698,24 @@ def create_ui_app(
         return Route(path, _endpoint(state, fn), methods=list(methods))
 
     routes = [
-        r("/", _page), r("/static/{name}", _static),
-        r("/api/state", _api_state), r("/api/check", _api_check),
-        r("/api/source", _api_source, ["POST"]), r("/api/classes", _api_create_class, ["POST"]),
+        r("/", _page),
+        r("/static/{name}", _static),
+        r("/api/state", _api_state),
+        r("/api/check", _api_check),
+        r("/api/source", _api_source, ["POST"]),
+        r("/api/classes", _api_create_class, ["POST"]),
         r("/api/classes/{name}/photos", _api_upload, ["POST"]),
-        r("/api/images", _api_images), r("/api/thumb", _api_thumb),
-        r("/api/train", _api_train, ["POST"]), r("/api/train/cancel", _api_cancel, ["POST"]),
-        r("/api/runs/{run}/events", _api_events), r("/api/runs/{run}", _api_run),
+        r("/api/images", _api_images),
+        r("/api/thumb", _api_thumb),
+        r("/api/train", _api_train, ["POST"]),
+        r("/api/train/cancel", _api_cancel, ["POST"]),
+        r("/api/runs/{run}/events", _api_events),
+        r("/api/runs/{run}", _api_run),
         r("/api/runs/{run}/classify", _api_classify, ["POST"]),
         r("/api/runs/{run}/files/{name}", _api_file),
+        r("/api/runs/{run}/issues", _api_issues),
+        r("/api/runs/{run}/fix", _api_fix, ["POST"]),
+        r("/api/runs/{run}/undo", _api_undo, ["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.ui = state
@@ -680,8 +768,9 @@ def _guard(state: _State, request) -> None:
     if state.access_token:
         given = request.cookies.get("retrain_ui_token") or request.query_params.get("token") or ""
         if not hmac.compare_digest(given.encode(), state.access_token.encode()):
-            raise HTTPError(401, "this app needs its access token: open the full URL printed when it started "
-                                 "(…/?token=…)")
+            raise HTTPError(
+                401, "this app needs its access token: open the full URL printed when it started (…/?token=…)"
+            )
     if request.method in ("GET", "HEAD"):
         return
     if request.headers.get("sec-fetch-site") == "cross-site":
@@ -699,11 +788,15 @@ def _page(state: _State, request):
 
     html = resources.files("retrain").joinpath("ui_static/index.html").read_text(encoding="utf-8")
     html = html.replace("__CSRF_TOKEN__", state.csrf)
-    response = HTMLResponse(html, headers={
-        "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: "
-                                   "data:; media-src blob:; connect-src 'self'; frame-src 'self'; base-uri 'none'; "
-                                   "form-action 'none'; frame-ancestors 'none'",
-        "Referrer-Policy": "no-referrer"})
+    response = HTMLResponse(
+        html,
+        headers={
+            "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: "
+            "data:; media-src blob:; connect-src 'self'; frame-src 'self'; base-uri 'none'; "
+            "form-action 'none'; frame-ancestors 'none'",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
     if state.access_token and request.query_params.get("token"):
         response.set_cookie("retrain_ui_token", state.access_token, httponly=True, samesite="strict")
     return response
@@ -724,7 +817,9 @@ def _api_state(state: _State, request) -> dict:
     runs = sorted((d for d in project.runs.iterdir() if d.is_dir()), key=lambda d: d.name, reverse=True)
     busy = state.jobs.current()
     return {
-        "project": str(project.root), "image_dir": str(project.image_dir), "own_photos": project.own_photos,
+        "project": str(project.root),
+        "image_dir": str(project.image_dir),
+        "own_photos": project.own_photos,
         "classes": _class_counts(project.image_dir),
         "training": busy["run"] if busy else None,
         "runs": [_run_summary(d) for d in runs[:50]],
@@ -764,16 +859,23 @@ def _features_available() -> dict:
     """Which of the other parts of retrain this installation has (the page hides or marks the rest)."""
     import importlib.util
 
-    return {name: importlib.util.find_spec(f"retrain.{name}") is not None for name in ("relabel", "report",
-                                                                                         "calibration")}
+    return {
+        name: importlib.util.find_spec(f"retrain.{name}") is not None
+        for name in ("relabel", "report", "calibration")
+    }
 
 
 def _run_summary(run_dir: Path) -> dict:
     info = run_status(run_dir)
     metrics = _read_json(run_dir / "metrics.json")
-    return {"id": run_dir.name, "status": info["status"], "resumable": info["resumable"],
-            "test_accuracy": metrics.get("test_accuracy"), "started": info.get("started"),
-            "architecture": (info.get("settings") or {}).get("architecture")}
+    return {
+        "id": run_dir.name,
+        "status": info["status"],
+        "resumable": info["resumable"],
+        "test_accuracy": metrics.get("test_accuracy"),
+        "started": info.get("started"),
+        "architecture": (info.get("settings") or {}).get("architecture"),
+    }
 
 
 def _api_check(state: _State, request) -> dict:
@@ -787,8 +889,11 @@ async def _api_source(state: _State, request) -> dict:
         return {"image_dir": str(state.project.photos)}
     folder = Path(str(body.get("image_dir") or "")).expanduser()
     if not str(folder) or not folder.is_absolute():
-        raise HTTPError(400, f"folder {str(folder)!r}: give the full path of a folder of class folders, e.g. "
-                             "/home/me/flower_photos")
+        raise HTTPError(
+            400,
+            f"folder {str(folder)!r}: give the full path of a folder of class folders, e.g. "
+            "/home/me/flower_photos",
+        )
     if not folder.is_dir():
         raise HTTPError(400, f"folder {str(folder)!r} does not exist or is not a folder")
     state.project.save_settings(image_dir=str(folder.resolve()))
@@ -810,8 +915,11 @@ async def _json_body(request) -> dict:
 
 def _need_own_photos(state: _State) -> None:
     if not state.project.own_photos:
-        raise HTTPError(409, f"the photo folder in use is your own ({state.project.image_dir}), which this app "
-                             "never writes to; switch to the project's photos on the Data step to add classes")
+        raise HTTPError(
+            409,
+            f"the photo folder in use is your own ({state.project.image_dir}), which this app "
+            "never writes to; switch to the project's photos on the Data step to add classes",
+        )
 
 
 async def _api_create_class(state: _State, request) -> dict:
@@ -836,13 +944,21 @@ async def _api_upload(state: _State, request) -> dict:
         clean = safe_file_name(filename)
         fmt = _image_format(data) if data else ""
         if not fmt:
-            rejected.append({"file": filename, "reason": "not an image (JPEG, PNG, WebP, BMP, GIF or TIFF expected)"
-                             if data else "empty file"})
+            rejected.append(
+                {
+                    "file": filename,
+                    "reason": "not an image (JPEG, PNG, WebP, BMP, GIF or TIFF expected)"
+                    if data
+                    else "empty file",
+                }
+            )
             continue
         from retrain.images import is_image_file_name
 
         if not is_image_file_name(clean):
-            clean += {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}.get(fmt, ".img")
+            clean += {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}.get(
+                fmt, ".img"
+            )
         path = _write_new(folder, clean, data)
         saved.append(path.name)
     return {"class": name, "saved": saved, "rejected": rejected}
@@ -855,13 +971,18 @@ async def _read_files(request, limit: int) -> list[tuple[str | None, bytes]]:
     mb = f"{limit / 2**20:g} MB"
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"upload of {int(declared) / 2**20:.0f} MB is over the limit of {mb} per upload; "
-                             "send fewer or smaller photos at a time")
+        raise HTTPError(
+            413,
+            f"upload of {int(declared) / 2**20:.0f} MB is over the limit of {mb} per upload; "
+            "send fewer or smaller photos at a time",
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPError(413, f"upload is over the limit of {mb} per upload; send fewer or smaller photos at a time")
+            raise HTTPError(
+                413, f"upload is over the limit of {mb} per upload; send fewer or smaller photos at a time"
+            )
         chunks.append(chunk)
     body = b"".join(chunks)
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
@@ -871,11 +992,15 @@ async def _read_files(request, limit: int) -> list[tuple[str | None, bytes]]:
         yield body
 
     try:
-        form = await MultiPartParser(request.headers, replay(), max_files=MAX_FILES_PER_UPLOAD, max_fields=16,
-                                     max_part_size=64 * 1024).parse()
+        form = await MultiPartParser(
+            request.headers, replay(), max_files=MAX_FILES_PER_UPLOAD, max_fields=16, max_part_size=64 * 1024
+        ).parse()
     except Exception as exc:  # noqa: BLE001 - python-multipart's errors
-        raise HTTPError(400, f"malformed upload ({getattr(exc, 'message', None) or exc}); at most "
-                             f"{MAX_FILES_PER_UPLOAD} files per upload") from None
+        raise HTTPError(
+            400,
+            f"malformed upload ({getattr(exc, 'message', None) or exc}); at most "
+            f"{MAX_FILES_PER_UPLOAD} files per upload",
+        ) from None
     try:
         return [(v.filename, await v.read()) for _, v in form.multi_items() if isinstance(v, UploadFile)]
     finally:
@@ -908,8 +1033,13 @@ def _api_images(state: _State, request) -> dict:
         rel_top = os.path.relpath(top, root).replace(os.sep, "/")
         names.extend(f"{rel_top}/{f}" for f in files if is_image_file_name(f) and not f.startswith("."))
     names.sort()
-    return {"class": name, "page": page, "pages": max(1, -(-len(names) // PAGE_SIZE)), "total": len(names),
-            "images": names[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]}
+    return {
+        "class": name,
+        "page": page,
+        "pages": max(1, -(-len(names) // PAGE_SIZE)),
+        "total": len(names),
+        "images": names[page * PAGE_SIZE : (page + 1) * PAGE_SIZE],
+    }
 
 
 def _api_thumb(state: _State, request):
@@ -924,7 +1054,9 @@ def _api_thumb(state: _State, request):
     if not is_image_file_name(path.name) or not path.is_file():
         raise HTTPError(404, f"no image {rel!r}")
     st = path.stat()
-    key = hashlib.sha1(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape")).hexdigest()
+    key = hashlib.sha1(
+        f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape")
+    ).hexdigest()
     cached = state.project.root / "thumbs" / key[:2] / f"{key}.jpg"
     if not cached.exists():
         data = _make_thumb(path)
@@ -932,7 +1064,9 @@ def _api_thumb(state: _State, request):
         tmp = cached.with_name(f".{key}.{threading.get_ident()}")
         tmp.write_bytes(data)
         os.replace(tmp, cached)
-    return Response(cached.read_bytes(), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+    return Response(
+        cached.read_bytes(), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
+    )
 
 
 def _make_thumb(path: Path) -> bytes:
@@ -968,8 +1102,10 @@ async def _api_train(state: _State, request) -> dict:
     from retrain.config import TrainConfig
 
     try:
-        TrainConfig(**{k: v for k, v in settings.items() if k in TrainConfig.field_names()},
-                    image_dir=str(state.project.image_dir)).validate()
+        TrainConfig(
+            **{k: v for k, v in settings.items() if k in TrainConfig.field_names()},
+            image_dir=str(state.project.image_dir),
+        ).validate()
     except RetrainError as exc:
         raise HTTPError(400, str(exc)) from None
     check = state.checker.check(state.project.image_dir)
@@ -1002,14 +1138,24 @@ def _api_events(state: _State, request) -> dict:
 def _api_run(state: _State, request) -> dict:
     run_dir = _run_dir(state, request)
     info = run_status(run_dir)
-    files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.suffix in _DOWNLOADABLE
-                   and not p.name.startswith(".") and p.name != RUN_FILE)
-    return {"id": run_dir.name, "status": info["status"], "resumable": info["resumable"],
-            "error": info.get("error", ""), "settings": info.get("settings", {}), "image_dir": info.get("image_dir"),
-            "metrics": _read_json(run_dir / "metrics.json") or None,
-            "confusion": _read_json(run_dir / CONFUSION_FILE) or None,
-            "has_report": (run_dir / "report.html").exists(), "files": files,
-            "model": "output_graph.onnx" if (run_dir / "output_graph.onnx").exists() else None}
+    files = sorted(
+        p.name
+        for p in run_dir.iterdir()
+        if p.is_file() and p.suffix in _DOWNLOADABLE and not p.name.startswith(".") and p.name != RUN_FILE
+    )
+    return {
+        "id": run_dir.name,
+        "status": info["status"],
+        "resumable": info["resumable"],
+        "error": info.get("error", ""),
+        "settings": info.get("settings", {}),
+        "image_dir": info.get("image_dir"),
+        "metrics": _read_json(run_dir / "metrics.json") or None,
+        "confusion": _read_json(run_dir / CONFUSION_FILE) or None,
+        "has_report": (run_dir / "report.html").exists(),
+        "files": files,
+        "model": "output_graph.onnx" if (run_dir / "output_graph.onnx").exists() else None,
+    }
 
 
 async def _api_classify(state: _State, request) -> dict:
@@ -1037,11 +1183,21 @@ def _classify(state: _State, model: Path, file: tuple[str | None, bytes]) -> dic
     try:
         (preds,) = clf.classify(file[1], top_k=None)
     except ImageError as exc:
-        raise HTTPError(422, f"{file[0]!r} cannot be classified: {exc.reason}; send a JPEG, PNG, WebP, BMP, GIF "
-                             "or TIFF photo") from None
-    out = [{k: v for k, v in dataclasses.asdict(p).items() if isinstance(v, (str, int, float, bool, type(None)))}
-           for p in preds]
-    return {"file": file[0], "predictions": out}
+        raise HTTPError(
+            422,
+            f"{file[0]!r} cannot be classified: {exc.reason}; send a JPEG, PNG, WebP, BMP, GIF or TIFF photo",
+        ) from None
+    out = [
+        {k: v for k, v in dataclasses.asdict(p).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        for p in preds
+    ]
+    # Models with an open-world output (retrain's calibration work) say whether the photo fits no class.
+    return {
+        "file": file[0],
+        "predictions": out,
+        "unknown": getattr(preds, "unknown", None),
+        "unknown_score": getattr(preds, "unknown_score", None),
+    }
 
 
 def _api_file(state: _State, request):
@@ -1050,14 +1206,184 @@ def _api_file(state: _State, request):
     run_dir = _run_dir(state, request)
     name = request.path_params["name"]
     path = run_dir / name
-    if "/" in name or name.startswith(".") or path.suffix not in _DOWNLOADABLE or not path.is_file() \
-            or name == RUN_FILE:
+    if (
+        "/" in name
+        or name.startswith(".")
+        or path.suffix not in _DOWNLOADABLE
+        or not path.is_file()
+        or name == RUN_FILE
+    ):
         raise HTTPError(404, f"run {run_dir.name} has no file {name!r}")
     if path.suffix == ".html":  # the run's report: shown in a sandboxed frame, never with this app's rights
-        return FileResponse(path, media_type="text/html; charset=utf-8",
-                            headers={"Content-Security-Policy": "sandbox; default-src 'none'; img-src data: 'self'; "
-                                                                "style-src 'unsafe-inline'"})
+        return FileResponse(
+            path,
+            media_type="text/html; charset=utf-8",
+            headers={
+                "Content-Security-Policy": "sandbox; default-src 'none'; img-src data: 'self'; "
+                "style-src 'unsafe-inline'"
+            },
+        )
     return FileResponse(path, filename=name, content_disposition_type="attachment")
+
+
+# -- fix: suspected label errors and duplicates, through retrain.relabel ---------------------------------
+FIXES_FILE = "ui_fixes.jsonl"
+
+
+def _relabel_module():
+    try:
+        from retrain import relabel
+    except ImportError:
+        raise HTTPError(
+            501, "not available in this version: reviewing label errors needs retrain's relabel module"
+        ) from None
+    return relabel
+
+
+def _rel_to(root: Path, path: str) -> str | None:
+    with contextlib.suppress(ValueError):
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    return None
+
+
+def _fixes(run_dir: Path) -> list[dict]:
+    out = []
+    with contextlib.suppress(OSError):
+        for line in (run_dir / FIXES_FILE).read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def _api_issues(state: _State, request) -> dict:
+    """One page of the run's suspected label errors (label_issues.csv, most suspect first) and duplicates."""
+    import csv
+
+    run_dir = _run_dir(state, request)
+    root = Path(run_status(run_dir).get("image_dir") or state.project.image_dir)
+    available = _features_available()["relabel"]
+    decided = {}
+    for fix in _fixes(run_dir):  # the latest decision per file; an undone one no longer counts
+        decided[fix["path"]] = None if fix.get("undone") else fix
+    try:
+        page = max(0, int(request.query_params.get("page", "0")))
+    except ValueError:
+        page = 0
+
+    def read(name: str) -> list[dict]:
+        with contextlib.suppress(OSError), open(run_dir / name, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+        return []
+
+    issues = []
+    for row in read("label_issues.csv"):
+        rel = _rel_to(root, row.get("path", ""))
+        if rel:
+            issues.append(
+                {
+                    "path": rel,
+                    "given": row.get("given_label", ""),
+                    "suggested": row.get("suggested_label", ""),
+                    "score": row.get("score", ""),
+                    "decision": decided.get(rel),
+                }
+            )
+    dups = []
+    for row in read("duplicates.csv"):
+        a, b = _rel_to(root, row.get("path_a", "")), _rel_to(root, row.get("path_b", ""))
+        if a and b:
+            dups.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "kind": row.get("kind", ""),
+                    "similarity": row.get("similarity", ""),
+                    "label_a": row.get("label_a", ""),
+                    "label_b": row.get("label_b", ""),
+                    "decision_a": decided.get(a),
+                    "decision_b": decided.get(b),
+                }
+            )
+    per = 24
+    return {
+        "available": available,
+        "has_audit": (run_dir / "label_issues.csv").exists(),
+        "own_photos": root.resolve() == state.project.photos.resolve(),
+        "image_dir": str(root),
+        "classes": [c["name"] for c in _class_counts(root)],
+        "page": page,
+        "pages": max(1, -(-len(issues) // per)),
+        "total": len(issues),
+        "issues": issues[page * per : (page + 1) * per],
+        "duplicates": dups[:200],
+    }
+
+
+async def _api_fix(state: _State, request) -> dict:
+    """keep / move to a class / set aside one image; the move is relabel's, with its undo log."""
+    body = await _json_body(request)
+    return await _in_thread(_fix, state, _run_dir(state, request), body)
+
+
+async def _in_thread(fn, *args):
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
+def _fix(state: _State, run_dir: Path, body: dict) -> dict:
+    import csv
+
+    relabel = _relabel_module()
+    root = Path(run_status(run_dir).get("image_dir") or state.project.image_dir)
+    rel, action = str(body.get("path", "")), body.get("action")
+    src = _inside(root, rel)
+    if not src.is_file():
+        raise HTTPError(404, f"no image {rel!r} (moved already?)")
+    record = {"path": rel, "action": action, "t": time.time()}
+    if action == "move":
+        target = check_class_name(body.get("to"))
+        if not (root / target).is_dir():
+            raise HTTPError(400, f"no class folder {target!r} to move {rel!r} into")
+        record["to"] = target
+    elif action not in ("keep", "set_aside"):
+        raise HTTPError(400, f"action {action!r}: use keep, move or set_aside")
+    if action != "keep":
+        # One folder per decision: relabel names its undo log by the second, beside the CSV it is given.
+        folder = run_dir / "fixes" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        folder.mkdir(parents=True)
+        plan = folder / "decision.csv"
+        with open(plan, "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "suggested_label", "action"])
+            w.writerow([str(src), record.get("to", ""), "move" if action == "move" else "remove"])
+        result = relabel.relabel(plan, image_dir=root)
+        record["log"] = str(result.log_path)
+        record["moved_to"] = [b for _, b in result.moved]
+    with open(run_dir / FIXES_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+async def _api_undo(state: _State, request) -> dict:
+    """Undo the newest decision not undone yet (a move is put back by relabel.undo)."""
+    run_dir = _run_dir(state, request)
+    return await _in_thread(_undo, run_dir)
+
+
+def _undo(run_dir: Path) -> dict:
+    fixes = _fixes(run_dir)
+    undone = {f["t"] for f in fixes if f.get("undone")}
+    todo = [f for f in fixes if not f.get("undone") and f["t"] not in undone]
+    if not todo:
+        raise HTTPError(409, "nothing to undo")
+    last = todo[-1]
+    problems: list[str] = []
+    if last.get("log"):
+        _, problems = _relabel_module().undo(last["log"])
+    with open(run_dir / FIXES_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"path": last["path"], "undone": True, "t": last["t"]}) + "\n")
+    return {"undone": last, "problems": problems}
 
 
 # -- running it -------------------------------------------------------------------------------------------
@@ -1090,12 +1416,17 @@ def run_ui(
     print(f"retrain ui: project {app.state.ui.project.root}", flush=True)
     print(f"Open {url} (Ctrl+C to stop)", flush=True)
     if token:
-        print("Not on loopback: the address above carries this start's access token; share it only with people "
-              "who may use this app.", flush=True)
+        print(
+            "Not on loopback: the address above carries this start's access token; share it only with people "
+            "who may use this app.",
+            flush=True,
+        )
     if ready:
         ready(url)
     if open_browser is None:
-        open_browser = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) and not os.environ.get("CI")
+        open_browser = bool(
+            os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+        ) and not os.environ.get("CI")
     if open_browser:
         import webbrowser
 

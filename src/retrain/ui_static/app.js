@@ -315,12 +315,40 @@ async function showRun() {
 }
 
 // -- 4 fix -------------------------------------------------------------------------------------------
+let fixPage = 0;
 async function showFix() {
   const box = $("fix-body");
   if (!S.features.relabel) {
     return notYet(box, "Not available in this version: reviewing suspected label errors and duplicates (keep / move / set aside, with undo) needs retrain's relabel module, which this installation does not have yet. Meanwhile the Data step lists identical photos, and the confusion matrix on step 3 shows the photos the model got wrong.");
   }
-  notYet(box, "Label review is installed; open it from a finished run.");
+  if (!runId) return notYet(box, "No finished run yet: train one on step 2.");
+  const r = await api(`/api/runs/${encodeURIComponent(runId)}/issues?page=${fixPage}`);
+  if (!r.has_audit) return notYet(box, `Run ${runId} has no list of suspected label errors (label_issues.csv): it was trained by a version without the audit, or with it turned off. Train again to get one.`);
+  const where = r.own_photos ? "" : ` Moves happen in your folder ${r.image_dir}; set-aside photos go to a folder beside it; Undo puts them back.`;
+  const head = [el("p", {class: "muted", text: `${r.total} suspected label error(s), most suspect first.${where} Retrain afterwards: features are cached, so it is fast.`}),
+    el("div", {class: "row"}, el("button", {class: "secondary", id: "undo", text: "Undo last", onclick: () => guarded(async () => { const u = await post(`/api/runs/${encodeURIComponent(runId)}/undo`, {}); say(`Undone: ${u.undone.action} of ${u.undone.path}` + (u.problems.length ? `; ${u.problems.join("; ")}` : ""), !u.problems.length); await showFix(); })}),
+      el("button", {class: "secondary", text: "← Previous", disabled: r.page <= 0, onclick: () => { fixPage--; guarded(showFix); }}),
+      el("span", {text: `page ${r.page + 1} of ${r.pages}`}),
+      el("button", {class: "secondary", text: "Next →", disabled: r.page + 1 >= r.pages, onclick: () => { fixPage++; guarded(showFix); }}))];
+  const act = (path, action, to) => guarded(async () => { await post(`/api/runs/${encodeURIComponent(runId)}/fix`, {path, action, to}); await refresh(); await showFix(); });
+  const cards = r.issues.map((it) => {
+    const pick = el("select", {}, ...r.classes.map((c) => el("option", {value: c, selected: c === it.suggested, text: c})));
+    const done = it.decision ? el("p", {class: "muted", text: {keep: "kept as is", move: `moved to ${it.decision.to}`, set_aside: "set aside"}[it.decision.action]}) : null;
+    return el("div", {class: "card issue", "data-path": it.path},
+      it.decision && it.decision.action !== "keep" ? el("div", {class: "na", text: "(moved)"}) : el("img", {loading: "lazy", alt: it.path, src: "/api/thumb?" + q({path: it.path, run: runId})}),
+      el("h4", {text: it.path.split("/").pop()}),
+      el("p", {class: "muted", text: `labelled ${it.given}; looks like ${it.suggested}`}), done,
+      it.decision ? null : el("div", {class: "actions"},
+        el("button", {class: "secondary", text: "Keep", onclick: () => act(it.path, "keep")}), pick,
+        el("button", {text: "Move", onclick: () => act(it.path, "move", pick.value)}),
+        el("button", {class: "secondary", text: "Set aside", onclick: () => act(it.path, "set_aside")})));
+  });
+  const dups = r.duplicates.length ? [el("h3", {text: `${r.duplicates.length} duplicate pair(s)`}), el("div", {class: "cards"}, ...r.duplicates.slice(0, 48).map((d) =>
+    el("div", {class: "card"}, el("div", {class: "thumbs"}, thumb(d.a, runId), thumb(d.b, runId)),
+      el("p", {class: "muted", text: `${d.kind} ${d.similarity}: ${d.label_a} / ${d.label_b}`}),
+      d.decision_b ? el("p", {class: "muted", text: "second one set aside"}) :
+        el("button", {class: "secondary", text: "Set the second aside", onclick: () => act(d.b, "set_aside")}))))] : [];
+  box.replaceChildren(...head, el("div", {class: "cards"}, ...cards), ...dups);
 }
 
 // -- 5 try -------------------------------------------------------------------------------------------
@@ -340,8 +368,8 @@ async function classify(file) {
     el("span", {class: "track"}, el("span", {class: "fill", style: `display:block;width:${(100 * p.score).toFixed(1)}%`})),
     el("span", {class: "score", text: pct(p.score)})));
   const extra = [];
-  if (top.unknown) extra.push(el("p", {class: "warn", text: "The model says: unknown (none of its classes fits this photo)."}));
-  if (top.calibrated != null) extra.push(el("p", {class: "muted", text: `calibrated confidence ${pct(top.calibrated)}`}));
+  if (r.unknown) extra.push(el("p", {class: "warn", id: "unknown", text: "The model says: unknown (this photo looks like none of its classes)."}));
+  if (r.unknown_score != null) extra.push(el("p", {class: "muted", text: `unknown score ${r.unknown_score.toFixed(3)} (higher: less like any class)`}));
   $("try-result").replaceChildren(el("img", {src: URL.createObjectURL(file), alt: file.name, style: "max-width:220px;border-radius:6px"}),
     el("h3", {id: "top-label", text: top.label || "?"}), ...extra, ...rows);
   document.body.dataset.tried = "1";
