@@ -436,6 +436,33 @@ def _export_command(ns: argparse.Namespace) -> int:
     return 0
 
 
+# -- retrain ui --------------------------------------------------------------------------------------
+def ui_parser() -> _Parser:
+    from retrain.ui import DEFAULT_PORT
+
+    p = _Parser(prog="retrain ui", description="A local web app for the whole loop: choose or upload photos, "
+                "train, read the report, try the model and download it (docs/ui.md).", epilog=EXIT_CODES)
+    _add(p, "image_dir", default=None, help="folder of class folders to start with (only read, never written)")
+    _add(p, "project", default="retrain_project", help="folder the app writes to: uploaded photos, runs, cache")
+    _add(p, "host", default="127.0.0.1", help="address to listen on; anything but loopback prints an access token")
+    _add(p, "port", type=int, default=DEFAULT_PORT, help="TCP port (0 picks a free one)")
+    _add(p, "no_browser", action="store_true", help="do not open a browser (it opens only on a desktop anyway)")
+    return p
+
+
+def ui_main(argv: Sequence[str] | None = None) -> int:
+    ns = ui_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+
+    def go() -> int:
+        from retrain.ui import run_ui
+
+        run_ui(ns.project, image_dir=ns.image_dir, host=ns.host, port=ns.port,
+               open_browser=False if ns.no_browser else None)
+        return 0
+
+    return _run(go)
+
+
 # Sub-commands of `retrain`: name -> main(argv) -> exit code.
 def extract_main(argv: Sequence[str]) -> int:
     """``retrain extract``: features of a folder or URL, locally or on a Ray cluster (retrain.distributed)."""
@@ -459,4 +486,4 @@ def relabel_main(argv: Sequence[str]) -> int:
 
 
 SUBCOMMANDS = {"serve": serve_main, "export": export_main, "extract": extract_main, "report": report_main,
-               "relabel": relabel_main}
+               "relabel": relabel_main, "ui": ui_main}
