@@ -64,16 +64,50 @@ def main() -> None:
         runs, seconds = [], []
         for seed in range(max(1, args.repeats)):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "retrain", "--image_dir", str(tmp / "data" / "train"),
-                            "--bottleneck_dir", str(bn), "--output_dir", str(tmp / "run"), "--seed", str(seed),
-                            "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "retrain",
+                    "--image_dir",
+                    str(tmp / "data" / "train"),
+                    "--bottleneck_dir",
+                    str(bn),
+                    "--output_dir",
+                    str(tmp / "run"),
+                    "--seed",
+                    str(seed),
+                    "--quiet",
+                ],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
             seconds.append(time.perf_counter() - t0)
-            out = subprocess.run([sys.executable, "-c", "import sys; from retrain.cli import label_image_main as m; "
-                                  "sys.exit(m())", "--graph", str(tmp / "run" / "output_graph.onnx"), "--json",
-                                  "--image", str(test_root)], capture_output=True, text=True, env=env)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from retrain.cli import label_image_main as m; sys.exit(m())",
+                    "--graph",
+                    str(tmp / "run" / "output_graph.onnx"),
+                    "--json",
+                    "--image",
+                    str(test_root),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             rows = [json.loads(line) for line in out.stdout.splitlines()]
-            runs.append(np.mean([Path(r["image"]).relative_to(test_root).parts[0] == r["predictions"][0]["label"]
-                                 for r in rows]))
+            runs.append(
+                np.mean(
+                    [
+                        Path(r["image"]).relative_to(test_root).parts[0] == r["predictions"][0]["label"]
+                        for r in rows
+                    ]
+                )
+            )
         ours = float(np.mean(runs))
         X, y, labels = features_of(tmp / "data" / "train", bn)
         Xt, yt_local, labels_t = features_of(test_root, bn)
@@ -84,9 +118,13 @@ def main() -> None:
     print(f"dataset {args.image_dir}: {len(y)} train / {len(yt)} test images, {len(labels)} classes")
     print("| method | test accuracy |")
     print("|---|---|")
-    spread = f" (seeds 0-{len(runs) - 1}: {100 * min(runs):.1f}-{100 * max(runs):.1f}%)" if len(runs) > 1 else ""
-    print(f"| retrain, default flags ({seconds[0]:.1f} s cold, {np.mean(seconds[1:] or seconds):.1f} s warm) "
-          f"+ label_image --json, mean of {len(runs)} | {100 * ours:.1f}%{spread} |")
+    spread = (
+        f" (seeds 0-{len(runs) - 1}: {100 * min(runs):.1f}-{100 * max(runs):.1f}%)" if len(runs) > 1 else ""
+    )
+    print(
+        f"| retrain, default flags ({seconds[0]:.1f} s cold, {np.mean(seconds[1:] or seconds):.1f} s warm) "
+        f"+ label_image --json, mean of {len(runs)} | {100 * ours:.1f}%{spread} |"
+    )
     print(f"| LogisticRegressionCV (C={best_c:g}) on the same features | {100 * theirs:.1f}% |")
     print(f"difference: {100 * (ours - theirs):+.1f} points (bar: >= -1.0)")
 

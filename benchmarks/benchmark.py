@@ -54,8 +54,14 @@ PHOTO_SET_VERSION = 1
 
 
 # -- data ------------------------------------------------------------------------------------------
-def build_photo_set(out_dir: str | os.PathLike, n_images: int, *, size: int = 300, seed: int = 0,
-                    source_dir: str | os.PathLike | None = None) -> Path:
+def build_photo_set(
+    out_dir: str | os.PathLike,
+    n_images: int,
+    *,
+    size: int = 300,
+    seed: int = 0,
+    source_dir: str | os.PathLike | None = None,
+) -> Path:
     """A folder ``out_dir/<class>/*.jpg`` of ``n_images`` distinct ``size``x``size`` JPEG variants of real photos.
 
     ``source_dir`` (default: retrain's bundled sample photos) has one sub-folder per source
@@ -69,7 +75,13 @@ def build_photo_set(out_dir: str | os.PathLike, n_images: int, *, size: int = 30
 
         source_dir = sample_image_dir()
     source_dir, out_dir = Path(source_dir), Path(out_dir)
-    recipe = {"version": PHOTO_SET_VERSION, "n": n_images, "size": size, "seed": seed, "source": str(source_dir)}
+    recipe = {
+        "version": PHOTO_SET_VERSION,
+        "n": n_images,
+        "size": size,
+        "seed": seed,
+        "source": str(source_dir),
+    }
     marker = out_dir / ".benchmark-photos.json"
     if marker.exists() and json.loads(marker.read_text()) == recipe:
         return out_dir
@@ -257,8 +269,16 @@ RETRAIN_CMD = [sys.executable, "-m", "retrain"]
 
 def run_retrain(image_dir, bottleneck_dir, output_dir, *, extra_args=(), command=None) -> RetrainRun:
     """``retrain`` with default flags (plus ``extra_args``) as a subprocess; raises if it fails."""
-    cmd = [*(command or RETRAIN_CMD), "--image_dir", str(image_dir), "--bottleneck_dir", str(bottleneck_dir),
-           "--output_dir", str(output_dir), *extra_args]
+    cmd = [
+        *(command or RETRAIN_CMD),
+        "--image_dir",
+        str(image_dir),
+        "--bottleneck_dir",
+        str(bottleneck_dir),
+        "--output_dir",
+        str(output_dir),
+        *extra_args,
+    ]
     steal0 = cpu_steal()
     run = run_process(cmd)
     steal = steal_fraction(steal0, cpu_steal())
@@ -270,13 +290,28 @@ def run_retrain(image_dir, bottleneck_dir, output_dir, *, extra_args=(), command
     cached = re.search(r"^Bottlenecks: .*?(\d+) reused", run.output, re.M)
     computed, cached = int(computed[1]) if computed else 0, int(cached[1]) if cached else 0
     seconds = metrics.get("seconds", {})
-    return RetrainRun(run.seconds, run.peak_rss_mb, seconds.get("features", float("nan")), computed, cached,
-                      metrics.get("test_accuracy"), seconds, run.cpu_seconds,
-                      metrics.get("cpu_seconds", {}).get("features", float("nan")), steal)
+    return RetrainRun(
+        run.seconds,
+        run.peak_rss_mb,
+        seconds.get("features", float("nan")),
+        computed,
+        cached,
+        metrics.get("test_accuracy"),
+        seconds,
+        run.cpu_seconds,
+        metrics.get("cpu_seconds", {}).get("features", float("nan")),
+        steal,
+    )
 
 
-def plain_pytorch_pipeline(image_dir, *, architecture: str = "efficientnet_lite0", batch_size: int = 32,
-                           head_steps: int = 300, seed: int = 0) -> dict:
+def plain_pytorch_pipeline(
+    image_dir,
+    *,
+    architecture: str = "efficientnet_lite0",
+    batch_size: int = 32,
+    head_steps: int = 300,
+    seed: int = 0,
+) -> dict:
     """The straightforward way: PIL decode + resize per image, eager PyTorch, softmax-regression head.
 
     Uses the same packaged weights and preprocessing as retrain and the same train/test split,
@@ -294,15 +329,19 @@ def plain_pytorch_pipeline(image_dir, *, architecture: str = "efficientnet_lite0
     net = spec.build().eval()
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    resample = Image.Resampling.BILINEAR  # the straightforward way (retrain's default is its own fast_bilinear)
+    resample = (
+        Image.Resampling.BILINEAR
+    )  # the straightforward way (retrain's default is its own fast_bilinear)
     dataset = assign_splits(discover(image_dir), validation_percentage=10, testing_percentage=10)
     records = dataset.records
     t0 = time.perf_counter()
     feats = []
     with torch.inference_mode():
         for i in range(0, len(records), batch_size):
-            pixels = [np.asarray(Image.open(r.path).convert("RGB").resize((pre.input_size,) * 2, resample))
-                      for r in records[i:i + batch_size]]
+            pixels = [
+                np.asarray(Image.open(r.path).convert("RGB").resize((pre.input_size,) * 2, resample))
+                for r in records[i : i + batch_size]
+            ]
             x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
             feats.append(net((x - mean) / std))
     extraction = time.perf_counter() - t0
@@ -319,8 +358,12 @@ def plain_pytorch_pipeline(image_dir, *, architecture: str = "efficientnet_lite0
         opt.step()
     with torch.no_grad():
         accuracy = float((head(X[test]).argmax(1) == y[test]).float().mean()) if test.any() else None
-    return {"images": len(records), "extraction_seconds": extraction, "test_accuracy": accuracy,
-            "in_process_seconds": time.perf_counter() - t_start}
+    return {
+        "images": len(records),
+        "extraction_seconds": extraction,
+        "test_accuracy": accuracy,
+        "in_process_seconds": time.perf_counter() - t_start,
+    }
 
 
 @dataclass
@@ -338,17 +381,33 @@ class PlainRun:
 
 
 def run_plain_pytorch(image_dir, out_json, *, architecture: str = "efficientnet_lite0") -> PlainRun:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_plain_pytorch", str(out_json),
-           "--image_dir", str(image_dir), "--architecture", architecture]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_plain_pytorch",
+        str(out_json),
+        "--image_dir",
+        str(image_dir),
+        "--architecture",
+        architecture,
+    ]
     run = run_process(cmd)
     if run.returncode != 0:
         raise RuntimeError(f"plain PyTorch pipeline failed (exit {run.returncode}):\n{run.output[-4000:]}")
     r = json.loads(Path(out_json).read_text())
-    return PlainRun(run.seconds, run.peak_rss_mb, r["extraction_seconds"], r["images"], r["test_accuracy"],
-                    run.cpu_seconds)
+    return PlainRun(
+        run.seconds,
+        run.peak_rss_mb,
+        r["extraction_seconds"],
+        r["images"],
+        r["test_accuracy"],
+        run.cpu_seconds,
+    )
 
 
-def store_load_seconds(bottleneck_dir, architecture: str = "efficientnet_lite0", repeats: int = 3) -> tuple[float, int]:
+def store_load_seconds(
+    bottleneck_dir, architecture: str = "efficientnet_lite0", repeats: int = 3
+) -> tuple[float, int]:
     """Best time to open the bottleneck store and load every cached feature into memory, and how many."""
     from retrain.backbones import get_backbone
     from retrain.feature_cache import open_store
@@ -409,22 +468,48 @@ def make_table(r: Report) -> str:
     """The benchmark table (Markdown) plus the bars, each with its measured value."""
     c, w, p = r.cold, r.warm, r.plain
     rows = [
-        ("extraction, images/s", _fmt(1000 / c.ms_per_image), _fmt(p and 1000 / p.ms_per_image),
-         _ratio(p and p.ms_per_image, c.ms_per_image)),
-        ("extraction, ms/image", _fmt(c.ms_per_image, ".2f"), _fmt(p and p.ms_per_image, ".2f"),
-         _ratio(c.ms_per_image, p and p.ms_per_image)),
+        (
+            "extraction, images/s",
+            _fmt(1000 / c.ms_per_image),
+            _fmt(p and 1000 / p.ms_per_image),
+            _ratio(p and p.ms_per_image, c.ms_per_image),
+        ),
+        (
+            "extraction, ms/image",
+            _fmt(c.ms_per_image, ".2f"),
+            _fmt(p and p.ms_per_image, ".2f"),
+            _ratio(c.ms_per_image, p and p.ms_per_image),
+        ),
         ("compute floor, ms/image", _fmt(r.floor_ms, ".2f"), "", ""),
-        ("extraction / floor", _ratio(c.ms_per_image, r.floor_ms), _ratio(p and p.ms_per_image, r.floor_ms), ""),
+        (
+            "extraction / floor",
+            _ratio(c.ms_per_image, r.floor_ms),
+            _ratio(p and p.ms_per_image, r.floor_ms),
+            "",
+        ),
         ("extraction, CPU-ms/image (all threads)", _fmt(c.cpu_ms_per_image, ".2f"), "", ""),
         ("compute floor, CPU-ms/image", _fmt(r.floor_cpu_ms, ".2f"), "", ""),
         ("extraction / floor, in CPU time", _ratio(c.cpu_ms_per_image, r.floor_cpu_ms), "", ""),
-        ("end to end, cold, s", _fmt(c.seconds, ".2f"), _fmt(p and p.seconds, ".2f"), _ratio(c.seconds, p and p.seconds)),
+        (
+            "end to end, cold, s",
+            _fmt(c.seconds, ".2f"),
+            _fmt(p and p.seconds, ".2f"),
+            _ratio(c.seconds, p and p.seconds),
+        ),
         ("end to end, warm, s", _fmt(w.seconds, ".2f"), "", _ratio(w.seconds, c.seconds) + " of cold"),
-        ("CPU time (user+sys), cold, s", _fmt(c.cpu_seconds, ".1f"), _fmt(p and p.cpu_seconds, ".1f"),
-         _ratio(c.cpu_seconds, p and p.cpu_seconds)),
+        (
+            "CPU time (user+sys), cold, s",
+            _fmt(c.cpu_seconds, ".1f"),
+            _fmt(p and p.cpu_seconds, ".1f"),
+            _ratio(c.cpu_seconds, p and p.cpu_seconds),
+        ),
         ("CPU time (user+sys), warm, s", _fmt(w.cpu_seconds, ".1f"), "", ""),
-        ("peak RSS, cold, MB", _fmt(c.peak_rss_mb, ".0f"), _fmt(p and p.peak_rss_mb, ".0f"),
-         _ratio(c.peak_rss_mb, p and p.peak_rss_mb)),
+        (
+            "peak RSS, cold, MB",
+            _fmt(c.peak_rss_mb, ".0f"),
+            _fmt(p and p.peak_rss_mb, ".0f"),
+            _ratio(c.peak_rss_mb, p and p.peak_rss_mb),
+        ),
         ("peak RSS, warm, MB", _fmt(w.peak_rss_mb, ".0f"), "", ""),
         ("final test accuracy", _pct(c.test_accuracy), _pct(p and p.test_accuracy), ""),
     ]
@@ -455,25 +540,55 @@ def bars(r: Report) -> list[tuple[str, str, bool | None]]:
     """(bar, measured, met) for each target of the performance issue; ``None`` when not measured."""
     out = []
     p = r.plain
-    out.append(("cold end to end <= 0.25x plain PyTorch",
-                _ratio(r.cold.seconds, p and p.seconds), (r.cold.seconds / p.seconds <= 0.25) if p else None))
+    out.append(
+        (
+            "cold end to end <= 0.25x plain PyTorch",
+            _ratio(r.cold.seconds, p and p.seconds),
+            (r.cold.seconds / p.seconds <= 0.25) if p else None,
+        )
+    )
     ratio = r.cold.ms_per_image / r.floor_ms if r.floor_ms else float("nan")
-    out.append(("extraction <= 1.5x compute floor", _ratio(r.cold.ms_per_image, r.floor_ms),
-                bool(ratio <= 1.5) if np.isfinite(ratio) else None))
-    out.append(("warm end to end <= 10% of cold", f"{100 * r.warm.seconds / r.cold.seconds:.1f}%",
-                r.warm.seconds / r.cold.seconds <= 0.10))
+    out.append(
+        (
+            "extraction <= 1.5x compute floor",
+            _ratio(r.cold.ms_per_image, r.floor_ms),
+            bool(ratio <= 1.5) if np.isfinite(ratio) else None,
+        )
+    )
+    out.append(
+        (
+            "warm end to end <= 10% of cold",
+            f"{100 * r.warm.seconds / r.cold.seconds:.1f}%",
+            r.warm.seconds / r.cold.seconds <= 0.10,
+        )
+    )
     big = r.big
-    out.append((f"peak RSS extracting {r.big_images or 10_000:,} images < 1.5 GB",
-                f"{big.peak_rss_mb:.0f} MB" if big else "-", (big.peak_rss_mb < 1536) if big else None))
-    out.append(("cached features of 10,000 images load in < 1 s",
-                f"{r.store_load_seconds:.3f} s ({r.store_entries:,})" if r.store_load_seconds is not None else "-",
-                (r.store_load_seconds < 1.0) if r.store_load_seconds is not None else None))
+    out.append(
+        (
+            f"peak RSS extracting {r.big_images or 10_000:,} images < 1.5 GB",
+            f"{big.peak_rss_mb:.0f} MB" if big else "-",
+            (big.peak_rss_mb < 1536) if big else None,
+        )
+    )
+    out.append(
+        (
+            "cached features of 10,000 images load in < 1 s",
+            f"{r.store_load_seconds:.3f} s ({r.store_entries:,})"
+            if r.store_load_seconds is not None
+            else "-",
+            (r.store_load_seconds < 1.0) if r.store_load_seconds is not None else None,
+        )
+    )
     return out
 
 
 def format_bars(r: Report) -> list[str]:
     word = {True: "met", False: "NOT met", None: "not measured"}
-    return ["| bar | measured | |", "|---|---:|---|", *(f"| {b} | {m} | {word[ok]} |" for b, m, ok in bars(r))]
+    return [
+        "| bar | measured | |",
+        "|---|---:|---|",
+        *(f"| {b} | {m} | {word[ok]} |" for b, m, ok in bars(r)),
+    ]
 
 
 def machine_line() -> str:
@@ -519,7 +634,10 @@ def run_benchmark(args: argparse.Namespace) -> Report:
     print(f"benchmark: {n_images} images in {image_dir}", file=sys.stderr)
     export_s = ensure_backbone_export(args.architecture)
     if export_s:
-        print(f"one-time backbone export to ONNX: {export_s:.1f} s (not part of the runs below)", file=sys.stderr)
+        print(
+            f"one-time backbone export to ONNX: {export_s:.1f} s (not part of the runs below)",
+            file=sys.stderr,
+        )
     gflops, per_core = matmul_gflops()
     extra = ["--architecture", args.architecture]
     bottlenecks = work / "bottlenecks"
@@ -530,8 +648,9 @@ def run_benchmark(args: argparse.Namespace) -> Report:
     gflops, per_core = (max(a, b) for a, b in zip((gflops, per_core), matmul_gflops()))
     print("retrain, warm ...", file=sys.stderr)
     warm = run_retrain(image_dir, bottlenecks, work / "out-warm", extra_args=extra)
-    report = Report(str(image_dir), n_images, args.architecture, gflops, spec.gmacs, per_core, cold, warm,
-                    machine=machine)
+    report = Report(
+        str(image_dir), n_images, args.architecture, gflops, spec.gmacs, per_core, cold, warm, machine=machine
+    )
     if not args.skip_pytorch:
         print("plain PyTorch pipeline ...", file=sys.stderr)
         report.plain = run_plain_pytorch(image_dir, work / "plain.json", architecture=args.architecture)
@@ -551,18 +670,30 @@ def run_benchmark(args: argparse.Namespace) -> Report:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--image_dir", "--image-dir", default="", help="your own folder of class sub-folders")
-    p.add_argument("--download-flowers", "--download_flowers", action="store_true",
-                   help=f"download and use TensorFlow's flower_photos ({FLOWERS_URL})")
+    p.add_argument(
+        "--download-flowers",
+        "--download_flowers",
+        action="store_true",
+        help=f"download and use TensorFlow's flower_photos ({FLOWERS_URL})",
+    )
     p.add_argument("--images", type=int, default=2600, help="size of the built photo set (default 2600)")
-    p.add_argument("--rss_images", type=int, default=None,
-                   help="also extract this many distinct images for peak RSS and cache load time "
-                        "(default 10000; 0 to skip)")
+    p.add_argument(
+        "--rss_images",
+        type=int,
+        default=None,
+        help="also extract this many distinct images for peak RSS and cache load time "
+        "(default 10000; 0 to skip)",
+    )
     p.add_argument("--architecture", default="efficientnet_lite0")
-    p.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "retrain-benchmark"),
-                   help="photo sets, caches and run outputs (default: %(default)s)")
+    p.add_argument(
+        "--work_dir",
+        default=os.path.join(tempfile.gettempdir(), "retrain-benchmark"),
+        help="photo sets, caches and run outputs (default: %(default)s)",
+    )
     p.add_argument("--quick", action="store_true", help="150 photos, no 10,000-image run: under 2 minutes")
     p.add_argument("--skip_pytorch", action="store_true", help="do not run the plain PyTorch pipeline")
     p.add_argument("--json", default="", help="also write every figure to this JSON file")

@@ -40,8 +40,16 @@ def run(image_dir: Path, work: Path, name: str, steps: int, **flags) -> dict:
     import retrain
 
     t0 = time.perf_counter()
-    result = retrain.train(image_dir, bottleneck_dir=str(work / "bn"), output_dir=str(work / name),
-                           model_dir=str(work / "models"), how_many_training_steps=steps, seed=0, quiet=True, **flags)
+    result = retrain.train(
+        image_dir,
+        bottleneck_dir=str(work / "bn"),
+        output_dir=str(work / name),
+        model_dir=str(work / "models"),
+        how_many_training_steps=steps,
+        seed=0,
+        quiet=True,
+        **flags,
+    )
     seconds = dict(result.metrics["seconds"])
     seconds["wall"] = time.perf_counter() - t0
     once = seconds.get("features", 0.0) + seconds.get("distortions", 0.0)
@@ -50,7 +58,9 @@ def run(image_dir: Path, work: Path, name: str, steps: int, **flags) -> dict:
         "seconds": seconds,
         "once": once,
         "step_ms": 1000 * seconds["train_head"] / steps,  # the training steps themselves
-        "amortised_ms": 1000 * (once + seconds["train_head"]) / steps,  # + features/variants spread over the steps
+        "amortised_ms": 1000
+        * (once + seconds["train_head"])
+        / steps,  # + features/variants spread over the steps
         "test_accuracy": result.test_accuracy,
         "train_count": result.metrics["train_count"],
     }
@@ -104,7 +114,9 @@ def table(rows: list[dict], steps: int, online_s: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image_dir", help="folder of class sub-folders (default: 2,000 crops of the sample photos)")
+    p.add_argument(
+        "--image_dir", help="folder of class sub-folders (default: 2,000 crops of the sample photos)"
+    )
     p.add_argument("--n_images", type=int, default=2000)
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--copies", type=int, default=0, help="--distorted_copies (0 = automatic)")
@@ -125,7 +137,9 @@ def main(argv=None) -> int:
         from retrain.backbones import get_backbone
         from retrain.export import backbone_onnx_path
 
-        backbone_onnx_path(get_backbone("efficientnet_lite0"), work / "models")  # export once, outside the timings
+        backbone_onnx_path(
+            get_backbone("efficientnet_lite0"), work / "models"
+        )  # export once, outside the timings
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         rows = [
             run(image_dir, work, "plain-cold", args.steps),
@@ -134,13 +148,17 @@ def main(argv=None) -> int:
             run(image_dir, work, "distorted-cached", args.steps, distorted_copies=args.copies, **FLAGS),
         ]
         online = online_step_seconds(image_dir, work)
-        print(f"\n{rows[0]['train_count']} training images, {args.steps} steps of 100; "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} "
-              f"at the start\n")
+        print(
+            f"\n{rows[0]['train_count']} training images, {args.steps} steps of 100; "
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} "
+            f"at the start\n"
+        )
         print(table(rows, args.steps, online))
         cached = rows[3]["amortised_ms"] / rows[1]["amortised_ms"]
-        print(f"\nbar: distorted training (variants cached) per step <= 3x a plain cached run: {cached:.2f}x -> "
-              f"{'met' if cached <= 3 else 'NOT met'}")
+        print(
+            f"\nbar: distorted training (variants cached) per step <= 3x a plain cached run: {cached:.2f}x -> "
+            f"{'met' if cached <= 3 else 'NOT met'}"
+        )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -63,8 +63,9 @@ def make_scratch_set(out_dir: Path, crops_per_photo: int = 12, *, seed: int = 0,
                 length, angle = rng.uniform(40, 90), rng.uniform(0, np.pi)
                 cx, cy = rng.uniform(40, size - 40, 2)
                 dx, dy = length / 2 * np.cos(angle), length / 2 * np.sin(angle)
-                ImageDraw.Draw(mask).line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255,
-                                          width=int(rng.integers(2, 4)))
+                ImageDraw.Draw(mask).line(
+                    [(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=int(rng.integers(2, 4))
+                )
                 delta = rng.choice([-1.0, 1.0]) * rng.uniform(35, 60)
                 pixels = np.asarray(crop, np.float32) + np.asarray(mask, np.float32) / 255 * delta
                 crop = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -78,9 +79,17 @@ def run(image_dir: Path, work: Path, name: str, **flags) -> dict:
     import retrain
 
     t0 = time.perf_counter()
-    result = retrain.train(image_dir, bottleneck_dir=str(work / "bn"), model_dir=str(work / "models"),
-                           output_dir=str(work / name), seed=0, quiet=True, validation_percentage=15,
-                           testing_percentage=20, **flags)
+    result = retrain.train(
+        image_dir,
+        bottleneck_dir=str(work / "bn"),
+        model_dir=str(work / "models"),
+        output_dir=str(work / name),
+        seed=0,
+        quiet=True,
+        validation_percentage=15,
+        testing_percentage=20,
+        **flags,
+    )
     report_path = work / name / "fine_tune.json"
     return {
         "name": name,
@@ -95,13 +104,17 @@ def run(image_dir: Path, work: Path, name: str, **flags) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | validation accuracy | test accuracy (N) | fine-tuning epochs (best) | time (s) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| model | validation accuracy | test accuracy (N) | fine-tuning epochs (best) | time (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         rep = r["report"]
         epochs = f"{rep['epochs_run']} ({rep['best_epoch']})" if rep else "-"
-        lines.append(f"| {r['name']} | {100 * (r['validation_accuracy'] or 0):.1f}% | "
-                     f"{100 * (r['test_accuracy'] or 0):.1f}% ({r['test_count']}) | {epochs} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['name']} | {100 * (r['validation_accuracy'] or 0):.1f}% | "
+            f"{100 * (r['test_accuracy'] or 0):.1f}% ({r['test_count']}) | {epochs} | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -113,8 +126,11 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8, help="--fine_tune_epochs")
     p.add_argument("--patience", type=int, default=3, help="--fine_tune_patience")
     p.add_argument("--learning_rate", type=float, default=3e-4, help="--fine_tune_learning_rate")
-    p.add_argument("--distort", action="store_true",
-                   help="fine-tune with --flip_left_right --random_crop 10 --random_scale 10 as well")
+    p.add_argument(
+        "--distort",
+        action="store_true",
+        help="fine-tune with --flip_left_right --random_crop 10 --random_scale 10 as well",
+    )
     p.add_argument("--work", help="working folder (default: a temporary one, removed afterwards)")
     p.add_argument("--quick", action="store_true", help="2 crops per photo, top 3 blocks, 2 epochs")
     args = p.parse_args(argv)
@@ -123,25 +139,42 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="retrain-finetune-bench-"))
     extra = dict(flip_left_right=True, random_crop=10, random_scale=10) if args.distort else {}
     try:
-        image_dir = Path(args.image_dir) if args.image_dir else make_scratch_set(work / "scratch",
-                                                                                 args.crops_per_photo)
+        image_dir = (
+            Path(args.image_dir)
+            if args.image_dir
+            else make_scratch_set(work / "scratch", args.crops_per_photo)
+        )
         n = sum(1 for _ in image_dir.rglob("*.jpg"))
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         rows = [run(image_dir, work, "frozen backbone + new layer")]
         if extra:
             rows.append(run(image_dir, work, "frozen backbone + new layer, distortions", **extra))
         name = f"fine-tuned (top {args.blocks} blocks{', distortions' if args.distort else ''})"
-        rows.append(run(image_dir, work, name, fine_tune=True,
-                        fine_tune_blocks=args.blocks, fine_tune_epochs=args.epochs,
-                        fine_tune_patience=args.patience, fine_tune_learning_rate=args.learning_rate, **extra))
-        print(f"\n{n} images ({rows[0]['train_count']} training), efficientnet_lite0, "
-              f"{platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at the start; "
-              f"fine-tuning took {rows[-1]['fine_tune_seconds']:.0f} s\n")
+        rows.append(
+            run(
+                image_dir,
+                work,
+                name,
+                fine_tune=True,
+                fine_tune_blocks=args.blocks,
+                fine_tune_epochs=args.epochs,
+                fine_tune_patience=args.patience,
+                fine_tune_learning_rate=args.learning_rate,
+                **extra,
+            )
+        )
+        print(
+            f"\n{n} images ({rows[0]['train_count']} training), efficientnet_lite0, "
+            f"{platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at the start; "
+            f"fine-tuning took {rows[-1]['fine_tune_seconds']:.0f} s\n"
+        )
         print(table(rows))
         rep = rows[-1]["report"]
         if rep:
-            print("\nfine-tuning, validation accuracy per epoch: "
-                  + ", ".join(f"{h['epoch']}: {100 * h['validation_accuracy']:.1f}%" for h in rep["history"]))
+            print(
+                "\nfine-tuning, validation accuracy per epoch: "
+                + ", ".join(f"{h['epoch']}: {100 * h['validation_accuracy']:.1f}%" for h in rep["history"])
+            )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -90,7 +90,8 @@ class Report:
             if not len(ms):
                 return {}
             return {f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 90, 99)} | {
-                "max_ms": round(float(ms.max()), 1)}
+                "max_ms": round(float(ms.max()), 1)
+            }
 
         statuses: dict[str, int] = {}
         for o in self.outcomes:
@@ -101,7 +102,9 @@ class Report:
             "seconds": round(self.seconds, 2),
             "requests_per_s": round(len(self.outcomes) / self.seconds, 1) if self.seconds else 0.0,
             "good_requests": len(good),
-            "images_per_s": round(sum(o.images for o in good if o.status == 200) / self.seconds, 1) if self.seconds else 0,
+            "images_per_s": round(sum(o.images for o in good if o.status == 200) / self.seconds, 1)
+            if self.seconds
+            else 0,
             "good_latency": lat(good),
             "malformed_requests": len(bad),
             "malformed_latency": lat(bad),
@@ -132,14 +135,39 @@ def malformed_cases(photo: bytes, max_body_bytes: int, max_pixels: int) -> list[
     side = int(max_pixels**0.5) + 64
     flood = _png(side, side)
     return [
-        Case("not_an_image", 422, [], {"content": b"<html>not a photo</html>", "headers": {"Content-Type": "image/jpeg"}}),
+        Case(
+            "not_an_image",
+            422,
+            [],
+            {"content": b"<html>not a photo</html>", "headers": {"Content-Type": "image/jpeg"}},
+        ),
         Case("wrong_content_type", 415, [], {"content": photo, "headers": {"Content-Type": "text/plain"}}),
         Case("empty_body", 400, [], {"content": b"", "headers": {"Content-Type": "image/jpeg"}}),
-        Case("truncated_jpeg", 422, [], {"content": photo[: len(photo) // 4], "headers": {"Content-Type": "image/jpeg"}}),
-        Case("broken_multipart", 400, [], {"content": b"--b\r\nno headers", "headers": {"Content-Type": "multipart/form-data"}}),
-        Case("body_too_large", 413, [], {"content": b"\xff" * (max_body_bytes + 1), "headers": {"Content-Type": "image/jpeg"}}),
+        Case(
+            "truncated_jpeg",
+            422,
+            [],
+            {"content": photo[: len(photo) // 4], "headers": {"Content-Type": "image/jpeg"}},
+        ),
+        Case(
+            "broken_multipart",
+            400,
+            [],
+            {"content": b"--b\r\nno headers", "headers": {"Content-Type": "multipart/form-data"}},
+        ),
+        Case(
+            "body_too_large",
+            413,
+            [],
+            {"content": b"\xff" * (max_body_bytes + 1), "headers": {"Content-Type": "image/jpeg"}},
+        ),
         Case("pixel_flood", 413, [], {"content": flood, "headers": {"Content-Type": "image/png"}}),
-        Case("bad_top_k", 400, [], {"content": photo, "headers": {"Content-Type": "image/jpeg"}, "params": {"top_k": "x"}}),
+        Case(
+            "bad_top_k",
+            400,
+            [],
+            {"content": photo, "headers": {"Content-Type": "image/jpeg"}, "params": {"top_k": "x"}},
+        ),
     ]
 
 
@@ -153,11 +181,15 @@ def make_cases(n: int, bad_every: int, limits: dict, seed: int = 0) -> list[Case
             cases.append(bad[(i // bad_every) % len(bad)])
         elif i % 5 == 4:  # every fifth good request is a form of 2-4 photos
             chosen = rng.sample(photos, rng.randint(2, 4))
-            files = [("file", (f"{label}_{j}.jpg", data, "image/jpeg")) for j, (label, data) in enumerate(chosen)]
+            files = [
+                ("file", (f"{label}_{j}.jpg", data, "image/jpeg")) for j, (label, data) in enumerate(chosen)
+            ]
             cases.append(Case("multipart", 200, [label for label, _ in chosen], {"files": files}))
         else:
             label, data = photos[rng.randrange(len(photos))]
-            cases.append(Case("raw", 200, [label], {"content": data, "headers": {"Content-Type": "image/jpeg"}}))
+            cases.append(
+                Case("raw", 200, [label], {"content": data, "headers": {"Content-Type": "image/jpeg"}})
+            )
     return cases
 
 
@@ -169,7 +201,9 @@ def check_loopback(url: str) -> None:
     except ValueError:
         loopback = False
     if not loopback:
-        raise SystemExit(f"--url {url!r}: this load test only targets this machine (127.0.0.1, ::1 or localhost)")
+        raise SystemExit(
+            f"--url {url!r}: this load test only targets this machine (127.0.0.1, ::1 or localhost)"
+        )
 
 
 async def _one(client: httpx.AsyncClient, case: Case) -> Outcome:
@@ -177,7 +211,9 @@ async def _one(client: httpx.AsyncClient, case: Case) -> Outcome:
     try:
         r = await client.post("/v1/classify", **case.kwargs)
     except httpx.HTTPError as exc:
-        return Outcome(case.kind, case.expect, None, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
+        return Outcome(
+            case.kind, case.expect, None, time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}"
+        )
     seconds = time.perf_counter() - t0
     out = Outcome(case.kind, case.expect, r.status_code, seconds)
     try:
@@ -198,13 +234,16 @@ async def _one(client: httpx.AsyncClient, case: Case) -> Outcome:
     return out
 
 
-async def run_load(url: str, cases: list[Case], *, concurrency: int, duration: float, timeout: float = 60) -> Report:
+async def run_load(
+    url: str, cases: list[Case], *, concurrency: int, duration: float, timeout: float = 60
+) -> Report:
     """Send ``cases`` with ``concurrency`` clients until all are sent or ``duration`` seconds have passed."""
     report = Report()
     queue = list(reversed(cases))
     deadline = time.monotonic() + duration
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+
         async def worker():
             while queue and time.monotonic() < deadline:
                 report.outcomes.append(await _one(client, queue.pop()))
@@ -227,9 +266,25 @@ def _free_port() -> int:
 
 
 def start_server(graph: str, port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "retrain", "serve", "--graph", graph, "--host", "127.0.0.1", "--port", str(port),
-           "--log_level", "warning", *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    cmd = [
+        sys.executable,
+        "-m",
+        "retrain",
+        "serve",
+        "--graph",
+        graph,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log_level",
+        "warning",
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -249,8 +304,16 @@ def train_sample_model(out_dir: str) -> str:
     import retrain
 
     print("No --graph: training a model on the sample photos (about 20 s the first time) ...", flush=True)
-    return str(retrain.train(SAMPLE_PHOTOS, output_dir=out_dir, how_many_training_steps=300, seed=0,
-                             quiet=True, logging_verbosity="WARN").output_graph)
+    return str(
+        retrain.train(
+            SAMPLE_PHOTOS,
+            output_dir=out_dir,
+            how_many_training_steps=300,
+            seed=0,
+            quiet=True,
+            logging_verbosity="WARN",
+        ).output_graph
+    )
 
 
 # -- a flood of large uploads ------------------------------------------------------------------------
@@ -262,7 +325,9 @@ def large_photo(megabytes: float, seed: int = 0) -> bytes:
 
     def encode(side: int) -> bytes:
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+            buf, format="JPEG", quality=90
+        )
         return buf.getvalue()
 
     target = megabytes * 2**20
@@ -296,6 +361,7 @@ async def run_flood(url: str, body: bytes, *, clients: int, per_client: int, tim
         return out
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+
         async def worker():
             for _ in range(per_client):
                 report.outcomes.append(await one(client))
@@ -323,18 +389,30 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--graph", help="model to serve (default: train one on the sample photos)")
     p.add_argument("--url", help="a server already running on this machine (default: start one)")
     p.add_argument("--requests", type=int, default=600, help="requests to send in all")
     p.add_argument("--concurrency", type=int, default=16, help="clients sending at the same time")
     p.add_argument("--duration", type=float, default=120, help="stop after this many seconds anyway")
-    p.add_argument("--bad_every", type=int, default=10, help="one request in this many is malformed (0: none)")
+    p.add_argument(
+        "--bad_every", type=int, default=10, help="one request in this many is malformed (0: none)"
+    )
     p.add_argument("--max_batch", type=int, default=16, help="--max_batch of the server started here")
-    p.add_argument("--max_in_flight", type=int, default=None, help="--max_in_flight of the server started here "
-                   "(default: the server's own)")
-    p.add_argument("--flood", type=int, default=0, help="instead of the mixed load: this many clients at once "
-                   "sending large uploads (see above)")
+    p.add_argument(
+        "--max_in_flight",
+        type=int,
+        default=None,
+        help="--max_in_flight of the server started here (default: the server's own)",
+    )
+    p.add_argument(
+        "--flood",
+        type=int,
+        default=0,
+        help="instead of the mixed load: this many clients at once sending large uploads (see above)",
+    )
     p.add_argument("--flood_mb", type=float, default=1.5, help="size of each flood upload, MB")
     p.add_argument("--flood_rounds", type=int, default=3, help="uploads per flood client")
     p.add_argument("--json", help="also write the summary to this file")
@@ -343,8 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     if ns.requests < 1 or ns.concurrency < 1 or ns.duration <= 0 or ns.flood < 0 or ns.flood_rounds < 1:
         raise SystemExit("--requests, --concurrency, --duration and --flood_rounds must be positive")
     if ns.flood and ns.flood_mb * 2**20 > 0.95 * SERVER_LIMITS["max_body_bytes"] and not ns.url:
-        raise SystemExit(f"--flood_mb must stay below the started server's body limit "
-                         f"({SERVER_LIMITS['max_body_bytes'] / 2**20:.2f} MiB)")
+        raise SystemExit(
+            f"--flood_mb must stay below the started server's body limit "
+            f"({SERVER_LIMITS['max_body_bytes'] / 2**20:.2f} MiB)"
+        )
     proc = None
     tmp = tempfile.TemporaryDirectory(prefix="retrain-load-")
     try:
@@ -363,15 +443,21 @@ def main(argv: list[str] | None = None) -> int:
         if ns.flood:
             body = large_photo(ns.flood_mb, ns.seed)
             before = peak_rss_mb(proc.pid) if proc else None
-            print(f"Flooding {url} with {ns.flood} clients x {ns.flood_rounds} uploads of {len(body) / 2**20:.1f} MiB "
-                  "...", flush=True)
+            print(
+                f"Flooding {url} with {ns.flood} clients x {ns.flood_rounds} uploads of {len(body) / 2**20:.1f} MiB "
+                "...",
+                flush=True,
+            )
             report = asyncio.run(run_flood(url, body, clients=ns.flood, per_client=ns.flood_rounds))
             peak = peak_rss_mb(proc.pid) if proc else None
             report.server_stats["peak_rss_mb"] = {"before": before, "after_flood": peak}
         else:
             cases = make_cases(ns.requests, ns.bad_every, limits, ns.seed)
-            print(f"Sending {len(cases)} requests to {url} with {ns.concurrency} clients (at most {ns.duration:g} s)"
-                  " ...", flush=True)
+            print(
+                f"Sending {len(cases)} requests to {url} with {ns.concurrency} clients (at most {ns.duration:g} s)"
+                " ...",
+                flush=True,
+            )
             report = asyncio.run(run_load(url, cases, concurrency=ns.concurrency, duration=ns.duration))
     finally:
         if proc is not None:

@@ -45,8 +45,13 @@ def main() -> None:
     ap.add_argument("--image_dir", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        t_make, photos = timed(lambda: Path(args.image_dir) if args.image_dir else
-                               make_folder(Path(tmp) / "photos", args.images, args.classes))
+        t_make, photos = timed(
+            lambda: (
+                Path(args.image_dir)
+                if args.image_dir
+                else make_folder(Path(tmp) / "photos", args.images, args.classes)
+            )
+        )
         app = create_ui_app(Path(tmp) / "project", image_dir=photos)
         with TestClient(app) as c:
             rows = []

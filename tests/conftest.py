@@ -54,7 +54,9 @@ if TINY not in available_backbones():
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
-def make_image_folder(root: Path, per_class: int = 12, classes=COLOURS, size: int = 48, seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path, per_class: int = 12, classes=COLOURS, size: int = 48, seed: int = 0
+) -> Path:
     """Noisy solid-colour JPEGs, one folder per class."""
     rng = np.random.default_rng(seed)
     for name, colour in classes.items():
@@ -88,8 +90,17 @@ def fast_config(tmp_path: Path) -> dict:
 
 # Fixtures that train or serve a model on the real EfficientNet-Lite0 (tests/trained_models.py): a test
 # using one needs the packaged backbone exported and run on the sample photos, so it is `slow`.
-REAL_MODEL_FIXTURES = {"model", "client", "strict_client", "int8_run", "fp16_path", "sample_pixels", "sample_runs",
-                       "server", "browser"}
+REAL_MODEL_FIXTURES = {
+    "model",
+    "client",
+    "strict_client",
+    "int8_run",
+    "fp16_path",
+    "sample_pixels",
+    "sample_runs",
+    "server",
+    "browser",
+}
 
 
 def pytest_collection_modifyitems(config, items):

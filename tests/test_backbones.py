@@ -92,8 +92,10 @@ def test_onnx_export_matches_torch(name: str) -> None:
     noise = np.random.default_rng(1).integers(0, 256, (2, s, s, 3), dtype=np.uint8)
     pixels = np.concatenate([noise, _photo_like(s)])  # (3, S, S, 3) uint8
     rng = np.random.default_rng(0)
-    coef = rng.normal(0, 0.1, (spec.feature_dim, 4)).astype(np.float32)  # logits of a few units: probabilities
-    intercept = rng.normal(0, 0.5, 4).astype(np.float32)                 # far from 0 and 1
+    coef = rng.normal(0, 0.1, (spec.feature_dim, 4)).astype(
+        np.float32
+    )  # logits of a few units: probabilities
+    intercept = rng.normal(0, 0.5, 4).astype(np.float32)  # far from 0 and 1
     model = build_classifier(backbone_onnx_bytes(spec), coef, intercept, make_manifest(spec, list("abcd")))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     engine = OnnxEngine(model.SerializeToString())
@@ -140,7 +142,12 @@ def test_structure_and_spec_fields() -> None:
         assert len(net.blocks) == n_mbconv + 2  # stem, MBConvs, head
         assert net.classifier is None and not net.training
         p = spec.preprocessing
-        assert (p.input_size, p.mean, p.std, p.resample) == (size, (127.0,) * 3, (128.0,) * 3, "fast_bilinear")
+        assert (p.input_size, p.mean, p.std, p.resample) == (
+            size,
+            (127.0,) * 3,
+            (128.0,) * 3,
+            "fast_bilinear",
+        )
         assert spec.weights_id == weights_path(name).stem and spec.weights_id.startswith(
             name.replace("_", "-")
         )

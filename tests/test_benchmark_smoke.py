@@ -19,8 +19,12 @@ sys.modules["benchmark"] = benchmark  # dataclasses look their module up while t
 _spec.loader.exec_module(benchmark)
 
 # `retrain` in a subprocess that also knows the tiny test backbone (registered by conftest).
-RETRAIN_WITH_TINY = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                     "import conftest; from retrain.cli import retrain_main; sys.exit(retrain_main())"]
+RETRAIN_WITH_TINY = [
+    sys.executable,
+    "-c",
+    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    "import conftest; from retrain.cli import retrain_main; sys.exit(retrain_main())",
+]
 
 
 def test_photo_set_is_distinct_real_variants_in_two_classes(tmp_path: Path):
@@ -31,15 +35,27 @@ def test_photo_set_is_distinct_real_variants_in_two_classes(tmp_path: Path):
     assert len({f.read_bytes() for f in files}) == 20  # distinct content: the cache cannot dedupe them
     assert all("_nohash_" in f.name for f in files)  # variants of one photo share a split
     assert Image.open(files[0]).size == (300, 300)
-    again = benchmark.build_photo_set(tmp_path / "photos", 20, source_dir=SAMPLE_PHOTOS)  # reused, not rebuilt
-    assert [f.stat().st_mtime_ns for f in sorted(again.rglob("*.jpg"))] == [f.stat().st_mtime_ns for f in files]
+    again = benchmark.build_photo_set(
+        tmp_path / "photos", 20, source_dir=SAMPLE_PHOTOS
+    )  # reused, not rebuilt
+    assert [f.stat().st_mtime_ns for f in sorted(again.rglob("*.jpg"))] == [
+        f.stat().st_mtime_ns for f in files
+    ]
 
 
 @pytest.mark.slow
 def test_table_from_real_runs(tmp_path: Path):
     photos = benchmark.build_photo_set(tmp_path / "photos", 20, source_dir=SAMPLE_PHOTOS)
-    args = ["--architecture", TINY, "--model_dir", str(tmp_path / "models"), "--how_many_training_steps", "30",
-            "--seed", "0"]
+    args = [
+        "--architecture",
+        TINY,
+        "--model_dir",
+        str(tmp_path / "models"),
+        "--how_many_training_steps",
+        "30",
+        "--seed",
+        "0",
+    ]
     bn = tmp_path / "bn"
     cold = benchmark.run_retrain(photos, bn, tmp_path / "cold", extra_args=args, command=RETRAIN_WITH_TINY)
     warm = benchmark.run_retrain(photos, bn, tmp_path / "warm", extra_args=args, command=RETRAIN_WITH_TINY)
@@ -54,13 +70,26 @@ def test_table_from_real_runs(tmp_path: Path):
     assert gflops > 0 and per_core > 0
     assert cold.extraction_cpu_seconds > 0 and cold.cpu_ms_per_image > 0
     # The plain run as measured (in process here: the subprocess version does not know the tiny backbone).
-    measured = benchmark.PlainRun(plain["in_process_seconds"], 500.0, plain["extraction_seconds"], 20,
-                                  plain["test_accuracy"])
+    measured = benchmark.PlainRun(
+        plain["in_process_seconds"], 500.0, plain["extraction_seconds"], 20, plain["test_accuracy"]
+    )
 
     def report_with(plain_run):
         return benchmark.Report(
-            str(photos), 20, TINY, gflops, 0.05, per_core, cold, warm, plain=plain_run,
-            big_images=20, big=cold, store_load_seconds=load_s, store_entries=entries, machine="test",
+            str(photos),
+            20,
+            TINY,
+            gflops,
+            0.05,
+            per_core,
+            cold,
+            warm,
+            plain=plain_run,
+            big_images=20,
+            big=cold,
+            store_load_seconds=load_s,
+            store_entries=entries,
+            machine="test",
         )
 
     table = benchmark.make_table(report_with(measured))

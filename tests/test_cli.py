@@ -10,13 +10,30 @@ from retrain.config import TrainConfig
 
 # Every flag of the last TF Hub retrain.py, plus the codelab's --architecture and --model_dir.
 RETRAIN_PY_FLAGS = {
-    "image_dir": "x", "output_graph": "g.pb", "intermediate_output_graphs_dir": "i",
-    "intermediate_store_frequency": "5", "output_labels": "l.txt", "summaries_dir": "s",
-    "how_many_training_steps": "7", "learning_rate": "0.5", "testing_percentage": "11",
-    "validation_percentage": "12", "eval_step_interval": "3", "train_batch_size": "9", "test_batch_size": "8",
-    "validation_batch_size": "-1", "bottleneck_dir": "b", "final_tensor_name": "out", "random_crop": "5",
-    "random_scale": "6", "random_brightness": "7", "tfhub_module": "efficientnet_lite1", "saved_model_dir": "sm",
-    "logging_verbosity": "WARN", "checkpoint_path": "c.npz", "architecture": "efficientnet_lite2",
+    "image_dir": "x",
+    "output_graph": "g.pb",
+    "intermediate_output_graphs_dir": "i",
+    "intermediate_store_frequency": "5",
+    "output_labels": "l.txt",
+    "summaries_dir": "s",
+    "how_many_training_steps": "7",
+    "learning_rate": "0.5",
+    "testing_percentage": "11",
+    "validation_percentage": "12",
+    "eval_step_interval": "3",
+    "train_batch_size": "9",
+    "test_batch_size": "8",
+    "validation_batch_size": "-1",
+    "bottleneck_dir": "b",
+    "final_tensor_name": "out",
+    "random_crop": "5",
+    "random_scale": "6",
+    "random_brightness": "7",
+    "tfhub_module": "efficientnet_lite1",
+    "saved_model_dir": "sm",
+    "logging_verbosity": "WARN",
+    "checkpoint_path": "c.npz",
+    "architecture": "efficientnet_lite2",
     "model_dir": "m",
 }
 SWITCHES = ("print_misclassified_test_images", "flip_left_right")
@@ -26,7 +43,10 @@ def test_every_retrain_py_flag_is_accepted_with_its_meaning():
     argv = [f"--{k}={v}" for k, v in RETRAIN_PY_FLAGS.items()] + [f"--{s}" for s in SWITCHES]
     ns = training_parser().parse_args(argv)
     for key, value in RETRAIN_PY_FLAGS.items():
-        assert str(getattr(ns, key)) in (value, str(float(value)) if value.lstrip("-").replace(".", "").isdigit() else value)
+        assert str(getattr(ns, key)) in (
+            value,
+            str(float(value)) if value.lstrip("-").replace(".", "").isdigit() else value,
+        )
     assert ns.print_misclassified_test_images and ns.flip_left_right
     assert set(vars(ns)) <= set(TrainConfig.field_names())
 
@@ -49,8 +69,16 @@ def test_no_prefix_guessing(capsys):
 
 
 def test_legacy_architecture_gets_a_clear_message(tmp_path: Path, colour_dir, capsys):
-    code = retrain_main(["--image_dir", str(colour_dir), "--architecture", "mobilenet_0.50_224",
-                         "--output_dir", str(tmp_path / "o")])
+    code = retrain_main(
+        [
+            "--image_dir",
+            str(colour_dir),
+            "--architecture",
+            "mobilenet_0.50_224",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "efficientnet_lite0" in err and "Traceback" not in err
 
@@ -65,7 +93,9 @@ def test_train_then_label_image_json(tmp_path: Path, colour_dir, fast_config, ca
     graph = Path(fast_config["output_dir"]) / "output_graph.onnx"
     labels = Path(fast_config["output_dir"]) / "output_labels.txt"
     assert labels.read_text().split("\n")[:3] == ["blue", "green", "red"]
-    code = label_image_main(["--graph", str(graph), "--labels", str(labels), "--json", "--image", str(colour_dir)])
+    code = label_image_main(
+        ["--graph", str(graph), "--labels", str(labels), "--json", "--image", str(colour_dir)]
+    )
     assert code == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 36
@@ -80,9 +110,19 @@ def test_label_image_reports_contradicting_flags(tmp_path: Path, colour_dir, fas
     result = retrain.train(colour_dir, **fast_config)
     capsys.readouterr()
     image = str(next((colour_dir / "red").iterdir()))
-    code = label_image_main(["--graph", str(result.output_graph), "--image", image, "--input_layer=Placeholder",
-                             "--output_layer=final_result", "--input_mean=128", "--input_std=128",
-                             "--input_height=299"])
+    code = label_image_main(
+        [
+            "--graph",
+            str(result.output_graph),
+            "--image",
+            image,
+            "--input_layer=Placeholder",
+            "--output_layer=final_result",
+            "--input_mean=128",
+            "--input_std=128",
+            "--input_height=299",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert "--input_height 299 ignored" in captured.err and "--input_mean/--input_std ignored" in captured.err

@@ -72,8 +72,12 @@ def test_scale_zooms_in_by_the_drawn_factor():
 
 def test_brightness_multiplies_and_saturates():
     grey = np.full((3, 8, 8, 3), 100, np.uint8)
-    out = apply(grey, Distortions(random_brightness=30), Draws(
-        np.ones(3), np.zeros(3), np.zeros(3), np.zeros(3, bool), np.array([0.8, 1.2, 3.0])), 8)
+    out = apply(
+        grey,
+        Distortions(random_brightness=30),
+        Draws(np.ones(3), np.zeros(3), np.zeros(3), np.zeros(3, bool), np.array([0.8, 1.2, 3.0])),
+        8,
+    )
     assert out[0].max() == out[0].min() == 80
     assert out[1].max() == out[1].min() == 120
     assert out[2].min() == 255
@@ -138,7 +142,9 @@ class _Spy:
 
 def test_training_images_only_and_variants_cached(colour_dir, fast_config, monkeypatch, tmp_path):
     spy = _Spy(monkeypatch)
-    flags = dict(flip_left_right=True, random_crop=10, random_scale=10, random_brightness=10, distorted_copies=3)
+    flags = dict(
+        flip_left_right=True, random_crop=10, random_scale=10, random_brightness=10, distorted_copies=3
+    )
     plain = retrain.train(colour_dir, **{**fast_config, "output_dir": str(tmp_path / "plain")})
     assert spy.paths == [] and spy.variants == 0
     first = retrain.train(colour_dir, **fast_config, **flags)
@@ -159,22 +165,31 @@ def test_training_images_only_and_variants_cached(colour_dir, fast_config, monke
     again = retrain.train(colour_dir, **{**fast_config, "output_dir": str(tmp_path / "again")}, **flags)
     assert spy.variants == 0  # every variant came from the cache
     assert again.test_accuracy == first.test_accuracy
-    more = retrain.train(colour_dir, **{**fast_config, "output_dir": str(tmp_path / "more")},
-                         **{**flags, "distorted_copies": 5})
+    more = retrain.train(
+        colour_dir,
+        **{**fast_config, "output_dir": str(tmp_path / "more")},
+        **{**flags, "distorted_copies": 5},
+    )
     assert spy.variants == 2 * n_train  # copies 0-2 reused, 3-4 new
     assert more.test_accuracy is not None
-    retrain.train(colour_dir, **{**fast_config, "output_dir": str(tmp_path / "other")},
-                  **{**flags, "random_crop": 20})
+    retrain.train(
+        colour_dir, **{**fast_config, "output_dir": str(tmp_path / "other")}, **{**flags, "random_crop": 20}
+    )
     assert spy.variants == 2 * n_train + 3 * n_train  # other settings, other variants
 
 
 def test_distorted_training_still_learns(colour_dir, fast_config, caplog):
     caplog.set_level("INFO", logger="retrain")
-    result = retrain.train(colour_dir, **fast_config, flip_left_right=True, random_crop=20, random_brightness=20)
+    result = retrain.train(
+        colour_dir, **fast_config, flip_left_right=True, random_crop=20, random_brightness=20
+    )
     assert result.test_accuracy == 1.0
     # ... and what it learnt from were distorted variants of every training image, through the stand-in.
-    found = re.search(r"Distortions \(flip, crop 20%, brightness 20%\): (\d+) variants of each of (\d+) training "
-                      r"images; (\d+) computed", caplog.text)
+    found = re.search(
+        r"Distortions \(flip, crop 20%, brightness 20%\): (\d+) variants of each of (\d+) training "
+        r"images; (\d+) computed",
+        caplog.text,
+    )
     assert found, caplog.text
     copies, n_train, computed = map(int, found.groups())
     assert n_train == result.metrics["final_fit_count"] and copies >= 2 and computed == copies * n_train

@@ -18,18 +18,43 @@ from conftest import SAMPLE_PHOTOS
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run([sys.executable, "-c", "import sys; from retrain.cli import " + args[0] + "; "
-                           "sys.exit(" + args[0] + "())", *args[1:]], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from retrain.cli import " + args[0] + "; sys.exit(" + args[0] + "())",
+            *args[1:],
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
 def test_train_export_reload_classify(tmp_path: Path):
     photos = shutil.copytree(SAMPLE_PHOTOS, tmp_path / "photos")
-    run = _cli("retrain_main", "--image_dir", str(photos), "--how_many_training_steps", "500",
-               "--bottleneck_dir", str(tmp_path / "bn"), "--seed", "0", "--quiet",
-               "--output_graph", str(tmp_path / "model.onnx"), "--output_labels", str(tmp_path / "labels.txt"),
-               "--saved_model_dir", str(tmp_path / "serving"), cwd=tmp_path)
+    run = _cli(
+        "retrain_main",
+        "--image_dir",
+        str(photos),
+        "--how_many_training_steps",
+        "500",
+        "--bottleneck_dir",
+        str(tmp_path / "bn"),
+        "--seed",
+        "0",
+        "--quiet",
+        "--output_graph",
+        str(tmp_path / "model.onnx"),
+        "--output_labels",
+        str(tmp_path / "labels.txt"),
+        "--saved_model_dir",
+        str(tmp_path / "serving"),
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stdout + run.stderr
     final = [line for line in run.stdout.splitlines() if line.startswith("Final test accuracy = ")]
@@ -38,8 +63,17 @@ def test_train_export_reload_classify(tmp_path: Path):
     labels = (tmp_path / "labels.txt").read_text().splitlines()
     assert labels == sorted(p.name for p in SAMPLE_PHOTOS.iterdir() if p.is_dir())
     # Classify every sample photo through label_image --json, reading the model back from disk.
-    out = _cli("label_image_main", "--graph", str(tmp_path / "model.onnx"), "--labels", str(tmp_path / "labels.txt"),
-               "--json", "--image", str(photos), cwd=tmp_path)
+    out = _cli(
+        "label_image_main",
+        "--graph",
+        str(tmp_path / "model.onnx"),
+        "--labels",
+        str(tmp_path / "labels.txt"),
+        "--json",
+        "--image",
+        str(photos),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == sum(1 for _ in photos.rglob("*.jpg"))
@@ -68,8 +102,14 @@ def test_shuffled_labels_stay_near_chance(tmp_path: Path):
         dest = photos / classes[rng.integers(len(classes))]
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, dest / f"{i}_{f.name}")
-    result = retrain.train(photos, how_many_training_steps=500, seed=0, quiet=True,
-                           bottleneck_dir=str(tmp_path / "bn"), output_dir=str(tmp_path / "out"),
-                           testing_percentage=30)
+    result = retrain.train(
+        photos,
+        how_many_training_steps=500,
+        seed=0,
+        quiet=True,
+        bottleneck_dir=str(tmp_path / "bn"),
+        output_dir=str(tmp_path / "out"),
+        testing_percentage=30,
+    )
     assert result.test_count >= 20
     assert result.test_accuracy < 0.55

@@ -29,25 +29,33 @@ from retrain.cli import retrain_main
 from retrain.errors import RetrainError
 
 TESTS = Path(__file__).resolve().parent
-RUNNER = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
-          "from retrain.cli import retrain_main; sys.exit(retrain_main())")
-
-
+RUNNER = (
+    f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
+    "from retrain.cli import retrain_main; sys.exit(retrain_main())"
+)
 
 
 # The clock every run reads its folder name from, stopped at one second: runs started together then
 # always want the same ./retrain_runs/<time> (without it they collide only when they start in one second).
 FROZEN_STAMP = "20260101-000000"
-FROZEN_CLOCK = ("import time; _strftime = time.strftime; "
-                f"time.strftime = lambda f, *a: {FROZEN_STAMP!r} if f == '%Y%m%d-%H%M%S' else _strftime(f, *a); ")
+FROZEN_CLOCK = (
+    "import time; _strftime = time.strftime; "
+    f"time.strftime = lambda f, *a: {FROZEN_STAMP!r} if f == '%Y%m%d-%H%M%S' else _strftime(f, *a); "
+)
 
 
 def start(*args: str, cwd: Path, frozen_clock: bool = False) -> subprocess.Popen:
     """``retrain ARGS`` in a fresh interpreter (the tiny test backbone is registered there too)."""
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     code = (FROZEN_CLOCK if frozen_clock else "") + RUNNER
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -72,7 +80,9 @@ def final_accuracy(stdout: str) -> float:
 
 def head_weights(model_path: Path) -> np.ndarray:
     model = onnx.load(str(model_path))
-    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "final_retrain_ops/weights")
+    return next(
+        numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "final_retrain_ops/weights"
+    )
 
 
 def shards(bottleneck_dir: Path) -> list[Path]:
@@ -92,10 +102,27 @@ def all_load(paths: list[Path]) -> bool:
 @pytest.mark.slow
 def test_kill_9_during_extraction_then_the_same_command_resumes_to_the_same_model(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=100, size=32)  # 300 images
-    common = ["--image_dir", str(images), "--how_many_training_steps", "200", "--seed", "5", "--batch_size", "8",
-              "--quiet"]
-    reference = finish(start(*common, "--bottleneck_dir", str(tmp_path / "bn_ref"),
-                             "--output_dir", str(tmp_path / "out_ref"), cwd=tmp_path))
+    common = [
+        "--image_dir",
+        str(images),
+        "--how_many_training_steps",
+        "200",
+        "--seed",
+        "5",
+        "--batch_size",
+        "8",
+        "--quiet",
+    ]
+    reference = finish(
+        start(
+            *common,
+            "--bottleneck_dir",
+            str(tmp_path / "bn_ref"),
+            "--output_dir",
+            str(tmp_path / "out_ref"),
+            cwd=tmp_path,
+        )
+    )
     assert reference.returncode == 0, reference.stderr
     assert bottleneck_counts(reference.stdout) == (300, 0)
 
@@ -117,13 +144,19 @@ def test_kill_9_during_extraction_then_the_same_command_resumes_to_the_same_mode
     assert reused > 0 and computed + reused == 300 and computed < 300
     assert "ignoring" not in resumed.stdout  # no shard was unreadable
     assert final_accuracy(resumed.stdout) == final_accuracy(reference.stdout)
-    assert (tmp_path / "out" / "output_labels.txt").read_text() == (tmp_path / "out_ref" / "output_labels.txt").read_text()
+    assert (tmp_path / "out" / "output_labels.txt").read_text() == (
+        tmp_path / "out_ref" / "output_labels.txt"
+    ).read_text()
     # Resumed batches line up with the uninterrupted run's, so even the floating point is the same.
-    np.testing.assert_array_equal(head_weights(tmp_path / "out" / "output_graph.onnx"),
-                                  head_weights(tmp_path / "out_ref" / "output_graph.onnx"))
+    np.testing.assert_array_equal(
+        head_weights(tmp_path / "out" / "output_graph.onnx"),
+        head_weights(tmp_path / "out_ref" / "output_graph.onnx"),
+    )
     probe = sorted(images.rglob("*.jpg"))[::25]
     got = [p.score for r in retrain.load(tmp_path / "out" / "output_graph.onnx").classify(probe) for p in r]
-    want = [p.score for r in retrain.load(tmp_path / "out_ref" / "output_graph.onnx").classify(probe) for p in r]
+    want = [
+        p.score for r in retrain.load(tmp_path / "out_ref" / "output_graph.onnx").classify(probe) for p in r
+    ]
     np.testing.assert_array_equal(got, want)
 
 
@@ -131,19 +164,43 @@ def test_kill_9_during_extraction_then_the_same_command_resumes_to_the_same_mode
 def test_ctrl_c_during_extraction_keeps_finished_entries(tmp_path: Path):
     """SIGINT: exit 130 with a one-line message, finished batches are kept, the same command resumes."""
     images = make_image_folder(tmp_path / "images", per_class=40, size=32)  # 120 images
-    args = ["--image_dir", str(images), "--architecture", TINY, "--bottleneck_dir", str(tmp_path / "bn"),
-            "--model_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "out"), "--batch_size", "4",
-            "--num_workers", "1", "--how_many_training_steps", "50", "--quiet"]
+    args = [
+        "--image_dir",
+        str(images),
+        "--architecture",
+        TINY,
+        "--bottleneck_dir",
+        str(tmp_path / "bn"),
+        "--model_dir",
+        str(tmp_path / "m"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "1",
+        "--how_many_training_steps",
+        "50",
+        "--quiet",
+    ]
     # Each batch takes 50 ms longer, and the first one leaves a mark: time to interrupt, and a moment to do it.
-    slow = ("import time, pathlib, retrain.engines as f; run = f.OnnxEngine.__call__; "
-            "f.OnnxEngine.__call__ = lambda self, x: (pathlib.Path('started').touch(), time.sleep(0.05), "
-            "run(self, x))[2]; ")
+    slow = (
+        "import time, pathlib, retrain.engines as f; run = f.OnnxEngine.__call__; "
+        "f.OnnxEngine.__call__ = lambda self, x: (pathlib.Path('started').touch(), time.sleep(0.05), "
+        "run(self, x))[2]; "
+    )
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     # SIGINT back to its default in the child: a shell's background job (`cmd &`) ignores it, and Python
     # then installs no KeyboardInterrupt handler, so the test would pass or fail by how it was launched.
-    proc = subprocess.Popen([sys.executable, "-c", slow + RUNNER, *args], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", slow + RUNNER, *args],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not (tmp_path / "started").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -157,7 +214,9 @@ def test_ctrl_c_during_extraction_keeps_finished_entries(tmp_path: Path):
     assert resumed.returncode == 0 and reused > 0 and computed > 0 and computed + reused == 120
 
 
-def test_torn_or_bit_flipped_cache_shards_are_never_read(tmp_path: Path, colour_dir: Path, fast_config, caplog):
+def test_torn_or_bit_flipped_cache_shards_are_never_read(
+    tmp_path: Path, colour_dir: Path, fast_config, caplog
+):
     first = retrain.train(colour_dir, **fast_config)
     (shard,) = shards(tmp_path / "bottlenecks")
     data = shard.read_bytes()
@@ -174,7 +233,9 @@ def test_torn_or_bit_flipped_cache_shards_are_never_read(tmp_path: Path, colour_
     assert np.array_equal(head_weights(again.output_graph), head_weights(first.output_graph))
 
 
-def test_file_edited_mid_run_is_never_cached_under_its_old_content(colour_dir, fast_config, monkeypatch, caplog):
+def test_file_edited_mid_run_is_never_cached_under_its_old_content(
+    colour_dir, fast_config, monkeypatch, caplog
+):
     """A file rewritten between two runs (a scraper still writing) is keyed by the bytes that were decoded:
     each file is read once, hashed and decoded from the same bytes, so old and new content never mix."""
     victim = colour_dir / "red" / "img_003.jpg"
@@ -201,24 +262,53 @@ def test_file_edited_mid_run_is_never_cached_under_its_old_content(colour_dir, f
 @pytest.mark.slow
 def test_two_runs_at_once_share_a_bottleneck_dir_and_never_share_an_output_folder(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=30, size=32)  # 90 images
-    args = ["--image_dir", str(images), "--bottleneck_dir", str(tmp_path / "bn"), "--how_many_training_steps",
-            "200", "--seed", "7", "--batch_size", "8", "--quiet"]
+    args = [
+        "--image_dir",
+        str(images),
+        "--bottleneck_dir",
+        str(tmp_path / "bn"),
+        "--how_many_training_steps",
+        "200",
+        "--seed",
+        "7",
+        "--batch_size",
+        "8",
+        "--quiet",
+    ]
     # No --output_dir, and a clock stopped at one second: both want ./retrain_runs/20260101-000000.
-    runs = [finish(p) for p in [start(*args, cwd=tmp_path, frozen_clock=True),
-                                start(*args, cwd=tmp_path, frozen_clock=True)]]
+    runs = [
+        finish(p)
+        for p in [
+            start(*args, cwd=tmp_path, frozen_clock=True),
+            start(*args, cwd=tmp_path, frozen_clock=True),
+        ]
+    ]
     for run in runs:
         assert run.returncode == 0, run.stdout + run.stderr
         assert sum(bottleneck_counts(run.stdout)) == 90
         assert final_accuracy(run.stdout) == 100.0
-    run_dirs = sorted(p for p in (tmp_path / "retrain_runs").iterdir() if p.name != "latest" and p.name[0] != ".")
-    assert [d.name for d in run_dirs] == [FROZEN_STAMP, f"{FROZEN_STAMP}-2"]  # the collision happened, and was avoided
-    written = sorted(str(Path(line.split("Wrote the model to ", 1)[1].split(" and its labels")[0]).parent)
-                     for run in runs for line in run.stdout.splitlines() if line.startswith("Wrote the model to "))
-    assert written == [str(Path("retrain_runs") / d.name) for d in run_dirs]  # each run reports its own folder
+    run_dirs = sorted(
+        p for p in (tmp_path / "retrain_runs").iterdir() if p.name != "latest" and p.name[0] != "."
+    )
+    assert [d.name for d in run_dirs] == [
+        FROZEN_STAMP,
+        f"{FROZEN_STAMP}-2",
+    ]  # the collision happened, and was avoided
+    written = sorted(
+        str(Path(line.split("Wrote the model to ", 1)[1].split(" and its labels")[0]).parent)
+        for run in runs
+        for line in run.stdout.splitlines()
+        if line.startswith("Wrote the model to ")
+    )
+    assert written == [
+        str(Path("retrain_runs") / d.name) for d in run_dirs
+    ]  # each run reports its own folder
     for d in run_dirs:
         assert (d / "output_labels.txt").read_text().split() == ["blue", "green", "red"]
         assert json.loads((d / "metrics.json").read_text())["test_accuracy"] == 1.0
-    assert np.array_equal(head_weights(run_dirs[0] / "output_graph.onnx"), head_weights(run_dirs[1] / "output_graph.onnx"))
+    assert np.array_equal(
+        head_weights(run_dirs[0] / "output_graph.onnx"), head_weights(run_dirs[1] / "output_graph.onnx")
+    )
     # The shared cache is whole: a third run computes nothing.
     assert all_load(shards(tmp_path / "bn"))
     third = finish(start(*args, "--output_dir", str(tmp_path / "third"), cwd=tmp_path))
@@ -300,7 +390,9 @@ def _temporaries(folder: Path) -> list[Path]:
 
 @pytest.mark.parametrize("how", ["write", "replace"])
 @pytest.mark.parametrize("name", ["output_graph.onnx", "output_labels.txt"])
-def test_failed_output_write_keeps_the_previous_file_whole(tmp_path, colour_dir, fast_config, monkeypatch, how, name):
+def test_failed_output_write_keeps_the_previous_file_whole(
+    tmp_path, colour_dir, fast_config, monkeypatch, how, name
+):
     out = Path(fast_config["output_dir"])
     retrain.train(colour_dir, **fast_config)
     before = {p.name: p.read_bytes() for p in (out / "output_graph.onnx", out / "output_labels.txt")}
@@ -310,12 +402,15 @@ def test_failed_output_write_keeps_the_previous_file_whole(tmp_path, colour_dir,
         retrain.train(colour_dir, **fast_config)
     assert (out / name).read_bytes() == before[name]  # the old file, whole
     assert _temporaries(out) == []  # and no half-written leftovers
-    assert retrain.load(out / "output_graph.onnx").labels in (["blue", "green", "red"],
-                                                              ["blue", "green", "purple", "red"])
+    assert retrain.load(out / "output_graph.onnx").labels in (
+        ["blue", "green", "red"],
+        ["blue", "green", "purple", "red"],
+    )
 
 
-def test_full_disk_while_caching_leaves_no_partial_entry_and_a_clear_error(tmp_path, colour_dir, fast_config,
-                                                                            monkeypatch, capsys):
+def test_full_disk_while_caching_leaves_no_partial_entry_and_a_clear_error(
+    tmp_path, colour_dir, fast_config, monkeypatch, capsys
+):
     _fail_writes_to(monkeypatch, None, "write")  # every atomic write: the first is a cache shard
     args = [f"--{k}={v}" for k, v in fast_config.items() if not isinstance(v, bool)] + ["--quiet"]
     code = retrain_main(["--image_dir", str(colour_dir), *args])
@@ -348,15 +443,34 @@ def test_unwritable_output_fails_before_extraction(tmp_path: Path):
     base = ["--image_dir", str(images), "--architecture", TINY, "--model_dir", str(tmp_path / "m"), "--quiet"]
     cases = {
         "output_dir": ["--output_dir", str(tmp_path / "a_file" / "run")],
-        "output_graph": ["--output_dir", str(tmp_path / "ok"), "--output_graph", "/proc/retrain-test/model.onnx"],
-        "output_labels": ["--output_dir", str(tmp_path / "ok"), "--output_labels", str(tmp_path / "a_file" / "l.txt")],
-        "summaries_dir": ["--output_dir", str(tmp_path / "ok"), "--summaries_dir", str(tmp_path / "a_file" / "s")],
+        "output_graph": [
+            "--output_dir",
+            str(tmp_path / "ok"),
+            "--output_graph",
+            "/proc/retrain-test/model.onnx",
+        ],
+        "output_labels": [
+            "--output_dir",
+            str(tmp_path / "ok"),
+            "--output_labels",
+            str(tmp_path / "a_file" / "l.txt"),
+        ],
+        "summaries_dir": [
+            "--output_dir",
+            str(tmp_path / "ok"),
+            "--summaries_dir",
+            str(tmp_path / "a_file" / "s"),
+        ],
     }
-    procs = {name: start(*base, "--bottleneck_dir", str(tmp_path / f"bn_{name}"), *extra, cwd=tmp_path)
-             for name, extra in cases.items()}
+    procs = {
+        name: start(*base, "--bottleneck_dir", str(tmp_path / f"bn_{name}"), *extra, cwd=tmp_path)
+        for name, extra in cases.items()
+    }
     for name, proc in procs.items():
         run = finish(proc)
         assert run.returncode == 2, (name, run.stdout, run.stderr)
-        assert re.search(r"^error: cannot write to '.*' \(.+\)\. Choose a writable location", run.stderr), run.stderr
+        assert re.search(r"^error: cannot write to '.*' \(.+\)\. Choose a writable location", run.stderr), (
+            run.stderr
+        )
         assert "Bottlenecks:" not in run.stdout  # it stopped before the long work
         assert not (tmp_path / f"bn_{name}").exists()

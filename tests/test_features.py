@@ -28,7 +28,9 @@ class _Parallel:
 
 
 def _run(paths, store, factory=lambda: _engine, **kw):
-    return features.compute_features(paths, get_backbone(TINY), store, engine_factory=factory, progress=False, **kw)
+    return features.compute_features(
+        paths, get_backbone(TINY), store, engine_factory=factory, progress=False, **kw
+    )
 
 
 @pytest.fixture
@@ -36,7 +38,9 @@ def counted_hashing(monkeypatch):
     """Paths whose bytes extraction reads (each read is hashed)."""
     calls: list[str] = []
     real = features.read_image_bytes
-    monkeypatch.setattr(features, "read_image_bytes", lambda p, *a, **k: (calls.append(p), real(p, *a, **k))[1])
+    monkeypatch.setattr(
+        features, "read_image_bytes", lambda p, *a, **k: (calls.append(p), real(p, *a, **k))[1]
+    )
     monkeypatch.setattr(FileKeyMemo, "RACY_SECONDS", -60.0)  # trust files written just now
     return calls
 
@@ -106,20 +110,30 @@ def test_cold_run_reads_each_file_once_and_duplicates_are_computed_once(tmp_path
     copy.write_bytes(Path(paths[0]).read_bytes())
     paths.append(str(copy))
     calls = []
-    table = _run(paths, BottleneckStore(tmp_path / "bn", 16), lambda: (lambda px: (calls.append(len(px)), _engine(px))[1]),
-                 batch_size=4, workers=1)
+    table = _run(
+        paths,
+        BottleneckStore(tmp_path / "bn", 16),
+        lambda: lambda px: (calls.append(len(px)), _engine(px))[1],
+        batch_size=4,
+        workers=1,
+    )
     assert sorted(counted_hashing) == sorted(paths)  # one read per file: hashing and decoding share it
     assert table.computed == 12 and sum(calls) == 12  # the copy's content was computed once
     assert table.keys[str(copy)] == table.keys[paths[0]] and list(table.keys) == paths
 
 
-def test_stale_memo_key_is_replaced_by_the_key_of_what_was_decoded(tmp_path: Path, counted_hashing, monkeypatch):
+def test_stale_memo_key_is_replaced_by_the_key_of_what_was_decoded(
+    tmp_path: Path, counted_hashing, monkeypatch
+):
     """If the memo ever names the wrong content, the features still go under the key of the bytes decoded."""
     paths = sorted(str(p) for p in make_image_folder(tmp_path / "img", per_class=2).rglob("*.jpg"))
     stale = b"\x01" * 20
     real_lookup = FileKeyMemo.lookup
-    monkeypatch.setattr(FileKeyMemo, "lookup",
-                        lambda self, name, sig: stale if name.endswith(b"red/img_000.jpg") else real_lookup(self, name, sig))
+    monkeypatch.setattr(
+        FileKeyMemo,
+        "lookup",
+        lambda self, name, sig: stale if name.endswith(b"red/img_000.jpg") else real_lookup(self, name, sig),
+    )
     store = BottleneckStore(tmp_path / "bn", 16)
     table = _run(paths, store)
     victims = [p for p in paths if p.endswith("red/img_000.jpg")]
@@ -134,7 +148,9 @@ def test_one_core_cpu_gets_the_cpu_batch_plan(tmp_path: Path, monkeypatch):
     """A CPU engine that runs one call at a time (one core) is still a CPU engine: CPU batches, one worker.
     (It used to be taken for a GPU, because the device was guessed from the engine's concurrency.)"""
     monkeypatch.setattr(engines, "cpu_cores", lambda: 1)
-    paths = sorted(str(p) for p in make_image_folder(tmp_path / "img", per_class=10).rglob("*.jpg"))  # 30 files
+    paths = sorted(
+        str(p) for p in make_image_folder(tmp_path / "img", per_class=10).rglob("*.jpg")
+    )  # 30 files
     engine = engines.make_engine(get_backbone(TINY), device="cpu", model_dir=tmp_path / "models")
     assert (engine.device, engine.concurrency, engine.batch_size) == ("cpu", 1, engines.AUTO_BATCH["cpu"])
     batches, threads = [], set()

@@ -37,10 +37,12 @@ class _TinyBN(FeatureNet):
         super().__init__()
         self.feature_dim = 8
         torch.manual_seed(0)
-        self.blocks = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU6()),
-            nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU6()),
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU6()),
+                nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU6()),
+            ]
+        )
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
@@ -59,10 +61,15 @@ def _build_tiny_bn():
 
 
 if TINY_BN not in available_backbones():
-    register_backbone(BackboneSpec(
-        name=TINY_BN, feature_dim=8, build=_build_tiny_bn, weights_id="tiny-bn-seed0",
-        preprocessing=Preprocessing(input_size=32, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)),
-    ))
+    register_backbone(
+        BackboneSpec(
+            name=TINY_BN,
+            feature_dim=8,
+            build=_build_tiny_bn,
+            weights_id="tiny-bn-seed0",
+            preprocessing=Preprocessing(input_size=32, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)),
+        )
+    )
 
 
 def _report(out_dir: Path) -> dict:
@@ -98,7 +105,9 @@ def test_epochs_draw_by_the_class_balance_policy():
     assert sorted(rows) == list(range(100)) and np.all(w == 1)
     rows, w = epoch_rows(y, 2, "weight", rng)
     assert sorted(rows) == list(range(100))
-    assert w[y[rows] == 0].sum() == pytest.approx(w[y[rows] == 1].sum())  # each class weighs the same in the loss
+    assert w[y[rows] == 0].sum() == pytest.approx(
+        w[y[rows] == 1].sum()
+    )  # each class weighs the same in the loss
     rows, _ = epoch_rows(y, 2, "none", rng, copies=4)
     assert sorted(rows // 4) == list(range(100)) and set(rows % 4) <= {0, 1, 2, 3}
 
@@ -107,12 +116,21 @@ def test_epochs_draw_by_the_class_balance_policy():
 
 
 @pytest.mark.slow
-def test_fine_tuning_improves_a_weak_head_and_keeps_bn_statistics(tmp_path: Path, colour_dir: Path, fast_config):
+def test_fine_tuning_improves_a_weak_head_and_keeps_bn_statistics(
+    tmp_path: Path, colour_dir: Path, fast_config
+):
     BUILT.clear()
     cfg = {**fast_config, "architecture": TINY_BN, "how_many_training_steps": 3, "learning_rate": 0.003}
     frozen = retrain.train(colour_dir, **{**cfg, "output_dir": str(tmp_path / "frozen")})
-    tuned = retrain.train(colour_dir, **cfg, fine_tune=True, fine_tune_blocks="all", fine_tune_epochs=8,
-                          fine_tune_learning_rate=3e-3, fine_tune_patience=8)
+    tuned = retrain.train(
+        colour_dir,
+        **cfg,
+        fine_tune=True,
+        fine_tune_blocks="all",
+        fine_tune_epochs=8,
+        fine_tune_learning_rate=3e-3,
+        fine_tune_patience=8,
+    )
     report = _report(Path(fast_config["output_dir"]))
     before = report["history"][0]["validation_accuracy"]
     best = report["history"][report["best_epoch"]]
@@ -149,16 +167,32 @@ def test_fine_tuning_improves_a_weak_head_and_keeps_bn_statistics(tmp_path: Path
 
 @pytest.mark.slow
 def test_fine_tuning_with_distortions_and_top_blocks_only(tmp_path: Path, colour_dir: Path, fast_config):
-    result = retrain.train(colour_dir, **fast_config, fine_tune=True, fine_tune_blocks="1", fine_tune_epochs=2,
-                           flip_left_right=True, random_crop=10, distorted_copies=2, class_balance="weight")
+    result = retrain.train(
+        colour_dir,
+        **fast_config,
+        fine_tune=True,
+        fine_tune_blocks="1",
+        fine_tune_epochs=2,
+        flip_left_right=True,
+        random_crop=10,
+        distorted_copies=2,
+        class_balance="weight",
+    )
     report = _report(Path(fast_config["output_dir"]))
     assert report["unfrozen_blocks"] == 1 and report["epochs_run"] == 2
     assert result.test_accuracy == 1.0
 
 
 def test_no_validation_split_runs_every_epoch(tmp_path: Path, colour_dir: Path, fast_config, caplog):
-    retrain.train(colour_dir, **fast_config, validation_percentage=0, fine_tune=True, fine_tune_blocks="all",
-                  fine_tune_epochs=2, fine_tune_patience=1)
+    retrain.train(
+        colour_dir,
+        **fast_config,
+        validation_percentage=0,
+        fine_tune=True,
+        fine_tune_blocks="all",
+        fine_tune_epochs=2,
+        fine_tune_patience=1,
+    )
     assert _report(Path(fast_config["output_dir"]))["epochs_run"] == 2
     assert "No validation images: fine-tuning ran all 2 epochs" in caplog.text
 
@@ -171,9 +205,18 @@ def test_lite0_fine_tune_smoke(tmp_path: Path):
         (photos / cls).mkdir(parents=True)
         for f in sorted((SAMPLE_PHOTOS / cls).iterdir())[:12]:
             shutil.copy(f, photos / cls / f.name)
-    result = retrain.train(photos, bottleneck_dir=str(tmp_path / "bn"), output_dir=str(tmp_path / "out"),
-                           model_dir=str(tmp_path / "models"), how_many_training_steps=50, seed=0, quiet=True,
-                           fine_tune=True, fine_tune_blocks="1", fine_tune_epochs=2)
+    result = retrain.train(
+        photos,
+        bottleneck_dir=str(tmp_path / "bn"),
+        output_dir=str(tmp_path / "out"),
+        model_dir=str(tmp_path / "models"),
+        how_many_training_steps=50,
+        seed=0,
+        quiet=True,
+        fine_tune=True,
+        fine_tune_blocks="1",
+        fine_tune_epochs=2,
+    )
     assert _report(tmp_path / "out")["epochs_run"] >= 1
     clf = retrain.load(result.output_graph)
     assert clf.manifest["backbone"]["name"] == "efficientnet_lite0"
@@ -207,10 +250,21 @@ sys.exit(retrain_main())
 @pytest.mark.slow
 def test_kill_9_during_fine_tuning_then_resume_matches_an_uninterrupted_run(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=16, size=40)
-    common = dict(architecture=TINY_BN, how_many_training_steps=30, eval_step_interval=10, seed=3, quiet=True,
-                  bottleneck_dir=str(tmp_path / "bn"), model_dir=str(tmp_path / "models"), train_batch_size=16,
-                  fine_tune=True, fine_tune_blocks="all", fine_tune_epochs=6, fine_tune_patience=100,
-                  fine_tune_learning_rate=3e-3)
+    common = dict(
+        architecture=TINY_BN,
+        how_many_training_steps=30,
+        eval_step_interval=10,
+        seed=3,
+        quiet=True,
+        bottleneck_dir=str(tmp_path / "bn"),
+        model_dir=str(tmp_path / "models"),
+        train_batch_size=16,
+        fine_tune=True,
+        fine_tune_blocks="all",
+        fine_tune_epochs=6,
+        fine_tune_patience=100,
+        fine_tune_learning_rate=3e-3,
+    )
     reference = retrain.train(images, **common, output_dir=str(tmp_path / "reference"))
     ref_report = _report(tmp_path / "reference")
     assert ref_report["epochs_run"] == 6
@@ -226,30 +280,42 @@ def test_kill_9_during_fine_tuning_then_resume_matches_an_uninterrupted_run(tmp_
         else:
             args += [f"--{name}", str(value)]
     env = {**os.environ, "KILL_AT_STEP": str(3 * steps_per_epoch + 2)}  # in the middle of epoch 4
-    victim = subprocess.run([sys.executable, "-c", RUNNER, *args], cwd=work, env=env, capture_output=True,
-                            text=True, timeout=300)
+    victim = subprocess.run(
+        [sys.executable, "-c", RUNNER, *args], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
     assert victim.returncode == -signal.SIGKILL, victim.stdout + victim.stderr
     (run_dir,) = (work / "retrain_runs").iterdir()
     assert (run_dir / "checkpoint-finetune.pt").exists() and not (run_dir / "output_graph.onnx").exists()
     assert "Fine-tune epoch 3/6" in victim.stdout and "Fine-tune epoch 4/6" not in victim.stdout
 
     # `retrain --resume` without --output_dir finds that run and continues it.
-    resumed = subprocess.run([sys.executable, "-c", RUNNER, *args, "--resume"], cwd=work,
-                             env={**os.environ, "KILL_AT_STEP": "0"}, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-c", RUNNER, *args, "--resume"],
+        cwd=work,
+        env={**os.environ, "KILL_AT_STEP": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "fine-tuning continues after epoch 3" in resumed.stdout
     assert sorted(p.name for p in (work / "retrain_runs").iterdir()) == sorted([run_dir.name, "latest"])
     report = _report(run_dir)
     assert report["resumed_after_epoch"] == 3
-    assert report["epochs_run"] == ref_report["epochs_run"] and report["best_epoch"] == ref_report["best_epoch"]
-    assert [h["validation_accuracy"] for h in report["history"]] == \
-        [h["validation_accuracy"] for h in ref_report["history"]]
+    assert (
+        report["epochs_run"] == ref_report["epochs_run"] and report["best_epoch"] == ref_report["best_epoch"]
+    )
+    assert [h["validation_accuracy"] for h in report["history"]] == [
+        h["validation_accuracy"] for h in ref_report["history"]
+    ]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test_accuracy"] == reference.test_accuracy
     paths, _ = _test_images(images)
     got = retrain.load(run_dir / "output_graph.onnx").classify(paths, top_k=None)
     want = retrain.load(reference.output_graph).classify(paths, top_k=None)
-    np.testing.assert_allclose([p.score for r in got for p in r], [p.score for r in want for p in r], atol=1e-5)
+    np.testing.assert_allclose(
+        [p.score for r in got for p in r], [p.score for r in want for p in r], atol=1e-5
+    )
     # The child trained and fine-tuned the stand-in backbone (registered there by importing this module).
     manifest = retrain.load(run_dir / "output_graph.onnx").manifest
     assert manifest["backbone"]["name"] == TINY_BN and manifest["fine_tuned"] is True
@@ -258,7 +324,9 @@ def test_kill_9_during_fine_tuning_then_resume_matches_an_uninterrupted_run(tmp_
 def test_resume_refuses_a_fine_tuning_checkpoint_from_other_settings(colour_dir: Path, fast_config):
     flags = dict(fine_tune=True, fine_tune_blocks="all", fine_tune_epochs=2)
     retrain.train(colour_dir, **fast_config, **flags)
-    again = retrain.train(colour_dir, **fast_config, **flags, resume=True)  # same settings: nothing left to do
+    again = retrain.train(
+        colour_dir, **fast_config, **flags, resume=True
+    )  # same settings: nothing left to do
     assert _report(Path(fast_config["output_dir"]))["resumed_after_epoch"] == 2 and again.test_accuracy == 1.0
     with pytest.raises(RetrainError, match=r"checkpoint .* belongs to a run with other settings.*remove it"):
         retrain.train(colour_dir, **fast_config, **{**flags, "fine_tune_learning_rate": 1e-3}, resume=True)

@@ -15,7 +15,9 @@ def _blobs(n=300, d=32, c=3, seed=0, spread=0.5):
 
 def test_learns_separable_classes():
     X, y = _blobs()
-    head = SoftmaxHead(steps=300, seed=0).fit(X[:200], y[:200], n_classes=3, X_val=X[200:250], y_val=y[200:250])
+    head = SoftmaxHead(steps=300, seed=0).fit(
+        X[:200], y[:200], n_classes=3, X_val=X[200:250], y_val=y[200:250]
+    )
     assert (head.predict(X[250:]) == y[250:]).mean() > 0.95
     assert head.predict_proba(X[:5]).sum(axis=1) == pytest.approx(np.ones(5), abs=1e-5)
 
@@ -33,8 +35,9 @@ def test_shuffled_labels_do_not_reach_high_test_accuracy():
     """The test that must fail if evaluation leaks: random labels carry no signal."""
     X, y = _blobs(n=600, c=4)
     y_random = np.random.default_rng(1).permutation(y)
-    head = SoftmaxHead(steps=500, seed=0).fit(X[:400], y_random[:400], n_classes=4, X_val=X[400:500],
-                                              y_val=y_random[400:500])
+    head = SoftmaxHead(steps=500, seed=0).fit(
+        X[:400], y_random[:400], n_classes=4, X_val=X[400:500], y_val=y_random[400:500]
+    )
     assert (head.predict(X[500:]) == y_random[500:]).mean() < 0.5
 
 
@@ -42,8 +45,13 @@ def test_resume_gives_the_same_result_as_one_run():
     X, y = _blobs()
     full = SoftmaxHead(steps=200, seed=3).fit(X, y, n_classes=3, eval_every=10)
     states = []
-    SoftmaxHead(steps=200, seed=3).fit(X, y, n_classes=3, eval_every=10,
-                                      on_eval=lambda r, h: states.append(_copy(h.state_dict())) if r.step == 120 else None)
+    SoftmaxHead(steps=200, seed=3).fit(
+        X,
+        y,
+        n_classes=3,
+        eval_every=10,
+        on_eval=lambda r, h: states.append(_copy(h.state_dict())) if r.step == 120 else None,
+    )
     resumed = SoftmaxHead(steps=200, seed=3).fit(X, y, n_classes=3, eval_every=10, resume_state=states[0])
     assert np.array_equal(full.coef_, resumed.coef_)
 
@@ -79,10 +87,16 @@ def test_weight_decay_shrinks_the_weights_with_every_optimizer(optimizer):
 def test_per_class_products_and_one_matmul_train_the_same_head(monkeypatch, optimizer):
     """Few classes take the matrix-vector path, many the matmul path: both must be the same maths."""
     X, y = _blobs(c=3)
-    fast = SoftmaxHead(steps=150, seed=2, optimizer=optimizer).fit(X, y, n_classes=3, X_val=X[:50], y_val=y[:50])
+    fast = SoftmaxHead(steps=150, seed=2, optimizer=optimizer).fit(
+        X, y, n_classes=3, X_val=X[:50], y_val=y[:50]
+    )
     monkeypatch.setattr(SoftmaxHead, "GEMV_CLASSES", 0)
-    general = SoftmaxHead(steps=150, seed=2, optimizer=optimizer).fit(X, y, n_classes=3, X_val=X[:50], y_val=y[:50])
-    assert np.allclose(fast.coef_, general.coef_, atol=1e-5) and np.allclose(fast.intercept_, general.intercept_, atol=1e-5)
+    general = SoftmaxHead(steps=150, seed=2, optimizer=optimizer).fit(
+        X, y, n_classes=3, X_val=X[:50], y_val=y[:50]
+    )
+    assert np.allclose(fast.coef_, general.coef_, atol=1e-5) and np.allclose(
+        fast.intercept_, general.intercept_, atol=1e-5
+    )
     assert fast.coef_.flags.c_contiguous and fast.coef_.shape == (X.shape[1], 3)
 
 
@@ -91,7 +105,12 @@ def test_resume_with_momentum_and_weight_decay_matches_one_run():
     kw = {"steps": 120, "seed": 4, "optimizer": "momentum", "weight_decay": 0.01}
     full = SoftmaxHead(**kw).fit(X, y, n_classes=3, eval_every=10)
     states = []
-    SoftmaxHead(**kw).fit(X, y, n_classes=3, eval_every=10,
-                          on_eval=lambda r, h: states.append(_copy(h.state_dict())) if r.step == 60 else None)
+    SoftmaxHead(**kw).fit(
+        X,
+        y,
+        n_classes=3,
+        eval_every=10,
+        on_eval=lambda r, h: states.append(_copy(h.state_dict())) if r.step == 60 else None,
+    )
     resumed = SoftmaxHead(**kw).fit(X, y, n_classes=3, eval_every=10, resume_state=states[0])
     assert np.array_equal(full.coef_, resumed.coef_)

@@ -497,7 +497,9 @@ def test_fast_path_averages_when_shrinking_a_lot():
     stripes[::2] = 255
     arr = decode_image(encode(Image.fromarray(stripes), "PNG"), 224)
     assert abs(float(arr.mean()) - 127.5) < 2 and arr.std() < 2
-    assert abs(float(decode_image(encode(Image.fromarray(stripes[:300, :300]), "PNG"), 224).mean()) - 127.5) < 10
+    assert (
+        abs(float(decode_image(encode(Image.fromarray(stripes[:300, :300]), "PNG"), 224).mean()) - 127.5) < 10
+    )
 
 
 def test_fast_bilinear_close_to_pillow_bilinear():

@@ -52,7 +52,9 @@ def test_a_temperature_that_worsens_held_out_ece_is_not_used():
 
     # Top-1 calibrated exactly (90% sure and 90% right, 50% sure and 50% right), yet the cross entropy
     # of the other classes' scores wants T = 0.89, which would move the ECE from 0 to 1.8%.
-    logits = np.log(np.concatenate([np.tile([[0.9, 0.05, 0.05]], (100, 1)), np.tile([[0.5, 0.45, 0.05]], (100, 1))]))
+    logits = np.log(
+        np.concatenate([np.tile([[0.9, 0.05, 0.05]], (100, 1)), np.tile([[0.5, 0.45, 0.05]], (100, 1))])
+    )
     y = np.zeros(200, np.int64)
     y[90:100] = 1
     y[150:200] = 1

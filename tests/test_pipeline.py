@@ -16,12 +16,19 @@ from retrain.export import get_manifest
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
     model = onnx.load(str(path))
-    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("final_")}
+    return {
+        t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("final_")
+    }
 
 
 def test_outputs_metadata_and_tensorboard(colour_dir: Path, fast_config: dict, tmp_path: Path):
-    result = retrain.train(colour_dir, **fast_config, saved_model_dir=str(tmp_path / "serving"),
-                           intermediate_store_frequency=100, summaries_dir=str(tmp_path / "tb"))
+    result = retrain.train(
+        colour_dir,
+        **fast_config,
+        saved_model_dir=str(tmp_path / "serving"),
+        intermediate_store_frequency=100,
+        summaries_dir=str(tmp_path / "tb"),
+    )
     assert result.labels == ["blue", "green", "red"] and result.test_accuracy == 1.0
     manifest = get_manifest(onnx.load(str(result.output_graph)))
     assert manifest["labels"] == result.labels
@@ -33,7 +40,10 @@ def test_outputs_metadata_and_tensorboard(colour_dir: Path, fast_config: dict, t
     assert json.loads((tmp_path / "serving" / "manifest.json").read_text())["labels"] == result.labels
     assert json.loads((tmp_path / "out" / "config.json").read_text())["how_many_training_steps"] == 200
     ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    for run, tags in (("train", {"accuracy", "cross_entropy"}), ("validation", {"accuracy", "cross_entropy"})):
+    for run, tags in (
+        ("train", {"accuracy", "cross_entropy"}),
+        ("validation", {"accuracy", "cross_entropy"}),
+    ):
         acc = ea.EventAccumulator(str(tmp_path / "tb" / run))
         acc.Reload()
         assert tags <= set(acc.Tags()["scalars"])
@@ -42,7 +52,11 @@ def test_outputs_metadata_and_tensorboard(colour_dir: Path, fast_config: dict, t
     acc.Reload()
     assert {"final_retrain_ops/weights", "final_retrain_ops/biases"} <= set(acc.Tags()["histograms"])
     # A second run into the same summaries_dir keeps the first run's files.
-    retrain.train(colour_dir, **{**fast_config, "output_dir": str(tmp_path / "out2")}, summaries_dir=str(tmp_path / "tb"))
+    retrain.train(
+        colour_dir,
+        **{**fast_config, "output_dir": str(tmp_path / "out2")},
+        summaries_dir=str(tmp_path / "tb"),
+    )
     assert len(list((tmp_path / "tb" / "train").glob("events.*"))) == 1
     assert len(list((tmp_path / "tb").glob("run-*/train/events.*"))) == 1
 
@@ -54,15 +68,18 @@ def test_exported_model_equals_the_head_on_cached_features(colour_dir: Path, fas
     result = retrain.train(colour_dir, **cfg)
     # train()'s steps by hand, on the features it cached: the same head, bit for bit.
     dataset = retrain.discover(colour_dir)
-    features = retrain.extract_features(dataset, architecture=TINY, bottleneck_dir=cfg["bottleneck_dir"],
-                                        model_dir=cfg["model_dir"])
+    features = retrain.extract_features(
+        dataset, architecture=TINY, bottleneck_dir=cfg["bottleneck_dir"], model_dir=cfg["model_dir"]
+    )
     assert features.computed == 0 and features.cached == 36
     splits = retrain.split_features(dataset, features)
     # The default final fit: training + validation, for the steps the cross-fit chose.
     labelled = splits.train + splits.validation
     steps = result.metrics["best_step"]
     assert steps == result.cross_fit.best_steps <= 4
-    head = retrain.SoftmaxHead(steps=steps, seed=cfg["seed"]).fit(labelled.X, labelled.y, n_classes=3, eval_every=2)
+    head = retrain.SoftmaxHead(steps=steps, seed=cfg["seed"]).fit(
+        labelled.X, labelled.y, n_classes=3, eval_every=2
+    )
     exported = _weights(result.output_graph)
     assert np.array_equal(exported["final_retrain_ops/weights"], head.coef_)
     assert np.array_equal(exported["final_retrain_ops/biases"], head.intercept_)

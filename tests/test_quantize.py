@@ -30,8 +30,12 @@ def fp16_path(int8_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp16") / "model.fp16.onnx"
     from retrain.cli import retrain_main
 
-    assert retrain_main(["export", "--graph", str(int8_run.output_graph), "--to", "onnx-fp16",
-                         "--output", str(out)]) == 0
+    assert (
+        retrain_main(
+            ["export", "--graph", str(int8_run.output_graph), "--to", "onnx-fp16", "--output", str(out)]
+        )
+        == 0
+    )
     return out
 
 
@@ -129,7 +133,9 @@ def test_label_image_reads_converted_models(fmt, int8_run, fp16_path, capsys):
 
     path = _int8_path(int8_run) if fmt == "int8" else fp16_path
     photos = [sample_photo(label, 3) for label in ("animals", "fish", "landmarks", "tools")]
-    assert label_image_main(["--graph", str(path), "--json", "--top_k", "1", "--image", *map(str, photos)]) == 0
+    assert (
+        label_image_main(["--graph", str(path), "--json", "--top_k", "1", "--image", *map(str, photos)]) == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["predictions"][0]["label"] for r in rows] == ["animals", "fish", "landmarks", "tools"]
 
@@ -139,8 +145,11 @@ def test_serving_an_int8_model(int8_run):
 
     with TestClient(create_app(_int8_path(int8_run))) as client:
         assert client.get("/v1/model").json()["quantization"] == "int8"
-        r = client.post("/v1/classify", content=sample_photo("fish", 2).read_bytes(),
-                        headers={"Content-Type": "image/jpeg"})
+        r = client.post(
+            "/v1/classify",
+            content=sample_photo("fish", 2).read_bytes(),
+            headers={"Content-Type": "image/jpeg"},
+        )
         assert r.json()["results"][0]["predictions"][0]["label"] == "fish"
 
 
@@ -159,8 +168,21 @@ def test_export_int8_with_a_labelled_folder(int8_run, small_folder, tmp_path, ca
     from retrain.cli import retrain_main
 
     out = tmp_path / "exported.int8.onnx"
-    code = retrain_main(["export", "--graph", str(int8_run.output_graph), "--to", "onnx-int8", "--output", str(out),
-                         "--image_dir", str(small_folder), "--max_calibration_images", "6"])
+    code = retrain_main(
+        [
+            "export",
+            "--graph",
+            str(int8_run.output_graph),
+            "--to",
+            "onnx-int8",
+            "--output",
+            str(out),
+            "--image_dir",
+            str(small_folder),
+            "--max_calibration_images",
+            "6",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "int8 model" in printed and "image_dir accuracy" in printed and "N=9" in printed
@@ -180,7 +202,9 @@ def test_export_errors(int8_run, tmp_path):
     graph = int8_run.output_graph
     with pytest.raises(RetrainError, match="needs real photos to calibrate on: pass --image_dir"):
         export_model(graph, "onnx-int8", tmp_path / "x.onnx")
-    with pytest.raises(RetrainError, match="'coreml' is not offered: .*Formats: onnx, onnx-int8, onnx-fp16, tflite"):
+    with pytest.raises(
+        RetrainError, match="'coreml' is not offered: .*Formats: onnx, onnx-int8, onnx-fp16, tflite"
+    ):
         export_model(graph, "coreml", tmp_path / "x.mlpackage")
     with pytest.raises(RetrainError, match="did you mean 'onnx-int8'"):
         export_model(graph, "onnx-int4", tmp_path / "x.onnx")
@@ -203,5 +227,7 @@ def test_int8_calibration_uses_every_batch(int8_run, sample_pixels):
     from retrain.quantize import quantize_int8
 
     pixels = sample_pixels[0]
-    model = quantize_int8(onnx.load(str(int8_run.output_graph)), (pixels[i : i + 1] for i in range(0, 40, 10)))
+    model = quantize_int8(
+        onnx.load(str(int8_run.output_graph)), (pixels[i : i + 1] for i in range(0, 40, 10))
+    )
     assert get_manifest(model)["quantization_details"]["calibration_images"] == 4

@@ -34,8 +34,6 @@ TESTS = Path(__file__).resolve().parent
 # -- helpers ----------------------------------------------------------------------------------
 
 
-
-
 def cli(main: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``retrain`` / ``label_image`` in a fresh interpreter (the tiny backbone is registered there too)."""
     return cli_many(main, [list(args)], cwd=cwd, env=env)[0]
@@ -43,17 +41,30 @@ def cli(main: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess
 
 def cli_many(main: str, arg_lists: list[list[str]], *, cwd: Path, env: dict | None = None, at_once: int = 4):
     """Several independent command lines, a few at a time (most of each is interpreter start-up)."""
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
-            f"from retrain.cli import {main}; sys.exit({main}())")
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
+        f"from retrain.cli import {main}; sys.exit({main}())"
+    )
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}
     runs = []
     for start in range(0, len(arg_lists), at_once):
-        procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=env) for args in arg_lists[start:start + at_once]]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, *args],
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+            for args in arg_lists[start : start + at_once]
+        ]
         for proc in procs:
             out, err = proc.communicate(timeout=300)
-            runs.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.decode("utf-8", "replace"),
-                                                    err.decode("utf-8", "replace")))
+            runs.append(
+                subprocess.CompletedProcess(
+                    proc.args, proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+                )
+            )
     for run in runs:
         assert "Traceback" not in run.stdout + run.stderr, run.stdout + run.stderr
     return runs
@@ -138,7 +149,9 @@ def final_accuracy(stdout: str) -> float:
 
 def head_weights(model_path: Path) -> np.ndarray:
     model = onnx.load(str(model_path))
-    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "final_retrain_ops/weights")
+    return next(
+        numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "final_retrain_ops/weights"
+    )
 
 
 # -- the headline test: a messy copy of the sample photos trains exactly like the clean one ----------
@@ -159,8 +172,11 @@ def make_messy(root: Path) -> dict[str, str]:
 def training_name(cls: Path, name: str) -> str:
     """``name`` with a numeric suffix that puts it in the training split, so the test set stays the same."""
     stem, ext = os.path.splitext(name)
-    return next(f"{stem}_{i}{ext}" for i in range(100) if which_split(f"{cls.name}/{stem}_{i}{ext}", 10, 10)
-                == TRAINING)
+    return next(
+        f"{stem}_{i}{ext}"
+        for i in range(100)
+        if which_split(f"{cls.name}/{stem}_{i}{ext}", 10, 10) == TRAINING
+    )
 
 
 def add_fine_oddities(root: Path) -> list[str]:
@@ -169,8 +185,11 @@ def add_fine_oddities(root: Path) -> list[str]:
     added = []
 
     def a_training_photo(cls: Path) -> Path:
-        return next(cls / p.name for p in sorted((SAMPLE_PHOTOS / cls.name).glob("*.jpg"))
-                    if which_split(f"{cls.name}/{p.name}", 10, 10) == TRAINING)
+        return next(
+            cls / p.name
+            for p in sorted((SAMPLE_PHOTOS / cls.name).glob("*.jpg"))
+            if which_split(f"{cls.name}/{p.name}", 10, 10) == TRAINING
+        )
 
     cls = classes[3]
     for name, data in odd_but_readable(Image.open(a_training_photo(cls)), size=(320, 240)).items():
@@ -192,13 +211,36 @@ def sample_runs(tmp_path_factory):
     expected = make_messy(messy)
     make_messy(everything)
     add_fine_oddities(everything)
-    common = ["--how_many_training_steps", "300", "--seed", "3", "--quiet", "--bottleneck_dir", str(tmp / "bn")]
+    common = [
+        "--how_many_training_steps",
+        "300",
+        "--seed",
+        "3",
+        "--quiet",
+        "--bottleneck_dir",
+        str(tmp / "bn"),
+    ]
     runs = {}
     for name, folder in (("clean", clean), ("messy", messy), ("everything", everything)):
-        runs[name] = cli("retrain_main", "--image_dir", str(folder), "--output_dir", str(tmp / f"out_{name}"),
-                         *common, cwd=tmp)
-    runs["strict"] = cli("retrain_main", "--image_dir", str(messy), "--output_dir", str(tmp / "out_strict"),
-                         "--strict", *common, cwd=tmp)
+        runs[name] = cli(
+            "retrain_main",
+            "--image_dir",
+            str(folder),
+            "--output_dir",
+            str(tmp / f"out_{name}"),
+            *common,
+            cwd=tmp,
+        )
+    runs["strict"] = cli(
+        "retrain_main",
+        "--image_dir",
+        str(messy),
+        "--output_dir",
+        str(tmp / "out_strict"),
+        "--strict",
+        *common,
+        cwd=tmp,
+    )
     return tmp, runs, expected
 
 
@@ -211,8 +253,10 @@ def test_messy_folder_trains_to_the_same_model_as_the_clean_one(sample_runs):
     clean_labels = (tmp / "out_clean" / "output_labels.txt").read_text()
     assert (tmp / "out_messy" / "output_labels.txt").read_text() == clean_labels
     # Same images, split and seed: the very same new layer, bit for bit.
-    assert np.array_equal(head_weights(tmp / "out_messy" / "output_graph.onnx"),
-                          head_weights(tmp / "out_clean" / "output_graph.onnx"))
+    assert np.array_equal(
+        head_weights(tmp / "out_messy" / "output_graph.onnx"),
+        head_weights(tmp / "out_clean" / "output_graph.onnx"),
+    )
     metrics = json.loads((tmp / "out_messy" / "metrics.json").read_text())
     assert metrics["skipped_files"] == len(expected)
 
@@ -226,15 +270,18 @@ def test_folder_with_every_case_trains_to_the_same_accuracy(sample_runs):
     n_test = int(re.search(r"^Final test accuracy = [\d.]+% \(N=(\d+)", clean.stdout, re.M)[1])
     assert abs(final_accuracy(run.stdout) - final_accuracy(clean.stdout)) <= 100 / n_test + 0.1
     assert final_accuracy(run.stdout) >= 85.0
-    assert (tmp / "out_everything" / "output_labels.txt").read_text() == \
-        (tmp / "out_clean" / "output_labels.txt").read_text()
+    assert (tmp / "out_everything" / "output_labels.txt").read_text() == (
+        tmp / "out_clean" / "output_labels.txt"
+    ).read_text()
     messy, everything = str(tmp / "messy"), str(tmp / "everything")
     assert sorted(skipped_lines(run.stdout)) == sorted(p.replace(messy, everything) for p in expected)
     assert f"Skipped {len(expected)} file(s) that could not be used" in run.stdout
     assert re.search(r"The same image is in 2 classes: animals/.*\.jpg, fish/duplicate_\d+\.jpg", run.stdout)
     # Only the training set grew (by the 11 odd-but-fine files and the duplicate).
-    assert json.loads((tmp / "out_everything" / "metrics.json").read_text())["train_count"] == \
-        json.loads((tmp / "out_clean" / "metrics.json").read_text())["train_count"] + 12
+    assert (
+        json.loads((tmp / "out_everything" / "metrics.json").read_text())["train_count"]
+        == json.loads((tmp / "out_clean" / "metrics.json").read_text())["train_count"] + 12
+    )
 
 
 def test_each_bad_file_gets_one_line_with_its_reason_and_a_summary(sample_runs):
@@ -276,13 +323,34 @@ def test_decompression_bombs_do_not_cost_memory(tmp_path: Path):
     images = make_image_folder(tmp_path / "images", per_class=4, size=32)
 
     def peak_mib(folder: Path, tag: str) -> float:
-        code = (f"import sys, resource; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
-                "from retrain.cli import retrain_main; rc = retrain_main(); "
-                "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)")
-        run = subprocess.run([sys.executable, "-c", code, "--image_dir", str(folder), "--architecture", TINY,
-                              "--output_dir", str(tmp_path / tag), "--bottleneck_dir", str(tmp_path / "bn"),
-                              "--model_dir", str(tmp_path / "models"), "--how_many_training_steps", "20",
-                              "--quiet"], capture_output=True, text=True, timeout=300)
+        code = (
+            f"import sys, resource; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
+            "from retrain.cli import retrain_main; rc = retrain_main(); "
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)"
+        )
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code,
+                "--image_dir",
+                str(folder),
+                "--architecture",
+                TINY,
+                "--output_dir",
+                str(tmp_path / tag),
+                "--bottleneck_dir",
+                str(tmp_path / "bn"),
+                "--model_dir",
+                str(tmp_path / "models"),
+                "--how_many_training_steps",
+                "20",
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         return float(re.search(r"^PEAK ([\d.]+)", run.stdout, re.M)[1]), run.stdout
 
@@ -330,10 +398,14 @@ def _png16_rgb(rgb8: np.ndarray) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
-def test_odd_formats_are_all_used_and_duplicates_reported(tmp_path: Path, colour_dir: Path, fast_config, caplog):
+def test_odd_formats_are_all_used_and_duplicates_reported(
+    tmp_path: Path, colour_dir: Path, fast_config, caplog
+):
     red = Image.open(next((colour_dir / "red").glob("*.jpg")))
     names = odd_but_readable(red)
     for name, data in names.items():
@@ -343,8 +415,11 @@ def test_odd_formats_are_all_used_and_duplicates_reported(tmp_path: Path, colour
     result = retrain.train(colour_dir, **fast_config)
     assert result.skipped == {}
     assert f"Found {36 + len(names) + 1} images in 3 classes" in caplog.text
-    assert re.search(r"The same image is in 2 classes: green/copy_of_red\.jpg, red/img_000\.jpg|"
-                     r"red/img_000\.jpg, green/copy_of_red\.jpg", caplog.text)
+    assert re.search(
+        r"The same image is in 2 classes: green/copy_of_red\.jpg, red/img_000\.jpg|"
+        r"red/img_000\.jpg, green/copy_of_red\.jpg",
+        caplog.text,
+    )
     assert result.test_accuracy is not None
 
 
@@ -366,7 +441,12 @@ def test_exif_rotation_is_applied_when_classifying(sample_runs, tmp_path: Path):
 
 
 def test_class_names_are_kept_exactly_and_never_merged(tmp_path: Path, fast_config):
-    names = {"red roses": (220, 30, 30), "Grün 緑": (30, 200, 40), "sky": (30, 40, 220), "Sky": (200, 200, 40)}
+    names = {
+        "red roses": (220, 30, 30),
+        "Grün 緑": (30, 200, 40),
+        "sky": (30, 40, 220),
+        "Sky": (200, 200, 40),
+    }
     images = make_image_folder(tmp_path / "images", classes=names)
     result = retrain.train(images, **fast_config)
     assert result.labels == sorted(names)
@@ -388,8 +468,9 @@ def test_non_utf8_class_name_gets_an_escaped_label(tmp_path: Path, fast_config, 
 
 
 def test_empty_tiny_and_normal_classes(tmp_path: Path, fast_config, caplog):
-    images = make_image_folder(tmp_path / "images", per_class=10, classes={"red": (220, 30, 30),
-                                                                         "green": (30, 200, 40)})
+    images = make_image_folder(
+        tmp_path / "images", per_class=10, classes={"red": (220, 30, 30), "green": (30, 200, 40)}
+    )
     make_image_folder(images, per_class=1, classes={"one": (30, 40, 220)}, seed=1)
     make_image_folder(images, per_class=2, classes={"two": (200, 200, 40)}, seed=2)
     (images / "empty").mkdir()
@@ -413,7 +494,9 @@ def test_only_one_class_is_a_clear_error(tmp_path: Path, fast_config):
         retrain.train(images, **fast_config)
 
 
-def test_permission_denied_file_is_skipped(tmp_path: Path, colour_dir: Path, fast_config, monkeypatch, caplog):
+def test_permission_denied_file_is_skipped(
+    tmp_path: Path, colour_dir: Path, fast_config, monkeypatch, caplog
+):
     """Root can read mode-000 files, so a refused open() is simulated; as another user chmod 000 is real."""
     secret = colour_dir / "red" / "secret.jpg"
     shutil.copy(colour_dir / "red" / "img_000.jpg", secret)
@@ -443,8 +526,17 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path):
     one = make_image_folder(tmp_path / "one", per_class=4, classes={"cats": (200, 100, 50)}, size=32)
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty").mkdir()
-    base = ["--architecture", TINY, "--bottleneck_dir", str(tmp_path / "bn"), "--model_dir", str(tmp_path / "m"),
-            "--how_many_training_steps", "10", "--quiet"]
+    base = [
+        "--architecture",
+        TINY,
+        "--bottleneck_dir",
+        str(tmp_path / "bn"),
+        "--model_dir",
+        str(tmp_path / "m"),
+        "--how_many_training_steps",
+        "10",
+        "--quiet",
+    ]
     cases = [
         (["--image_dir", str(tmp_path / "nope")], 2, "does not exist"),
         (["--image_dir", str(tmp_path / "a_file")], 2, "is a file"),
@@ -452,13 +544,23 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path):
         (["--image_dir", str(one)], 2, r"found 1 \('cats'\)"),
         (["--image_dir", str(images), "--testing_percentage", "150"], 2, "between 0 and 100"),
         (["--image_dir", str(images), "--architecture", "resnet_9000"], 2, "unknown backbone"),
-        (["--image_dir", str(images), "--output_dir", str(tmp_path / "a_file" / "out")], 2, "cannot write to"),
-        (["--image_dir", str(images), "--bottleneck_dir", str(tmp_path / "a_file" / "bn")], 2,
-         "cannot use --bottleneck_dir"),
+        (
+            ["--image_dir", str(images), "--output_dir", str(tmp_path / "a_file" / "out")],
+            2,
+            "cannot write to",
+        ),
+        (
+            ["--image_dir", str(images), "--bottleneck_dir", str(tmp_path / "a_file" / "bn")],
+            2,
+            "cannot use --bottleneck_dir",
+        ),
         (["--image_dir", str(images), "--how_many_trainig_steps", "5"], 2, "did you mean"),
     ]
-    runs = cli_many("retrain_main", [[*base, "--output_dir", str(tmp_path / f"out{i}"), *extra]
-                                     for i, (extra, _, _) in enumerate(cases)], cwd=tmp_path)
+    runs = cli_many(
+        "retrain_main",
+        [[*base, "--output_dir", str(tmp_path / f"out{i}"), *extra] for i, (extra, _, _) in enumerate(cases)],
+        cwd=tmp_path,
+    )
     for (extra, code, message), run in zip(cases, runs):
         assert run.returncode == code, (extra, run.stdout, run.stderr)
         assert re.search(message, run.stderr), (extra, run.stderr)
@@ -472,8 +574,12 @@ def test_label_image_reports_bad_models_and_bad_images(tmp_path: Path, colour_di
     bad = tmp_path / "bad_images"
     bad.mkdir()
     expected = add_bad_files(bad, good)
-    not_models = {"text.onnx": b"hello", "empty.onnx": b"", "photo.onnx": good.read_bytes(),
-                  "half.onnx": model.read_bytes()[: model.stat().st_size // 2]}
+    not_models = {
+        "text.onnx": b"hello",
+        "empty.onnx": b"",
+        "photo.onnx": good.read_bytes(),
+        "half.onnx": model.read_bytes()[: model.stat().st_size // 2],
+    }
     for name, data in not_models.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / "short_labels.txt").write_text("red\ngreen\n")
@@ -484,8 +590,10 @@ def test_label_image_reports_bad_models_and_bad_images(tmp_path: Path, colour_di
         (["--graph", str(tmp_path / "half.onnx")], "not an ONNX model written by retrain"),
         (["--graph", str(labels)], "not an ONNX model written by retrain"),
         (["--graph", str(tmp_path / "missing.onnx")], "does not exist"),
-        (["--graph", str(model), "--labels", str(tmp_path / "short_labels.txt")],
-         r"has 2 line\(s\), but the model has 3 outputs"),
+        (
+            ["--graph", str(model), "--labels", str(tmp_path / "short_labels.txt")],
+            r"has 2 line\(s\), but the model has 3 outputs",
+        ),
         (["--graph", str(model), "--labels", str(tmp_path / "missing.txt")], "cannot read labels file"),
     ]
     runs = cli_many("label_image_main", [[*args, "--image", str(good)] for args, _ in cases], cwd=tmp_path)
@@ -493,8 +601,18 @@ def test_label_image_reports_bad_models_and_bad_images(tmp_path: Path, colour_di
         assert run.returncode == 2, (args, run.stderr)
         assert re.search(message, run.stderr), (args, run.stderr)
     # Unreadable images: one line each, the others are still classified, exit code 3.
-    run = cli("label_image_main", "--graph", str(model), "--json", "--image", str(good), str(bad),
-              str(tmp_path / "gone.jpg"), str(good), cwd=tmp_path)
+    run = cli(
+        "label_image_main",
+        "--graph",
+        str(model),
+        "--json",
+        "--image",
+        str(good),
+        str(bad),
+        str(tmp_path / "gone.jpg"),
+        str(good),
+        cwd=tmp_path,
+    )
     assert run.returncode == 3, run.stderr
     rows = [json.loads(line) for line in run.stdout.splitlines()]
     errors = {Path(r["image"]).name: r["error"] for r in rows if "error" in r}
@@ -507,8 +625,12 @@ def test_label_image_reports_bad_models_and_bad_images(tmp_path: Path, colour_di
     # `label_image ... | head -1` where head has already gone: exit 141, quietly.
     code = "import sys; from retrain.cli import label_image_main; sys.exit(label_image_main())"
     for flags in ([], ["--json"]):
-        proc = subprocess.Popen([sys.executable, "-c", code, "--graph", str(model), *flags, "--image", str(good),
-                                 str(good)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "--graph", str(model), *flags, "--image", str(good), str(good)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         proc.stdout.close()
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=300) == 141, err
@@ -517,22 +639,38 @@ def test_label_image_reports_bad_models_and_bad_images(tmp_path: Path, colour_di
 
 @pytest.mark.slow
 def test_unprintable_names_and_closed_pipes_never_show_a_traceback(tmp_path: Path):
-    images = make_image_folder(tmp_path / "images", per_class=4, size=32,
-                               classes={"Grün 緑": (30, 200, 40), "red": (220, 30, 30)})
+    images = make_image_folder(
+        tmp_path / "images", per_class=4, size=32, classes={"Grün 緑": (30, 200, 40), "red": (220, 30, 30)}
+    )
     with open(os.fsencode(images) + b"/red/caf\xe9.jpg", "wb") as f:
         f.write(b"not an image")
-    args = ["--image_dir", str(images), "--architecture", TINY, "--bottleneck_dir", str(tmp_path / "bn"),
-            "--model_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "out"),
-            "--how_many_training_steps", "10", "--quiet"]
+    args = [
+        "--image_dir",
+        str(images),
+        "--architecture",
+        TINY,
+        "--bottleneck_dir",
+        str(tmp_path / "bn"),
+        "--model_dir",
+        str(tmp_path / "m"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--how_many_training_steps",
+        "10",
+        "--quiet",
+    ]
     # A terminal that can only show ASCII: names are escaped, not fatal.
     run = cli("retrain_main", *args, cwd=tmp_path, env={"PYTHONIOENCODING": "ascii"})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Gr\\xfcn \\u7dd1" in run.stdout and "caf\\xe9.jpg: not an image file" in run.stdout
     # `retrain ... | head -1`: the run still finishes and writes its model, quietly.
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
-            "from retrain.cli import retrain_main; sys.exit(retrain_main())")
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; "
+        "from retrain.cli import retrain_main; sys.exit(retrain_main())"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     proc.stdout.close()  # the reader went away before the first line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 0, err

@@ -59,7 +59,9 @@ def test_raw_body_gives_ranked_labels(client, label):
     preds = result["predictions"]
     assert result["filename"] is None
     assert preds[0]["label"] == label
-    assert [p["label"] for p in preds] != [] and sorted(p["label"] for p in preds) == LABELS  # top_k 5 > 4 labels
+    assert [p["label"] for p in preds] != [] and sorted(
+        p["label"] for p in preds
+    ) == LABELS  # top_k 5 > 4 labels
     scores = [p["score"] for p in preds]
     assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
 
@@ -75,12 +77,20 @@ def test_octet_stream_and_webp_png_bodies(client):
 
 
 def test_multipart_several_images_in_order_with_top_k(client):
-    files = [("file", (f"{label}.jpg", _jpeg(label, 1), "image/jpeg")) for label in ("tools", "animals", "landmarks")]
+    files = [
+        ("file", (f"{label}.jpg", _jpeg(label, 1), "image/jpeg"))
+        for label in ("tools", "animals", "landmarks")
+    ]
     files.append(("other", ("ünïcode fish.jpg", _jpeg("fish", 1), "application/octet-stream")))
     r = client.post("/v1/classify?top_k=2", files=files, data={"note": "form fields are ignored"})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
-    assert [x["filename"] for x in results] == ["tools.jpg", "animals.jpg", "landmarks.jpg", "ünïcode fish.jpg"]
+    assert [x["filename"] for x in results] == [
+        "tools.jpg",
+        "animals.jpg",
+        "landmarks.jpg",
+        "ünïcode fish.jpg",
+    ]
     assert [x["predictions"][0]["label"] for x in results] == ["tools", "animals", "landmarks", "fish"]
     assert all(len(x["predictions"]) == 2 for x in results)
 
@@ -89,7 +99,9 @@ def test_same_scores_as_the_python_api(client, model):
     import retrain
 
     expected = retrain.load(model.output_graph).classify(str(sample_photo("landmarks", 2)), top_k=3)[0]
-    r = client.post("/v1/classify?top_k=3", content=_jpeg("landmarks", 2), headers={"Content-Type": "image/jpeg"})
+    r = client.post(
+        "/v1/classify?top_k=3", content=_jpeg("landmarks", 2), headers={"Content-Type": "image/jpeg"}
+    )
     got = r.json()["results"][0]["predictions"]
     assert [p["label"] for p in got] == [p.label for p in expected]
     assert np.allclose([p["score"] for p in got], [p.score for p in expected], atol=1e-6)
@@ -113,12 +125,21 @@ def test_healthz_and_stats_count_exactly_this_apps_requests(model):
         assert fresh["batching"]["images"] == fresh["batching"]["batches"] == 0 and fresh["responses"] == {}
         assert c.get("/healthz").json()["status"] == "ok"
         for label in ("fish", "tools", "animals"):
-            assert c.post("/v1/classify", content=_jpeg(label), headers={"Content-Type": "image/jpeg"}).status_code == 200
+            assert (
+                c.post(
+                    "/v1/classify", content=_jpeg(label), headers={"Content-Type": "image/jpeg"}
+                ).status_code
+                == 200
+            )
         files = [("file", (f"{label}.jpg", _jpeg(label, 1), "image/jpeg")) for label in ("fish", "tools")]
         assert c.post("/v1/classify", files=files).status_code == 200
-        assert c.post("/v1/classify", content=b"nope", headers={"Content-Type": "image/jpeg"}).status_code == 422
+        assert (
+            c.post("/v1/classify", content=b"nope", headers={"Content-Type": "image/jpeg"}).status_code == 422
+        )
         stats = c.get("/v1/stats").json()
-    assert stats["batching"]["images"] == 5  # 3 single images + a form of 2; the bad one never reaches the model
+    assert (
+        stats["batching"]["images"] == 5
+    )  # 3 single images + a form of 2; the bad one never reaches the model
     assert stats["batching"]["batches"] in (4, 5) and stats["batching"]["rejected_busy"] == 0
     assert stats["responses"] == {"200": 6, "422": 1}  # stats, healthz and 4 classify requests; the bad one
     assert stats["requests"] == {"in_flight": 0, "max_in_flight": 16, "rejected_in_flight": 0}
@@ -135,17 +156,25 @@ def test_page_is_self_contained(client):
 
 # -- bad requests: always a 4xx JSON error, never a 500 ---------------------------------------------------------
 def test_not_an_image(client):
-    _error(client.post("/v1/classify", content=b"hello world", headers={"Content-Type": "image/jpeg"}),
-           422, "not an image")
+    _error(
+        client.post("/v1/classify", content=b"hello world", headers={"Content-Type": "image/jpeg"}),
+        422,
+        "not an image",
+    )
 
 
 def test_truncated_jpeg(client):
     data = _jpeg("fish")
-    _error(client.post("/v1/classify", content=data[: len(data) // 3], headers={"Content-Type": "image/jpeg"}),
-           422, "cannot be classified")
+    _error(
+        client.post("/v1/classify", content=data[: len(data) // 3], headers={"Content-Type": "image/jpeg"}),
+        422,
+        "cannot be classified",
+    )
 
 
-@pytest.mark.parametrize("ctype", ["text/plain", "application/json", "application/x-www-form-urlencoded", None])
+@pytest.mark.parametrize(
+    "ctype", ["text/plain", "application/json", "application/x-www-form-urlencoded", None]
+)
 def test_wrong_content_type(client, ctype):
     headers = {"Content-Type": ctype} if ctype else {}
     content = _jpeg("fish")
@@ -161,26 +190,51 @@ def test_empty_body(client):
 
 @pytest.mark.parametrize("top_k", ["0", "-3", "two", "1.5", ""])
 def test_bad_top_k(client, top_k):
-    _error(client.post(f"/v1/classify?top_k={top_k}", content=_jpeg("fish"), headers={"Content-Type": "image/jpeg"}),
-           400, "top_k")
+    _error(
+        client.post(
+            f"/v1/classify?top_k={top_k}", content=_jpeg("fish"), headers={"Content-Type": "image/jpeg"}
+        ),
+        400,
+        "top_k",
+    )
 
 
 def test_malformed_multipart(client):
-    _error(client.post("/v1/classify", content=b"--x\r\nnot really", headers={"Content-Type": "multipart/form-data"}),
-           400, "malformed multipart")
-    _error(client.post("/v1/classify", content=b"\x00\x01garbage",
-                       headers={"Content-Type": "multipart/form-data; boundary=zz"}), 400, "multipart")
+    _error(
+        client.post(
+            "/v1/classify", content=b"--x\r\nnot really", headers={"Content-Type": "multipart/form-data"}
+        ),
+        400,
+        "malformed multipart",
+    )
+    _error(
+        client.post(
+            "/v1/classify",
+            content=b"\x00\x01garbage",
+            headers={"Content-Type": "multipart/form-data; boundary=zz"},
+        ),
+        400,
+        "multipart",
+    )
 
 
 def test_multipart_without_files_or_with_an_empty_file(client):
     body = b'--zz\r\nContent-Disposition: form-data; name="a"\r\n\r\nhello\r\n--zz--\r\n'
-    _error(client.post("/v1/classify", content=body, headers={"Content-Type": "multipart/form-data; boundary=zz"}),
-           400, "no files")
+    _error(
+        client.post(
+            "/v1/classify", content=body, headers={"Content-Type": "multipart/form-data; boundary=zz"}
+        ),
+        400,
+        "no files",
+    )
     _error(client.post("/v1/classify", files=[("file", ("empty.jpg", b"", "image/jpeg"))]), 400, "empty")
 
 
 def test_one_bad_file_among_good_ones_names_it(client):
-    files = [("file", ("good.jpg", _jpeg("fish"), "image/jpeg")), ("file", ("notes.txt", b"just text", "text/plain"))]
+    files = [
+        ("file", ("good.jpg", _jpeg("fish"), "image/jpeg")),
+        ("file", ("notes.txt", b"just text", "text/plain")),
+    ]
     message = _error(client.post("/v1/classify", files=files), 422, "notes.txt")
     assert "not an image" in message
 
@@ -199,19 +253,27 @@ def strict_client(model):
 
 def test_body_too_large(strict_client):
     big = _png(700, 700) + b"\0" * 60_000
-    _error(strict_client.post("/v1/classify", content=big, headers={"Content-Type": "image/png"}), 413, "larger")
+    _error(
+        strict_client.post("/v1/classify", content=big, headers={"Content-Type": "image/png"}), 413, "larger"
+    )
 
     def chunks():  # no Content-Length: the limit holds while streaming
         for _ in range(20):
             yield b"\xff" * 4096
 
-    _error(strict_client.post("/v1/classify", content=chunks(), headers={"Content-Type": "image/jpeg"}), 413, "larger")
+    _error(
+        strict_client.post("/v1/classify", content=chunks(), headers={"Content-Type": "image/jpeg"}),
+        413,
+        "larger",
+    )
 
 
 def test_too_many_pixels(strict_client):
     data = _png(400, 400)  # 160,000 pixels, a small file
     assert len(data) < 50_000
-    _error(strict_client.post("/v1/classify", content=data, headers={"Content-Type": "image/png"}), 413, "pixels")
+    _error(
+        strict_client.post("/v1/classify", content=data, headers={"Content-Type": "image/png"}), 413, "pixels"
+    )
 
 
 def test_too_many_files(strict_client):
@@ -221,7 +283,9 @@ def test_too_many_files(strict_client):
 
 def test_app_can_be_started_again(model):
     app = create_app(model.output_graph)
-    for _ in range(2):  # each `with` runs the lifespan in a new event loop; shutdown must not break the next one
+    for _ in range(
+        2
+    ):  # each `with` runs the lifespan in a new event loop; shutdown must not break the next one
         with TestClient(app) as c:
             r = c.post("/v1/classify", content=_jpeg("animals"), headers={"Content-Type": "image/jpeg"})
             assert r.status_code == 200 and r.json()["results"][0]["predictions"][0]["label"] == "animals"
@@ -242,17 +306,21 @@ def test_concurrent_requests_are_batched(model):
     async def go():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            responses = await asyncio.gather(*(
-                c.post("/v1/classify?top_k=1", content=data, headers={"Content-Type": "image/jpeg"})
-                for _, data in photos
-            ))
+            responses = await asyncio.gather(
+                *(
+                    c.post("/v1/classify?top_k=1", content=data, headers={"Content-Type": "image/jpeg"})
+                    for _, data in photos
+                )
+            )
             stats = (await c.get("/v1/stats")).json()["batching"]
         await app.state.service.aclose()
         return responses, stats
 
     responses, stats = asyncio.run(go())
     assert [r.status_code for r in responses] == [200] * len(photos)
-    assert [r.json()["results"][0]["predictions"][0]["label"] for r in responses] == [label for label, _ in photos]
+    assert [r.json()["results"][0]["predictions"][0]["label"] for r in responses] == [
+        label for label, _ in photos
+    ]
     assert stats["images"] == len(photos)
     assert stats["largest_batch"] > 1 and stats["batches"] < len(photos), stats
     assert stats["largest_batch"] <= 8
@@ -287,8 +355,9 @@ def test_batcher_passes_errors_on_and_keeps_running():
 
     async def go():
         b = MicroBatcher(predict, max_batch=4, max_wait_ms=20)
-        first = await asyncio.gather(*(b.submit(np.zeros((1, 1, 3), np.uint8)) for _ in range(2)),
-                                     return_exceptions=True)
+        first = await asyncio.gather(
+            *(b.submit(np.zeros((1, 1, 3), np.uint8)) for _ in range(2)), return_exceptions=True
+        )
         second = await b.submit(np.zeros((1, 1, 3), np.uint8))
         await b.aclose()
         return first, second
@@ -320,7 +389,9 @@ def test_cli_server_over_a_real_socket(model):
     with running_server(model.output_graph, "--max_batch", "4") as url:
         ok = httpx.post(f"{url}/v1/classify", content=_jpeg("tools"), headers={"Content-Type": "image/jpeg"})
         assert ok.json()["results"][0]["predictions"][0]["label"] == "tools"
-        bad = httpx.post(f"{url}/v1/classify", content=b"GIF89a broken", headers={"Content-Type": "image/gif"})
+        bad = httpx.post(
+            f"{url}/v1/classify", content=b"GIF89a broken", headers={"Content-Type": "image/gif"}
+        )
         assert bad.status_code == 422 and "error" in bad.json()
         assert httpx.get(f"{url}/v1/model").json()["limits"]["max_batch"] == 4
         assert httpx.get(f"{url}/healthz").status_code == 200
@@ -432,7 +503,10 @@ def test_requests_past_max_in_flight_get_503_with_retry_after(model):
     async def go():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
-            post = lambda: c.post("/v1/classify", content=_jpeg("fish"), headers={"Content-Type": "image/jpeg"})  # noqa: E731
+
+            def post():
+                return c.post("/v1/classify", content=_jpeg("fish"), headers={"Content-Type": "image/jpeg"})
+
             held = [asyncio.ensure_future(post()) for _ in range(2)]
             while app.state.service.in_flight < 2:
                 await asyncio.sleep(0.01)

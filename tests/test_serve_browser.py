@@ -15,9 +15,13 @@ import pytest
 from trained_models import running_server, sample_model, sample_photo
 
 CHROMIUM = os.environ.get("RETRAIN_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("RETRAIN_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMEDRIVER = (
+    os.environ.get("RETRAIN_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
+)
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
+)
 if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
     pytest.skip(f"no Chromium at {CHROMIUM} (run .ci/install-browser.sh)", allow_module_level=True)
 if not (os.path.exists(CHROMEDRIVER) and os.access(CHROMEDRIVER, os.X_OK)):
@@ -42,9 +46,19 @@ def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     profile = tmp_path_factory.mktemp("chromium-profile")
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1000,900"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1000,900",
+    ):
         options.add_argument(arg)
     # An explicit driver path: Selenium Manager never goes looking for one on the network.
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
@@ -94,7 +108,10 @@ def test_choose_several_photos(browser, server):
     browser.find_element(By.ID, "file").send_keys("\n".join(str(p) for p in photos))
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
     assert [(name, label) for name, label, _ in _results(browser)] == [
-        (photos[0].name, "tools"), (photos[1].name, "animals"), (photos[2].name, "landmarks")]
+        (photos[0].name, "tools"),
+        (photos[1].name, "animals"),
+        (photos[2].name, "landmarks"),
+    ]
 
 
 def test_drop_a_photo(browser, server):

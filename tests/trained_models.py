@@ -50,9 +50,21 @@ def running_server(graph: str | Path, *extra_args: str, timeout: float = 90.0) -
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-c", "import sys; from retrain.cli import retrain_main; sys.exit(retrain_main())",
-           "serve", "--graph", str(graph), "--host", "127.0.0.1", "--port", str(port), "--log_level", "warning",
-           *extra_args]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from retrain.cli import retrain_main; sys.exit(retrain_main())",
+        "serve",
+        "--graph",
+        str(graph),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log_level",
+        "warning",
+        *extra_args,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -29,6 +29,7 @@ Usage::
 
     python tools/extract_gcompris_rcc.py BUNDLE.rcc OUTPUT_DIR [--list]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,7 @@ class RccBundle:
     def _name(self, name_offset: int) -> str:
         off = self.names + name_offset
         length = self._u16(off)
-        raw = self.blob[off + 6: off + 6 + 2 * length]
+        raw = self.blob[off + 6 : off + 6 + 2 * length]
         return raw.decode("utf-16-be")
 
     def _node(self, index: int) -> tuple[str, int, int, int]:
@@ -81,7 +82,7 @@ class RccBundle:
     def _payload(self, flags: int, data_offset: int) -> bytes:
         off = self.data + data_offset
         size = self._u32(off)
-        raw = self.blob[off + 4: off + 4 + size]
+        raw = self.blob[off + 4 : off + 4 + size]
         if flags & FLAG_COMPRESSED_ZSTD:
             try:
                 import zstandard  # type: ignore

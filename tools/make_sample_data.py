@@ -91,14 +91,26 @@ RCC_FILES = [
 # Held-out (never bundled): the rest of explore_monuments, the non-free animal
 # photos of "erase", and the landmark photos behind the "details" puzzles.
 DETAILS_LANDMARKS = [
-    "Chenonceau", "EgeskovSlotSpejling", "EilanDonanCastle", "GizahPyramids",
-    "Louvre_2007_02_24_c", "NDP", "Nagoya", "Neuschwanstein", "OperaSidney",
-    "TajMahal", "TourEiffel", "TowerBridgeLondon",
+    "Chenonceau",
+    "EgeskovSlotSpejling",
+    "EilanDonanCastle",
+    "GizahPyramids",
+    "Louvre_2007_02_24_c",
+    "NDP",
+    "Nagoya",
+    "Neuschwanstein",
+    "OperaSidney",
+    "TajMahal",
+    "TourEiffel",
+    "TowerBridgeLondon",
 ]
 
 
 # File names misspelt in the upstream READMEs -> the real file names.
-README_TYPOS = {"germany/audaPalatina.webp": "germany/aulaPalatina.webp", "screDriver.webp": "screwDriver.webp"}
+README_TYPOS = {
+    "germany/audaPalatina.webp": "germany/aulaPalatina.webp",
+    "screDriver.webp": "screwDriver.webp",
+}
 
 
 @dataclass
@@ -176,8 +188,9 @@ def fetch_deb(workdir: Path, deb: Path | None) -> tuple[Path, str]:
     if deb is None:
         subprocess.run(["apt-get", "download", PACKAGE], cwd=workdir, check=True)
         deb = next(workdir.glob(f"{PACKAGE}_*.deb"))
-    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    version = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     root = workdir / "deb"
     subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
     return root, version
@@ -199,8 +212,14 @@ def stem_name(rel: str) -> str:
     """Output file name: activity-derived prefix + original stem, lower-case ASCII."""
     parts = rel.split("/")
     activity = parts[3]
-    prefix = {"categorization": "cat", "explore_world_animals": "world", "explore_farm_animals": "farm",
-              "erase": "erase", "explore_monuments": "mon", "details": "details"}[activity]
+    prefix = {
+        "categorization": "cat",
+        "explore_world_animals": "world",
+        "explore_farm_animals": "farm",
+        "erase": "erase",
+        "explore_monuments": "mon",
+        "details": "details",
+    }[activity]
     stem = Path(rel).stem
     if activity == "explore_monuments":
         stem = f"{parts[-2]}_{stem}"
@@ -320,7 +339,12 @@ def write_attribution(chosen: dict[str, list[tuple[str, Entry]]], version: str) 
         "",
     ]
     for cls, items in chosen.items():
-        out += [f"## {cls} ({len(items)} photos)", "", "| file | licence | author | source |", "|---|---|---|---|"]
+        out += [
+            f"## {cls} ({len(items)} photos)",
+            "",
+            "| file | licence | author | source |",
+            "|---|---|---|---|",
+        ]
         for name, e in items:
             author = e.author.replace("|", "/")
             out.append(f"| {name} | {e.licence} | {author} | {e.source} |")
@@ -339,7 +363,9 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         root, version = fetch_deb(work, args.deb.resolve() if args.deb else None)
         if version != EXPECTED_VERSION:
-            print(f"warning: {PACKAGE} {version}, the selection was made on {EXPECTED_VERSION}", file=sys.stderr)
+            print(
+                f"warning: {PACKAGE} {version}, the selection was made on {EXPECTED_VERSION}", file=sys.stderr
+            )
         tree = work / "rcc"
         unpack(root, tree)
         chosen, seen = build_bundle(tree, version)

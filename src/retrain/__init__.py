@@ -42,7 +42,21 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Classifier", "FineTuned", "Prediction", "RetrainError", "SoftmaxHead", "Split", "Splits", "TrainConfig",
-    "TrainResult", "discover", "export_model", "extract_features", "fine_tune", "load", "split_features", "train",
+    "Classifier",
+    "FineTuned",
+    "Prediction",
+    "RetrainError",
+    "SoftmaxHead",
+    "Split",
+    "Splits",
+    "TrainConfig",
+    "TrainResult",
+    "discover",
+    "export_model",
+    "extract_features",
+    "fine_tune",
+    "load",
+    "split_features",
+    "train",
     "__version__",
 ]

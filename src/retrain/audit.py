@@ -39,7 +39,9 @@ LABEL_NEIGHBOURS = 10
 
 LEARNING_CURVE_FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7, 1.0)
 LEARNING_CURVE_SEEDS = 2
-LEARNING_CURVE_STEPS = 100  # per fit: on five real sets the curve predicts as well as with 200 (docs/report.md)
+LEARNING_CURVE_STEPS = (
+    100  # per fit: on five real sets the curve predicts as well as with 200 (docs/report.md)
+)
 
 
 # -- accuracy with its uncertainty ------------------------------------------------------------------

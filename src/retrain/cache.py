@@ -88,7 +88,12 @@ class BottleneckStore:
     """Maps content keys (20-byte SHA-1 digests) to float32 feature vectors of one width."""
 
     def __init__(
-        self, directory: str | os.PathLike, feature_dim: int, *, flush_every: int = 256, flush_seconds: float = 5.0
+        self,
+        directory: str | os.PathLike,
+        feature_dim: int,
+        *,
+        flush_every: int = 256,
+        flush_seconds: float = 5.0,
     ):
         self.directory = Path(directory)
         self.feature_dim = feature_dim
@@ -122,17 +127,27 @@ class BottleneckStore:
                     keys, feats = z["keys"], z["features"]
             except FileNotFoundError:  # compacted away by another process; its rows live on elsewhere
                 continue
-            except OSError as exc:  # EMFILE, EIO, EACCES...: perhaps transient; tried again at the next refresh
-                self._warn_once(shard, f"cannot read cache shard {shard} now ({exc.strerror or exc}); its images "
-                                "are recomputed for this run, the shard is kept")
+            except (
+                OSError
+            ) as exc:  # EMFILE, EIO, EACCES...: perhaps transient; tried again at the next refresh
+                self._warn_once(
+                    shard,
+                    f"cannot read cache shard {shard} now ({exc.strerror or exc}); its images "
+                    "are recomputed for this run, the shard is kept",
+                )
                 continue
             except (ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-                self._warn_once(shard, f"ignoring unreadable cache shard {shard} ({exc}); its images will be "
-                                "recomputed")
+                self._warn_once(
+                    shard, f"ignoring unreadable cache shard {shard} ({exc}); its images will be recomputed"
+                )
                 self._unreadable.add(shard.name)
                 continue
-            if (feats.ndim != 2 or feats.shape[1] != self.feature_dim or keys.shape != (len(feats), KEY_BYTES)
-                    or keys.dtype != np.uint8):
+            if (
+                feats.ndim != 2
+                or feats.shape[1] != self.feature_dim
+                or keys.shape != (len(feats), KEY_BYTES)
+                or keys.dtype != np.uint8
+            ):
                 self._warn_once(shard, f"ignoring cache shard {shard} with unexpected shape {feats.shape}")
                 self._unreadable.add(shard.name)
                 continue
@@ -152,9 +167,13 @@ class BottleneckStore:
     def _read_only(self, exc: OSError) -> None:
         """Switch to read-only use: cached features are still read; new ones live in memory for this run."""
         if self.writable:
-            log.warning("the bottleneck cache %s cannot be written (%s): features cached there are used, new "
-                        "ones are kept in memory for this run only (choose a writable --bottleneck_dir to cache "
-                        "them)", self.directory, exc.strerror or exc)
+            log.warning(
+                "the bottleneck cache %s cannot be written (%s): features cached there are used, new "
+                "ones are kept in memory for this run only (choose a writable --bottleneck_dir to cache "
+                "them)",
+                self.directory,
+                exc.strerror or exc,
+            )
         self.writable = False
 
     def __len__(self) -> int:
@@ -177,7 +196,10 @@ class BottleneckStore:
             self._index[k] = row
             self._pending_keys.append(k)
             self._pending_rows.append(row)
-        if len(self._pending_keys) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
+        if (
+            len(self._pending_keys) >= self.flush_every
+            or time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
             self.flush()
 
     def flush(self) -> None:

@@ -155,7 +155,10 @@ def calibrate(
     """
     t = fit_temperature(fit_logits, fit_y) if enabled else 1.0
     if t != 1.0 and len(fit_y):
-        raw, scaled = reliability(softmax(fit_logits), fit_y).ece, reliability(softmax(fit_logits, t), fit_y).ece
+        raw, scaled = (
+            reliability(softmax(fit_logits), fit_y).ece,
+            reliability(softmax(fit_logits, t), fit_y).ece,
+        )
         t = t if scaled <= raw else 1.0
     sets = {fitted_on: (fit_logits, fit_y), **(measure or {})}
     sets = {name: (z, y) for name, (z, y) in sets.items() if len(y)}

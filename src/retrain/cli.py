@@ -51,7 +51,6 @@ class _Parser(argparse.ArgumentParser):
         return ns
 
 
-
 def _add(parser, name: str, **kwargs) -> argparse.Action:
     """Add ``--name`` with its dashed twin ``--na-me``."""
     flags = [f"--{name}"]
@@ -73,91 +72,266 @@ def training_parser() -> _Parser:
         epilog=EXIT_CODES,
     )
     g = p.add_argument_group("data")
-    _add(g, "image_dir", default=d.image_dir, help="folder of class sub-folders (default: bundled sample photos)")
-    _add(g, "testing_percentage", type=float, default=d.testing_percentage, help="percent of images used as test set")
-    _add(g, "validation_percentage", type=float, default=d.validation_percentage, help="percent used as validation set")
+    _add(
+        g,
+        "image_dir",
+        default=d.image_dir,
+        help="folder of class sub-folders (default: bundled sample photos)",
+    )
+    _add(
+        g,
+        "testing_percentage",
+        type=float,
+        default=d.testing_percentage,
+        help="percent of images used as test set",
+    )
+    _add(
+        g,
+        "validation_percentage",
+        type=float,
+        default=d.validation_percentage,
+        help="percent used as validation set",
+    )
     g = p.add_argument_group("backbone")
-    _add(g, "architecture", default=d.architecture, help=f"pretrained backbone: {', '.join(available_backbones())}")
-    _add(g, "tfhub_module", default=d.tfhub_module, help="retrain.py's way to pick a backbone; give a name as for "
-          "--architecture (TF Hub URLs cannot be loaded)")
-    _add(g, "model_dir", default=d.model_dir, help="where the exported backbone is cached (default ~/.cache/retrain/models)")
-    _add(g, "bottleneck_dir", default=d.bottleneck_dir, help="bottleneck cache folder, safe to share between runs "
-          "(default ~/.cache/retrain/bottlenecks)")
+    _add(
+        g,
+        "architecture",
+        default=d.architecture,
+        help=f"pretrained backbone: {', '.join(available_backbones())}",
+    )
+    _add(
+        g,
+        "tfhub_module",
+        default=d.tfhub_module,
+        help="retrain.py's way to pick a backbone; give a name as for "
+        "--architecture (TF Hub URLs cannot be loaded)",
+    )
+    _add(
+        g,
+        "model_dir",
+        default=d.model_dir,
+        help="where the exported backbone is cached (default ~/.cache/retrain/models)",
+    )
+    _add(
+        g,
+        "bottleneck_dir",
+        default=d.bottleneck_dir,
+        help="bottleneck cache folder, safe to share between runs (default ~/.cache/retrain/bottlenecks)",
+    )
     _add(g, "device", default=d.device, choices=["auto", "cpu", "cuda"], help="where the network runs")
-    _add(g, "batch_size", type=int, default=d.batch_size,
-         help="images per forward pass when computing bottlenecks (0 = automatic: 8 per CPU core, 64 on a GPU, "
-              "32 for distortions and fine-tuning)")
+    _add(
+        g,
+        "batch_size",
+        type=int,
+        default=d.batch_size,
+        help="images per forward pass when computing bottlenecks (0 = automatic: 8 per CPU core, 64 on a GPU, "
+        "32 for distortions and fine-tuning)",
+    )
     _add(g, "num_workers", type=int, default=d.num_workers, help="image decoding threads (0 = automatic)")
-    _add(g, "engine", default=d.engine, choices=["local", "ray"], help="where bottlenecks are computed: this "
-         "machine, or a Ray cluster (pip install 'retrain[ray]'; docs/scale.md)")
-    _add(g, "ray_address", default=d.ray_address, help="with --engine ray: auto, HOST:PORT or ray://HOST:PORT "
-         "(default: Ray on this machine)")
-    _add(g, "extraction_precision", default=d.extraction_precision, choices=["float32", "int8"],
-         help="int8: a quantized backbone for extraction, faster on CPUs with VNNI (docs/scale.md)")
+    _add(
+        g,
+        "engine",
+        default=d.engine,
+        choices=["local", "ray"],
+        help="where bottlenecks are computed: this "
+        "machine, or a Ray cluster (pip install 'retrain[ray]'; docs/scale.md)",
+    )
+    _add(
+        g,
+        "ray_address",
+        default=d.ray_address,
+        help="with --engine ray: auto, HOST:PORT or ray://HOST:PORT (default: Ray on this machine)",
+    )
+    _add(
+        g,
+        "extraction_precision",
+        default=d.extraction_precision,
+        choices=["float32", "int8"],
+        help="int8: a quantized backbone for extraction, faster on CPUs with VNNI (docs/scale.md)",
+    )
     g = p.add_argument_group("training the new layer")
     _add(g, "how_many_training_steps", type=int, default=d.how_many_training_steps, help="training steps")
     _add(g, "learning_rate", type=float, default=d.learning_rate, help="learning rate of the new layer")
-    _add(g, "optimizer", default=d.optimizer, choices=["adam", "sgd", "momentum"],
-          help="update rule (retrain.py used plain sgd)")
+    _add(
+        g,
+        "optimizer",
+        default=d.optimizer,
+        choices=["adam", "sgd", "momentum"],
+        help="update rule (retrain.py used plain sgd)",
+    )
     _add(g, "weight_decay", type=float, default=d.weight_decay, help="L2 penalty on the new layer's weights")
     _add(g, "train_batch_size", type=int, default=d.train_batch_size, help="images per training step")
     _add(g, "eval_step_interval", type=int, default=d.eval_step_interval, help="report every N steps")
-    _add(g, "validation_batch_size", type=int, default=d.validation_batch_size,
-          help="validation images per report (-1 = all)")
-    _add(g, "test_batch_size", type=int, default=d.test_batch_size, help="test images for the final score (-1 = all)")
-    _add(g, "class_balance", default=d.class_balance, choices=["sample", "weight", "none"],
-          help="sample: draw classes uniformly (retrain.py); weight: weight the loss by inverse class frequency; "
-          "none: draw images uniformly")
-    _add(g, "final_fit", default=d.final_fit, choices=["train", "train+val", "all"],
-         help="images the exported layer is fitted on: train+val (default; steps chosen by 5-fold cross-fitting), "
-         "train (retrain.py: best step on the validation split), or all (test images too, after the test "
-         "accuracy is printed)")
-    _add(g, "seed", type=int, default=d.seed, help="random seed; the same seed gives the same model bit for bit "
-          "(default: random, printed in metrics.json)")
-    _add(g, "calibration", default=d.calibration, choices=["temperature", "none"],
-         help="fit a temperature on held-out predictions so that the probabilities are calibrated (the predicted "
-         "class never changes); none keeps the raw softmax")
-    _add(g, "unknown_threshold", type=float, default=d.unknown_threshold,
-         help="unknown_score above which an image is called unknown (default: chosen so that 95%% of known "
-         "out-of-fold images are accepted)")
-    _add(g, "resume", action="store_true", help="continue an interrupted run from its checkpoint; without "
-          "--output_dir or --checkpoint_path, the last interrupted run under retrain_runs/")
+    _add(
+        g,
+        "validation_batch_size",
+        type=int,
+        default=d.validation_batch_size,
+        help="validation images per report (-1 = all)",
+    )
+    _add(
+        g,
+        "test_batch_size",
+        type=int,
+        default=d.test_batch_size,
+        help="test images for the final score (-1 = all)",
+    )
+    _add(
+        g,
+        "class_balance",
+        default=d.class_balance,
+        choices=["sample", "weight", "none"],
+        help="sample: draw classes uniformly (retrain.py); weight: weight the loss by inverse class frequency; "
+        "none: draw images uniformly",
+    )
+    _add(
+        g,
+        "final_fit",
+        default=d.final_fit,
+        choices=["train", "train+val", "all"],
+        help="images the exported layer is fitted on: train+val (default; steps chosen by 5-fold cross-fitting), "
+        "train (retrain.py: best step on the validation split), or all (test images too, after the test "
+        "accuracy is printed)",
+    )
+    _add(
+        g,
+        "seed",
+        type=int,
+        default=d.seed,
+        help="random seed; the same seed gives the same model bit for bit "
+        "(default: random, printed in metrics.json)",
+    )
+    _add(
+        g,
+        "calibration",
+        default=d.calibration,
+        choices=["temperature", "none"],
+        help="fit a temperature on held-out predictions so that the probabilities are calibrated (the predicted "
+        "class never changes); none keeps the raw softmax",
+    )
+    _add(
+        g,
+        "unknown_threshold",
+        type=float,
+        default=d.unknown_threshold,
+        help="unknown_score above which an image is called unknown (default: chosen so that 95%% of known "
+        "out-of-fold images are accepted)",
+    )
+    _add(
+        g,
+        "resume",
+        action="store_true",
+        help="continue an interrupted run from its checkpoint; without "
+        "--output_dir or --checkpoint_path, the last interrupted run under retrain_runs/",
+    )
     g = p.add_argument_group("distortions (training images only)")
     _add(g, "flip_left_right", action="store_true", help="randomly mirror images horizontally")
     _add(g, "random_crop", type=float, default=d.random_crop, help="percent margin to randomly crop off")
     _add(g, "random_scale", type=float, default=d.random_scale, help="percent to randomly scale up")
-    _add(g, "random_brightness", type=float, default=d.random_brightness, help="percent to randomly vary brightness")
-    _add(g, "distorted_copies", type=int, default=d.distorted_copies,
-          help="distorted variants cached per training image (0 = automatic)")
+    _add(
+        g,
+        "random_brightness",
+        type=float,
+        default=d.random_brightness,
+        help="percent to randomly vary brightness",
+    )
+    _add(
+        g,
+        "distorted_copies",
+        type=int,
+        default=d.distorted_copies,
+        help="distorted variants cached per training image (0 = automatic)",
+    )
     g = p.add_argument_group("fine-tuning")
     _add(g, "fine_tune", action="store_true", help="after the new layer, also train the top of the backbone")
-    _add(g, "fine_tune_blocks", default=d.fine_tune_blocks, help="backbone blocks to unfreeze from the top, or "
-          "'all'; for photos far from ImageNet more blocks help (see docs/finetune.md)")
+    _add(
+        g,
+        "fine_tune_blocks",
+        default=d.fine_tune_blocks,
+        help="backbone blocks to unfreeze from the top, or "
+        "'all'; for photos far from ImageNet more blocks help (see docs/finetune.md)",
+    )
     _add(g, "fine_tune_epochs", type=int, default=d.fine_tune_epochs, help="maximum fine-tuning epochs")
-    _add(g, "fine_tune_learning_rate", type=float, default=d.fine_tune_learning_rate, help="backbone learning rate")
-    _add(g, "fine_tune_patience", type=int, default=d.fine_tune_patience,
-          help="stop after this many epochs without validation improvement")
+    _add(
+        g,
+        "fine_tune_learning_rate",
+        type=float,
+        default=d.fine_tune_learning_rate,
+        help="backbone learning rate",
+    )
+    _add(
+        g,
+        "fine_tune_patience",
+        type=int,
+        default=d.fine_tune_patience,
+        help="stop after this many epochs without validation improvement",
+    )
     g = p.add_argument_group("outputs")
-    _add(g, "output_dir", default=d.output_dir, help="folder for this run's outputs (default ./retrain_runs/<time>)")
-    _add(g, "output_graph", default=d.output_graph, help="model file to write (ONNX; default <output_dir>/output_graph.onnx)")
-    _add(g, "output_labels", default=d.output_labels, help="labels file (default <output_dir>/output_labels.txt)")
-    _add(g, "summaries_dir", default=d.summaries_dir, help="TensorBoard logs (default <output_dir>/summaries)")
-    _add(g, "checkpoint_path", default=d.checkpoint_path, help="training checkpoint (default <output_dir>/checkpoint.npz)")
-    _add(g, "intermediate_output_graphs_dir", default=d.intermediate_output_graphs_dir,
-          help="where intermediate models go (default <output_dir>/intermediate)")
-    _add(g, "intermediate_store_frequency", type=int, default=d.intermediate_store_frequency,
-          help="save an intermediate model every N steps (0 = never)")
-    _add(g, "saved_model_dir", default=d.saved_model_dir, help="also write a serving folder (model, labels, manifest)")
+    _add(
+        g,
+        "output_dir",
+        default=d.output_dir,
+        help="folder for this run's outputs (default ./retrain_runs/<time>)",
+    )
+    _add(
+        g,
+        "output_graph",
+        default=d.output_graph,
+        help="model file to write (ONNX; default <output_dir>/output_graph.onnx)",
+    )
+    _add(
+        g,
+        "output_labels",
+        default=d.output_labels,
+        help="labels file (default <output_dir>/output_labels.txt)",
+    )
+    _add(
+        g, "summaries_dir", default=d.summaries_dir, help="TensorBoard logs (default <output_dir>/summaries)"
+    )
+    _add(
+        g,
+        "checkpoint_path",
+        default=d.checkpoint_path,
+        help="training checkpoint (default <output_dir>/checkpoint.npz)",
+    )
+    _add(
+        g,
+        "intermediate_output_graphs_dir",
+        default=d.intermediate_output_graphs_dir,
+        help="where intermediate models go (default <output_dir>/intermediate)",
+    )
+    _add(
+        g,
+        "intermediate_store_frequency",
+        type=int,
+        default=d.intermediate_store_frequency,
+        help="save an intermediate model every N steps (0 = never)",
+    )
+    _add(
+        g,
+        "saved_model_dir",
+        default=d.saved_model_dir,
+        help="also write a serving folder (model, labels, manifest)",
+    )
     _add(g, "final_tensor_name", default=d.final_tensor_name, help="name of the model's output")
     _add(g, "quantize", default=d.quantize, choices=["", "int8", "fp16"], help="also write a quantized model")
     _add(g, "print_misclassified_test_images", action="store_true", help="list misclassified test images")
-    _add(g, "no_report", action="store_true", help="skip the audit (label_issues.csv, duplicates.csv, "
-          "learning_curve.csv) and report.html")
+    _add(
+        g,
+        "no_report",
+        action="store_true",
+        help="skip the audit (label_issues.csv, duplicates.csv, learning_curve.csv) and report.html",
+    )
     g = p.add_argument_group("messages")
     _add(g, "strict", action="store_true", help="fail if any file cannot be used, instead of skipping it")
     _add(g, "quiet", action="store_true", help="no progress bar")
-    _add(g, "logging_verbosity", default=d.logging_verbosity, choices=["DEBUG", "INFO", "WARN", "ERROR", "FATAL"],
-          help="how much to print")
+    _add(
+        g,
+        "logging_verbosity",
+        default=d.logging_verbosity,
+        choices=["DEBUG", "INFO", "WARN", "ERROR", "FATAL"],
+        help="how much to print",
+    )
     return p
 
 
@@ -215,7 +389,10 @@ def _run(fn, *args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; finished cache entries are kept, run the same command again to resume", file=sys.stderr)
+        print(
+            "interrupted; finished cache entries are kept, run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:
         _silence_stdout()
@@ -224,13 +401,20 @@ def _run(fn, *args) -> int:
         if os.environ.get("RETRAIN_DEBUG"):
             raise
         if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:  # full disk, read-only, ...
-            where = f" ({os.fsencode(exc.filename).decode('utf-8', 'backslashreplace')})" if exc.filename else ""
-            print(f"error: {exc.strerror or exc}{where}. Free some space, fix the permissions or choose another "
-                  "location; finished cache entries are kept, so running the same command again resumes.",
-                  file=sys.stderr)
+            where = (
+                f" ({os.fsencode(exc.filename).decode('utf-8', 'backslashreplace')})" if exc.filename else ""
+            )
+            print(
+                f"error: {exc.strerror or exc}{where}. Free some space, fix the permissions or choose another "
+                "location; finished cache entries are kept, so running the same command again resumes.",
+                file=sys.stderr,
+            )
             return 2
-        print(f"internal error: {type(exc).__name__}: {exc}\n(set RETRAIN_DEBUG=1 to see the traceback, "
-              "and please report it)", file=sys.stderr)
+        print(
+            f"internal error: {type(exc).__name__}: {exc}\n(set RETRAIN_DEBUG=1 to see the traceback, "
+            "and please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -247,8 +431,10 @@ def retrain_main(argv: Sequence[str] | None = None) -> int:
 
         result = train(config=config)
         if result.skipped:  # repeated at the end, where a user looks after a long run
-            log.warning("%d file(s) could not be used and were skipped (listed above; --strict makes that an "
-                        "error).", len(result.skipped))
+            log.warning(
+                "%d file(s) could not be used and were skipped (listed above; --strict makes that an error).",
+                len(result.skipped),
+            )
         log.info("Done. Classify images with: label_image --graph %s --image PATH", result.output_graph)
         return 0
 
@@ -263,15 +449,25 @@ def label_image_parser() -> _Parser:
         "read from the model; the tutorial's layer/mean/std flags are accepted and checked against it.",
         epilog=EXIT_CODES,
     )
-    _add(p, "graph", default="", help="model file (default: the latest run's retrain_runs/latest/output_graph.onnx)")
+    _add(
+        p,
+        "graph",
+        default="",
+        help="model file (default: the latest run's retrain_runs/latest/output_graph.onnx)",
+    )
     _add(p, "labels", default="", help="labels file; checked against the labels stored in the model")
     _add(p, "image", nargs="+", default=[], help="image files or folders (searched recursively)")
     _add(p, "json", action="store_true", help="one JSON object per image per line")
     _add(p, "top_k", type=int, default=5, help="how many labels to print per image")
     _add(p, "num_top_predictions", type=int, default=None, help="same as --top_k (old label_image name)")
     _add(p, "num_threads", type=int, default=0, help="inference threads (0 = automatic)")
-    _add(p, "unknown_threshold", type=float, default=None,
-         help="call an image unknown above this unknown_score (default: the threshold stored in the model)")
+    _add(
+        p,
+        "unknown_threshold",
+        type=float,
+        default=None,
+        help="call an image unknown above this unknown_score (default: the threshold stored in the model)",
+    )
     _add(p, "input_layer", default=None, help="accepted for compatibility; the model knows its input")
     _add(p, "output_layer", default=None, help="accepted for compatibility; the model knows its output")
     _add(p, "input_height", type=int, default=None, help="accepted; the model's input size is used")
@@ -325,8 +521,10 @@ def classify_command(ns: argparse.Namespace) -> int:
             if not single:
                 print(shown)
             if preds.unknown:
-                print(f"unknown (score {preds.unknown_score:.3f} > {clf.unknown_threshold:.3f}; "
-                      f"closest: {preds[0].label} {preds[0].score:.5f})")
+                print(
+                    f"unknown (score {preds.unknown_score:.3f} > {clf.unknown_threshold:.3f}; "
+                    f"closest: {preds[0].label} {preds[0].score:.5f})"
+                )
             for p in preds:
                 print(f"{p.label} {p.score:.5f}")
             if not single:
@@ -339,8 +537,10 @@ def _latest_graph() -> str:
     """The model of the newest finished run here: what ``label_image`` and ``retrain serve`` use without --graph."""
     path = Path("retrain_runs") / "latest" / "output_graph.onnx"
     if not path.exists():
-        raise RetrainError("no --graph given and no retrain_runs/latest/output_graph.onnx here; "
-                           "pass --graph PATH (the file written by retrain --output_graph)")
+        raise RetrainError(
+            "no --graph given and no retrain_runs/latest/output_graph.onnx here; "
+            "pass --graph PATH (the file written by retrain --output_graph)"
+        )
     return str(path)
 
 
@@ -355,24 +555,63 @@ def serve_parser() -> _Parser:
         "GET /v1/model, GET /healthz, and a page at / to try it in a browser.",
         epilog=EXIT_CODES,
     )
-    _add(p, "graph", default="", help="model written by retrain (an .onnx file or a --saved_model_dir folder; "
-         "default: the latest run's retrain_runs/latest/output_graph.onnx)")
+    _add(
+        p,
+        "graph",
+        default="",
+        help="model written by retrain (an .onnx file or a --saved_model_dir folder; "
+        "default: the latest run's retrain_runs/latest/output_graph.onnx)",
+    )
     _add(p, "host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     _add(p, "port", type=int, default=DEFAULT_PORT, help="TCP port (0 picks a free one)")
     _add(p, "max_batch", type=int, default=d.max_batch, help="images run through the model together at most")
-    _add(p, "max_wait_ms", type=float, default=d.max_wait_ms, help="how long an image waits for a batch to fill")
+    _add(
+        p,
+        "max_wait_ms",
+        type=float,
+        default=d.max_wait_ms,
+        help="how long an image waits for a batch to fill",
+    )
     _add(p, "max_body_bytes", type=int, default=d.max_body_bytes, help="largest request body accepted")
-    _add(p, "max_pixels", type=int, default=d.max_pixels, help="largest image accepted, in pixels (width x height)")
+    _add(
+        p,
+        "max_pixels",
+        type=int,
+        default=d.max_pixels,
+        help="largest image accepted, in pixels (width x height)",
+    )
     _add(p, "max_images", type=int, default=d.max_images, help="files per request at most")
-    _add(p, "max_queue", type=int, default=d.max_queue, help="images waiting for the model before answering 503")
-    _add(p, "max_in_flight", type=int, default=d.max_in_flight, help="classify requests served at once; more "
-         "are answered 503 with Retry-After before their body is read (memory stays below about this many "
-         "times --max_body_bytes)")
+    _add(
+        p,
+        "max_queue",
+        type=int,
+        default=d.max_queue,
+        help="images waiting for the model before answering 503",
+    )
+    _add(
+        p,
+        "max_in_flight",
+        type=int,
+        default=d.max_in_flight,
+        help="classify requests served at once; more "
+        "are answered 503 with Retry-After before their body is read (memory stays below about this many "
+        "times --max_body_bytes)",
+    )
     _add(p, "num_threads", type=int, default=0, help="inference threads (0 = automatic)")
-    _add(p, "unknown_threshold", type=float, default=None,
-         help="call an image unknown above this unknown_score (default: the threshold stored in the model)")
-    _add(p, "log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-         help="server messages (debug also logs every request)")
+    _add(
+        p,
+        "unknown_threshold",
+        type=float,
+        default=None,
+        help="call an image unknown above this unknown_score (default: the threshold stored in the model)",
+    )
+    _add(
+        p,
+        "log_level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server messages (debug also logs every request)",
+    )
     return p
 
 
@@ -388,10 +627,19 @@ def _serve_command(ns: argparse.Namespace) -> int:
     if not Path(graph).exists():
         raise RetrainError(f"--graph {graph!r} does not exist; pass the model file written by retrain")
     serve(
-        graph, host=ns.host, port=ns.port, log_level=ns.log_level,
-        max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms, max_body_bytes=ns.max_body_bytes,
-        max_pixels=ns.max_pixels, max_images=ns.max_images, max_queue=ns.max_queue,
-        max_in_flight=ns.max_in_flight, threads=ns.num_threads or None, unknown_threshold=ns.unknown_threshold,
+        graph,
+        host=ns.host,
+        port=ns.port,
+        log_level=ns.log_level,
+        max_batch=ns.max_batch,
+        max_wait_ms=ns.max_wait_ms,
+        max_body_bytes=ns.max_body_bytes,
+        max_pixels=ns.max_pixels,
+        max_images=ns.max_images,
+        max_queue=ns.max_queue,
+        max_in_flight=ns.max_in_flight,
+        threads=ns.num_threads or None,
+        unknown_threshold=ns.unknown_threshold,
     )
     return 0
 
@@ -411,10 +659,21 @@ def export_parser() -> _Parser:
     _add(p, "graph", required=True, help="model written by retrain (output_graph.onnx)")
     _add(p, "to", required=True, help=f"format: {', '.join(EXPORT_FORMATS)}")
     _add(p, "output", required=True, help="file to write")
-    _add(p, "image_dir", default=None, help="class sub-folders named like the model's labels: the accuracy change "
-         "is measured on all their images, and int8 is calibrated on them")
+    _add(
+        p,
+        "image_dir",
+        default=None,
+        help="class sub-folders named like the model's labels: the accuracy change "
+        "is measured on all their images, and int8 is calibrated on them",
+    )
     _add(p, "calibration_dir", default=None, help="photos to calibrate int8 on, instead of --image_dir")
-    _add(p, "max_calibration_images", type=int, default=MAX_CALIBRATION_IMAGES, help="calibration images used at most")
+    _add(
+        p,
+        "max_calibration_images",
+        type=int,
+        default=MAX_CALIBRATION_IMAGES,
+        help="calibration images used at most",
+    )
     return p
 
 
@@ -427,7 +686,11 @@ def _export_command(ns: argparse.Namespace) -> int:
     from retrain.convert import export_model
 
     report = export_model(
-        ns.graph, ns.to, ns.output, image_dir=ns.image_dir, calibration_dir=ns.calibration_dir,
+        ns.graph,
+        ns.to,
+        ns.output,
+        image_dir=ns.image_dir,
+        calibration_dir=ns.calibration_dir,
         max_calibration_images=ns.max_calibration_images,
     )
     print(report.summary("image_dir"))
@@ -440,13 +703,28 @@ def _export_command(ns: argparse.Namespace) -> int:
 def ui_parser() -> _Parser:
     from retrain.ui import DEFAULT_PORT
 
-    p = _Parser(prog="retrain ui", description="A local web app for the whole loop: choose or upload photos, "
-                "train, read the report, try the model and download it (docs/ui.md).", epilog=EXIT_CODES)
-    _add(p, "image_dir", default=None, help="folder of class folders to start with (only read, never written)")
-    _add(p, "project", default="retrain_project", help="folder the app writes to: uploaded photos, runs, cache")
-    _add(p, "host", default="127.0.0.1", help="address to listen on; anything but loopback prints an access token")
+    p = _Parser(
+        prog="retrain ui",
+        description="A local web app for the whole loop: choose or upload photos, "
+        "train, read the report, try the model and download it (docs/ui.md).",
+        epilog=EXIT_CODES,
+    )
+    _add(
+        p, "image_dir", default=None, help="folder of class folders to start with (only read, never written)"
+    )
+    _add(
+        p, "project", default="retrain_project", help="folder the app writes to: uploaded photos, runs, cache"
+    )
+    _add(
+        p,
+        "host",
+        default="127.0.0.1",
+        help="address to listen on; anything but loopback prints an access token",
+    )
     _add(p, "port", type=int, default=DEFAULT_PORT, help="TCP port (0 picks a free one)")
-    _add(p, "no_browser", action="store_true", help="do not open a browser (it opens only on a desktop anyway)")
+    _add(
+        p, "no_browser", action="store_true", help="do not open a browser (it opens only on a desktop anyway)"
+    )
     return p
 
 
@@ -456,8 +734,13 @@ def ui_main(argv: Sequence[str] | None = None) -> int:
     def go() -> int:
         from retrain.ui import run_ui
 
-        run_ui(ns.project, image_dir=ns.image_dir, host=ns.host, port=ns.port,
-               open_browser=False if ns.no_browser else None)
+        run_ui(
+            ns.project,
+            image_dir=ns.image_dir,
+            host=ns.host,
+            port=ns.port,
+            open_browser=False if ns.no_browser else None,
+        )
         return 0
 
     return _run(go)
@@ -485,5 +768,11 @@ def relabel_main(argv: Sequence[str]) -> int:
     return _run(main, argv)
 
 
-SUBCOMMANDS = {"serve": serve_main, "export": export_main, "extract": extract_main, "report": report_main,
-               "relabel": relabel_main, "ui": ui_main}
+SUBCOMMANDS = {
+    "serve": serve_main,
+    "export": export_main,
+    "extract": extract_main,
+    "report": report_main,
+    "relabel": relabel_main,
+    "ui": ui_main,
+}

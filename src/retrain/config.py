@@ -77,10 +77,14 @@ class TrainConfig:
     no_report: bool = False  # skip the audit and report.html (label issues, duplicates, learning curve)
     # -- running -------------------------------------------------------------------------------
     device: str = "auto"
-    batch_size: int = 0  # images per forward pass; 0 = automatic (the engine's batch_size, engines.AUTO_BATCH)
+    batch_size: int = (
+        0  # images per forward pass; 0 = automatic (the engine's batch_size, engines.AUTO_BATCH)
+    )
     num_workers: int = 0  # decode threads; 0 = automatic
     engine: str = "local"  # "ray": extract on a Ray cluster (retrain.distributed)
-    ray_address: str = ""  # with engine "ray": auto, HOST:PORT or ray://HOST:PORT; empty = Ray on this machine
+    ray_address: str = (
+        ""  # with engine "ray": auto, HOST:PORT or ray://HOST:PORT; empty = Ray on this machine
+    )
     extraction_precision: str = "float32"  # "int8": quantized backbone (retrain.precision)
     strict: bool = False
     quiet: bool = False

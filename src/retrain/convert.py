@@ -78,7 +78,9 @@ def export_model(
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RetrainError(f"cannot create the folder of --output {str(output)!r}: {exc.strerror or exc}") from None
+        raise RetrainError(
+            f"cannot create the folder of --output {str(output)!r}: {exc.strerror or exc}"
+        ) from None
     if fmt in MOBILE_FORMATS:
         return _export_mobile(graph, fmt, output, image_dir, calibration_dir, eval_paths, eval_labels)
     return convert_file(
@@ -114,7 +116,9 @@ def _check_format(to: str) -> str:
             raise RetrainError(f"--to {to!r} is not offered: {why}. Formats: {', '.join(EXPORT_FORMATS)}")
     close = difflib.get_close_matches(to, list(EXPORT_FORMATS), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise RetrainError(f"--to {to!r} is not a known format; expected one of {', '.join(EXPORT_FORMATS)}{hint}")
+    raise RetrainError(
+        f"--to {to!r} is not a known format; expected one of {', '.join(EXPORT_FORMATS)}{hint}"
+    )
 
 
 def _labelled_images(graph: Path, image_dir) -> tuple[list[str], list[int], list[list[str]]]:

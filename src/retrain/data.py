@@ -82,12 +82,16 @@ def discover(image_dir: str | os.PathLike) -> Dataset:
     if not root.exists():
         raise DatasetError(f"image folder {printable(str(root))!r} does not exist. Pass --image_dir PATH.")
     if not root.is_dir():
-        raise DatasetError(f"--image_dir {printable(str(root))!r} is a file; it must be a folder of class folders.")
+        raise DatasetError(
+            f"--image_dir {printable(str(root))!r} is a file; it must be a folder of class folders."
+        )
     notices: list[str] = []
     try:
         entries = sorted(os.listdir(root))
     except OSError as exc:
-        raise DatasetError(f"cannot list image folder {printable(str(root))!r}: {exc.strerror or exc}") from None
+        raise DatasetError(
+            f"cannot list image folder {printable(str(root))!r}: {exc.strerror or exc}"
+        ) from None
     top_files = [e for e in entries if (root / e).is_file() and not e.startswith(".")]
     if top_files:
         notices.append(
@@ -114,7 +118,7 @@ def discover(image_dir: str | os.PathLike) -> Dataset:
         labels.append(_label_for(name, notices))
         prefix = str(root / name) + os.sep  # _walk_files yields paths under it: slicing beats relpath 10x
         for path in files:
-            rel = name + "/" + path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+            rel = name + "/" + path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
             if os.sep != "/":
                 rel = rel.replace(os.sep, "/")
             records.append(ImageRecord(path=path, rel_path=rel, label_index=index))
@@ -140,7 +144,8 @@ def _check_case_collisions(labels: Sequence[str], notices: list[str]) -> None:
     clashes = sorted(label for label in labels if by_fold[label.casefold()] > 1)
     if clashes:
         notices.append(
-            "class names that differ only in case are kept as separate classes: " + ", ".join(map(repr, clashes))
+            "class names that differ only in case are kept as separate classes: "
+            + ", ".join(map(repr, clashes))
         )
 
 
@@ -194,7 +199,10 @@ def assign_splits(
     choice is as stable as the split itself. Smaller classes train on all their images and
     are reported as untested.
     """
-    for name, value in (("validation_percentage", validation_percentage), ("testing_percentage", testing_percentage)):
+    for name, value in (
+        ("validation_percentage", validation_percentage),
+        ("testing_percentage", testing_percentage),
+    ):
         if not 0 <= value < 100:
             raise DatasetError(f"--{name} must be between 0 and 100, got {value}")
     if validation_percentage + testing_percentage >= 100:
@@ -205,16 +213,20 @@ def assign_splits(
     by_class: dict[int, list[ImageRecord]] = {}
     for r in dataset.records:
         by_class.setdefault(r.label_index, []).append(r)
-    wanted = [TRAINING] + [s for s, pct in ((VALIDATION, validation_percentage), (TESTING, testing_percentage))
-                           if pct > 0]
+    wanted = [TRAINING] + [
+        s for s, pct in ((VALIDATION, validation_percentage), (TESTING, testing_percentage)) if pct > 0
+    ]
     records: list[ImageRecord] = []
     notices = list(dataset.notices)
     for index, items in sorted(by_class.items()):
         groups = _content_groups(items, keys or {})
         if len(groups) < 3:
             records.extend(replace(r, split=TRAINING) for r in items)
-            what = f"{len(items)} image(s)" if len(groups) == len(items) else \
-                f"{len(items)} image(s) in {len(groups)} group(s) of identical or _nohash_ files"
+            what = (
+                f"{len(items)} image(s)"
+                if len(groups) == len(items)
+                else f"{len(items)} image(s) in {len(groups)} group(s) of identical or _nohash_ files"
+            )
             notices.append(
                 f"class {printable(dataset.labels[index])!r} has only {what}: all are used for training, "
                 "none for validation or testing, so its accuracy is not measured (add images to fix)"

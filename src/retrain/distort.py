@@ -120,7 +120,11 @@ class Distortions:
 
     def describe(self) -> str:
         parts = ["flip" if self.flip_left_right else ""]
-        for name, label in (("random_crop", "crop"), ("random_scale", "scale"), ("random_brightness", "brightness")):
+        for name, label in (
+            ("random_crop", "crop"),
+            ("random_scale", "scale"),
+            ("random_brightness", "brightness"),
+        ):
             if getattr(self, name):
                 parts.append(f"{label} {getattr(self, name):g}%")
         return ", ".join(p for p in parts if p)
@@ -181,7 +185,9 @@ def variant_draws(d: Distortions, key: bytes, copies: Sequence[int], identity: s
 
 def variant_key(key: bytes, identity: str, copy: int) -> bytes:
     """Cache key of one distorted variant: content key + distortion settings + copy number."""
-    return hashlib.sha1(b"retrain-distorted\0" + key + identity.encode() + int(copy).to_bytes(4, "little")).digest()
+    return hashlib.sha1(
+        b"retrain-distorted\0" + key + identity.encode() + int(copy).to_bytes(4, "little")
+    ).digest()
 
 
 def apply(pixels: np.ndarray, d: Distortions, draws: Draws, size: int) -> np.ndarray:
@@ -253,7 +259,9 @@ def iter_variant_pixels(
         try:
             return decode_image(read_image_bytes(paths[i]), source, resample=resample)  # (S, S, 3)
         except ImageError as exc:
-            raise RetrainError(f"cannot distort {paths[i]!r}: {exc.reason} (it was readable a moment ago)") from None
+            raise RetrainError(
+                f"cannot distort {paths[i]!r}: {exc.reason} (it was readable a moment ago)"
+            ) from None
 
     rows: list[int] = []
     copies: list[int] = []
@@ -282,14 +290,17 @@ def iter_variant_pixels(
         yield flush()
 
 
-def variant_store(spec: BackboneSpec, bottleneck_dir: str | os.PathLike | None = None, *,
-                  engine: str = CPU_ENGINE) -> BottleneckStore:
+def variant_store(
+    spec: BackboneSpec, bottleneck_dir: str | os.PathLike | None = None, *, engine: str = CPU_ENGINE
+) -> BottleneckStore:
     """The cache of distorted-variant features: beside the plain bottlenecks, never mixed into them."""
     # A sibling folder, so a plain run does not load (copies x) more vectors it never uses.
     return open_store(spec, bottleneck_dir, engine=engine, suffix="-distorted")
 
 
-def distorted_training_features(train: Split, spec: BackboneSpec, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def distorted_training_features(
+    train: Split, spec: BackboneSpec, config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """Features of ``copies`` distorted variants of every training image: (N * copies, D), (N * copies,).
 
     ``config`` gives the distortion flags, ``--distorted_copies`` and where and how to compute
@@ -317,8 +328,14 @@ def distorted_training_features(train: Split, spec: BackboneSpec, config: TrainC
         engine = make_engine(spec, device=cfg.device, model_dir=cfg.model_dir or None, workers=1)
         bar = progress_bar(missing, not cfg.quiet, "Distorted variants")
         for rows, cs, pixels in iter_variant_pixels(
-            train.paths, keys, todo, d, spec.preprocessing.input_size,
-            resample=spec.preprocessing.resample, batch_size=cfg.pixel_batch_size, workers=cfg.num_workers or None,
+            train.paths,
+            keys,
+            todo,
+            d,
+            spec.preprocessing.input_size,
+            resample=spec.preprocessing.resample,
+            batch_size=cfg.pixel_batch_size,
+            workers=cfg.num_workers or None,
         ):
             store.put_many([vkeys[i][c] for i, c in zip(rows, cs)], engine(pixels))  # (B, D)
             bar.update(len(rows))
@@ -329,7 +346,13 @@ def distorted_training_features(train: Split, spec: BackboneSpec, config: TrainC
     y = np.repeat(np.asarray(train.y), copies)
     log.info(
         "Distortions (%s): %d variants of each of %d training images; %d computed, %d reused from the cache "
-        "in %s (%.1f s)", d.describe(), copies, n, missing, n * copies - missing, store.directory,
+        "in %s (%.1f s)",
+        d.describe(),
+        copies,
+        n,
+        missing,
+        n * copies - missing,
+        store.directory,
         time.perf_counter() - t0,
     )
     return X, y

@@ -46,7 +46,10 @@ def default_model_dir() -> Path:
 def backbone_onnx_path(spec: BackboneSpec, model_dir: str | os.PathLike | None = None) -> Path:
     """The cached ONNX export of ``spec``'s pretrained backbone, created on first use (needs PyTorch)."""
     model_dir = Path(model_dir) if model_dir else default_model_dir()
-    path = model_dir / f"{spec.name}-{spec.weights_id}-pre{spec.preprocessing.input_size}-x{EXPORTER_VERSION}.onnx"
+    path = (
+        model_dir
+        / f"{spec.name}-{spec.weights_id}-pre{spec.preprocessing.input_size}-x{EXPORTER_VERSION}.onnx"
+    )
     if not path.exists():
         try:
             model_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +138,9 @@ def build_classifier(
     n_classes = coef.shape[1]
     graph.initializer.extend(
         [
-            numpy_helper.from_array(np.asarray(coef, np.float32) / np.float32(temperature), "final_retrain_ops/weights"),
+            numpy_helper.from_array(
+                np.asarray(coef, np.float32) / np.float32(temperature), "final_retrain_ops/weights"
+            ),
             numpy_helper.from_array(
                 np.asarray(intercept, np.float32) / np.float32(temperature), "final_retrain_ops/biases"
             ),
@@ -143,8 +148,12 @@ def build_classifier(
     )
     graph.node.extend(
         [
-            helper.make_node("Gemm", [FEATURES_NAME, "final_retrain_ops/weights", "final_retrain_ops/biases"],
-                             ["logits"], name="final_retrain_ops/Wx_plus_b"),
+            helper.make_node(
+                "Gemm",
+                [FEATURES_NAME, "final_retrain_ops/weights", "final_retrain_ops/biases"],
+                ["logits"],
+                name="final_retrain_ops/Wx_plus_b",
+            ),
             helper.make_node("Softmax", ["logits"], [out_name], axis=1, name=out_name),
         ]
     )
@@ -173,10 +182,13 @@ def _append_unknown_score(graph: onnx.GraphProto, unknown, logits: str) -> None:
     graph.initializer.extend(
         [
             numpy_helper.from_array(W.astype(np.float16), p + "whitener_f16"),
-            numpy_helper.from_array(-(np.asarray(stats.center, np.float64) @ stats.whitener).astype(np.float32),
-                                    p + "center_bias"),
+            numpy_helper.from_array(
+                -(np.asarray(stats.center, np.float64) @ stats.whitener).astype(np.float32), p + "center_bias"
+            ),
             numpy_helper.from_array(means, p + "class_means"),
-            numpy_helper.from_array((means.astype(np.float64) ** 2).sum(axis=1).astype(np.float32), p + "mean_norms"),
+            numpy_helper.from_array(
+                (means.astype(np.float64) ** 2).sum(axis=1).astype(np.float32), p + "mean_norms"
+            ),
             numpy_helper.from_array(np.array(1e-12, np.float32), p + "eps"),
             numpy_helper.from_array(np.array(1.0 / d, np.float32), p + "inv_dim"),
         ]
@@ -189,8 +201,14 @@ def _append_unknown_score(graph: onnx.GraphProto, unknown, logits: str) -> None:
             helper.make_node("Cast", [p + "whitener_f16"], [p + "whitener"], to=TensorProto.FLOAT),
             helper.make_node("Gemm", [p + "unit", p + "whitener", p + "center_bias"], [p + "z"]),
             helper.make_node("ReduceSumSquare", [p + "z"], [p + "z_sq"], axes=[1], keepdims=1),
-            helper.make_node("Gemm", [p + "z", p + "class_means", p + "mean_norms"], [p + "cross"],
-                             alpha=-2.0, beta=1.0, transB=1),
+            helper.make_node(
+                "Gemm",
+                [p + "z", p + "class_means", p + "mean_norms"],
+                [p + "cross"],
+                alpha=-2.0,
+                beta=1.0,
+                transB=1,
+            ),
             helper.make_node("Add", [p + "cross", p + "z_sq"], [p + "dist_sq"]),
             helper.make_node("ReduceMin", [p + "dist_sq"], [p + "nearest"], axes=[1], keepdims=0),
             helper.make_node("Mul", [p + "nearest", p + "inv_dim"], [p + "per_dim"]),
@@ -203,8 +221,12 @@ def _append_unknown_score(graph: onnx.GraphProto, unknown, logits: str) -> None:
     a = 1.0 / comb.maha_spread
     b = -1.0 / comb.energy_spread if use_energy else 0.0
     c = -comb.maha_mid / comb.maha_spread - (comb.energy_mid / comb.energy_spread if use_energy else 0.0)
-    graph.initializer.extend([numpy_helper.from_array(np.array(v, np.float32), p + name)
-                              for name, v in (("a", a), ("b", b), ("c", c))])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(v, np.float32), p + name)
+            for name, v in (("a", a), ("b", b), ("c", c))
+        ]
+    )
     graph.node.extend(
         [
             helper.make_node("ReduceMax", [logits], [p + "lmax"], axes=[1], keepdims=1),
@@ -280,7 +302,12 @@ def export_model(
 
     spec = architecture if not isinstance(architecture, str) else get_backbone(architecture)
     model, _ = classifier_model(
-        spec, labels, head, backbone_onnx=backbone_onnx, model_dir=model_dir, output_name=output_name,
+        spec,
+        labels,
+        head,
+        backbone_onnx=backbone_onnx,
+        model_dir=model_dir,
+        output_name=output_name,
         metrics=metrics,
     )
     return save_model(model, path)

@@ -79,7 +79,9 @@ def extract_features(
     spec = architecture if isinstance(architecture, BackboneSpec) else get_backbone(architecture)
     if isinstance(images, (str, os.PathLike)):  # a folder of class folders, not a list of paths
         images = discover(images)
-    paths = [r.path for r in images.records] if isinstance(images, Dataset) else [os.fspath(p) for p in images]
+    paths = (
+        [r.path for r in images.records] if isinstance(images, Dataset) else [os.fspath(p) for p in images]
+    )
     store = open_store(spec, bottleneck_dir, engine=engine_kind(device))
     table = compute_features(
         paths,
@@ -148,8 +150,18 @@ def compute_features(
     todo += [(path, None) for path in unknown]
     try:
         if todo:
-            _Extraction(todo, engine_factory, spec, store, table, memo, unknown, claimed,
-                        batch_size=batch_size, workers=workers).run(progress)
+            _Extraction(
+                todo,
+                engine_factory,
+                spec,
+                store,
+                table,
+                memo,
+                unknown,
+                claimed,
+                batch_size=batch_size,
+                workers=workers,
+            ).run(progress)
     finally:
         memo.save()
     # Callers' order; a memo key that turned out stale was replaced by the key of what was read.
@@ -171,9 +183,20 @@ class _Extraction:
     table, the memo, the progress bar) is touched only under ``lock``.
     """
 
-    def __init__(self, todo, engine_factory, spec: BackboneSpec, store: BottleneckStore, table: FeatureTable,
-                 memo: FileKeyMemo, names: dict[str, bytes | None], claimed: set[bytes], *, batch_size: int,
-                 workers: int | None):
+    def __init__(
+        self,
+        todo,
+        engine_factory,
+        spec: BackboneSpec,
+        store: BottleneckStore,
+        table: FeatureTable,
+        memo: FileKeyMemo,
+        names: dict[str, bytes | None],
+        claimed: set[bytes],
+        *,
+        batch_size: int,
+        workers: int | None,
+    ):
         self.todo, self.store, self.table, self.memo, self.names = todo, store, table, memo, names
         self.claimed = claimed  # content keys being computed in this run (a worker has taken them on)
         self.size, self.resample = spec.preprocessing.input_size, spec.preprocessing.resample

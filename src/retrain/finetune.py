@@ -181,20 +181,39 @@ def fine_tune(
     inputs = _TopInputs.compute(cfg, spec, net, k, device, splits, distortions, copies)
     log.info(
         "Fine-tuning the top %d of %d backbone blocks (%s) on %s; the frozen part ran once per image (%.1f s)",
-        len(net.blocks) - k, len(net.blocks), "all" if k == 0 else f"from block {k}", device.type,
+        len(net.blocks) - k,
+        len(net.blocks),
+        "all" if k == 0 else f"from block {k}",
+        device.type,
         time.perf_counter() - t0,
     )
 
-    tuner = _Tuner(cfg, spec, seed, splits.labels, top, head, inputs, device, copies, train.y, val.y,
-                   checkpoint=checkpoint, summaries_dir=summaries_dir)
+    tuner = _Tuner(
+        cfg,
+        spec,
+        seed,
+        splits.labels,
+        top,
+        head,
+        inputs,
+        device,
+        copies,
+        train.y,
+        val.y,
+        checkpoint=checkpoint,
+        summaries_dir=summaries_dir,
+    )
     result = tuner.fit()
     n_blocks = len(net.blocks)
     if result.best_epoch == 0:
-        log.info("Fine-tuning did not improve on the validation split; keeping the model with the frozen backbone.")
+        log.info(
+            "Fine-tuning did not improve on the validation split; keeping the model with the frozen backbone."
+        )
         return FineTuned(head, None, splits, result, k, n_blocks)
 
-    new_splits = splits.with_features(tuner.features(inputs.train), tuner.features(inputs.val),
-                                      tuner.features(inputs.test))
+    new_splits = splits.with_features(
+        tuner.features(inputs.train), tuner.features(inputs.val), tuner.features(inputs.test)
+    )
     W, b = tuner.head_weights()
     tuned = FineTunedHead(W, b, getattr(head, "best_step_", None), result.best_epoch, result.epochs_run)
     from retrain.export import backbone_onnx_bytes
@@ -208,7 +227,9 @@ def _check_settings(cfg) -> None:
     if not cfg.fine_tune_learning_rate > 0:
         raise RetrainError(f"--fine_tune_learning_rate must be > 0, got {cfg.fine_tune_learning_rate}")
     if cfg.class_balance not in CLASS_BALANCE:
-        raise RetrainError(f"--class_balance must be one of {', '.join(CLASS_BALANCE)}, got {cfg.class_balance!r}")
+        raise RetrainError(
+            f"--class_balance must be one of {', '.join(CLASS_BALANCE)}, got {cfg.class_balance!r}"
+        )
 
 
 # -- the network's top part ----------------------------------------------------------------------
@@ -346,7 +367,9 @@ def _pixel_batches(
         try:
             return decode_image(read_image_bytes(path), size, resample=resample)
         except ImageError as exc:
-            raise RetrainError(f"cannot fine-tune on {path!r}: {exc.reason} (it was readable a moment ago)") from None
+            raise RetrainError(
+                f"cannot fine-tune on {path!r}: {exc.reason} (it was readable a moment ago)"
+            ) from None
 
     for start, _, pixels in decode_ahead(list(paths), decode, batch, workers):
         yield np.arange(start, start + len(pixels)), np.stack(pixels)
@@ -358,9 +381,23 @@ def _pixel_batches(
 class _Tuner:
     """The training loop: epochs, validation, early stopping, best weights, checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, spec: BackboneSpec, seed: int, labels: Sequence[str], top: _TopOfNet,
-                 head, inputs: _TopInputs, device, copies: int, y_train: np.ndarray, y_val: np.ndarray, *,
-                 checkpoint: str | os.PathLike | None, summaries_dir: str | os.PathLike | None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        spec: BackboneSpec,
+        seed: int,
+        labels: Sequence[str],
+        top: _TopOfNet,
+        head,
+        inputs: _TopInputs,
+        device,
+        copies: int,
+        y_train: np.ndarray,
+        y_val: np.ndarray,
+        *,
+        checkpoint: str | os.PathLike | None,
+        summaries_dir: str | os.PathLike | None,
+    ):
         self.cfg, self.device = cfg, device
         self.summaries_dir = summaries_dir
         self.labels = list(labels)
@@ -375,11 +412,16 @@ class _Tuner:
         for p in self.backbone_params:
             p.requires_grad_(True)
         lr = cfg.fine_tune_learning_rate
-        self.optimizer = torch.optim.Adam([
-            {"params": self.backbone_params, "lr": lr},
-            {"params": list(self.head.parameters()), "lr": HEAD_LR_MULTIPLIER * lr,
-             "weight_decay": cfg.weight_decay},
-        ])
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": self.backbone_params, "lr": lr},
+                {
+                    "params": list(self.head.parameters()),
+                    "lr": HEAD_LR_MULTIPLIER * lr,
+                    "weight_decay": cfg.weight_decay,
+                },
+            ]
+        )
         self.batch = max(1, min(cfg.train_batch_size, MAX_BATCH))
         self.y_train = np.asarray(y_train, np.int64)
         self.y_val = np.asarray(y_val, np.int64)
@@ -422,7 +464,9 @@ class _Tuner:
         out = np.empty((len(inputs), self.head.in_features), np.float32)
         with torch.inference_mode():
             for start in range(0, len(inputs), step):
-                out[start : start + step] = self.top(self._tensor(inputs[start : start + step])).float().cpu().numpy()
+                out[start : start + step] = (
+                    self.top(self._tensor(inputs[start : start + step])).float().cpu().numpy()
+                )
         return out
 
     def _validate(self) -> tuple[float | None, float | None]:
@@ -487,20 +531,34 @@ class _Tuner:
         if not len(self.y_val):
             log.warning("No validation images: fine-tuning ran all %d epochs and keeps the last one", epoch)
         else:
-            log.info("Kept the weights of fine-tuning epoch %d (validation accuracy %.1f%% before, %.1f%% after)",
-                     best["epoch"], 100 * history[0].validation_accuracy,
-                     100 * history[best["epoch"]].validation_accuracy)
+            log.info(
+                "Kept the weights of fine-tuning epoch %d (validation accuracy %.1f%% before, %.1f%% after)",
+                best["epoch"],
+                100 * history[0].validation_accuracy,
+                100 * history[best["epoch"]].validation_accuracy,
+            )
         return FineTuneResult(epoch, best["epoch"], stopped_early, history, resumed)
 
     def _log(self, r: EpochReport, *, best: bool) -> None:
-        val = (f"validation accuracy = {100 * r.validation_accuracy:.1f}% (N={len(self.y_val)}), "
-               f"cross entropy = {r.validation_loss:.4f}" if r.validation_accuracy is not None else "no validation")
+        val = (
+            f"validation accuracy = {100 * r.validation_accuracy:.1f}% (N={len(self.y_val)}), "
+            f"cross entropy = {r.validation_loss:.4f}"
+            if r.validation_accuracy is not None
+            else "no validation"
+        )
         if r.epoch == 0:
             log.info("Fine-tune epoch 0 (before): %s", val)
             return
-        log.info("Fine-tune epoch %d/%d: train loss = %.4f, train accuracy = %.1f%%, %s%s (%.1f s)",
-                 r.epoch, self.cfg.fine_tune_epochs, r.train_loss, 100 * r.train_accuracy, val,
-                 " *" if best else "", r.seconds)
+        log.info(
+            "Fine-tune epoch %d/%d: train loss = %.4f, train accuracy = %.1f%%, %s%s (%.1f s)",
+            r.epoch,
+            self.cfg.fine_tune_epochs,
+            r.train_loss,
+            100 * r.train_accuracy,
+            val,
+            " *" if best else "",
+            r.seconds,
+        )
 
     def _summary_writer(self):
         if self.summaries_dir is None:
@@ -546,8 +604,12 @@ class _Tuner:
             "batch": self.batch,
             "class_balance": cfg.class_balance,
             "copies": self.copies,
-            "distortions": [bool(cfg.flip_left_right), float(cfg.random_crop), float(cfg.random_scale),
-                            float(cfg.random_brightness)],
+            "distortions": [
+                bool(cfg.flip_left_right),
+                float(cfg.random_crop),
+                float(cfg.random_scale),
+                float(cfg.random_brightness),
+            ],
             "head_and_labels": digest.hexdigest(),
         }
 
@@ -579,8 +641,10 @@ class _Tuner:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
-            raise RetrainError(f"--resume: cannot read the fine-tuning checkpoint {str(self.path)!r} ({exc}); "
-                               "remove it to fine-tune from the start") from None
+            raise RetrainError(
+                f"--resume: cannot read the fine-tuning checkpoint {str(self.path)!r} ({exc}); "
+                "remove it to fine-tune from the start"
+            ) from None
         if state.get("version") != CHECKPOINT_VERSION or json.loads(state["fingerprint"]) != self.fingerprint:
             raise RetrainError(
                 f"--resume: the fine-tuning checkpoint {str(self.path)!r} belongs to a run with other settings, "
@@ -590,7 +654,11 @@ class _Tuner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = json.loads(state["rng"])
         history = [EpochReport(**r) for r in state["history"]]
-        best = {"epoch": state["best_epoch"], "score": tuple(state["best_score"]), "weights": state["best_weights"]}
+        best = {
+            "epoch": state["best_epoch"],
+            "score": tuple(state["best_score"]),
+            "weights": state["best_weights"],
+        }
         log.info("--resume: fine-tuning continues after epoch %d of %s", state["epoch"], self.path)
         return history, best, state["epoch"], state["bad_epochs"], state["done"]
 
@@ -604,7 +672,9 @@ def epoch_rows(
     return _rows(ClassBalancedSampler(np.asarray(y, np.int64), n_classes, policy), rng, copies)
 
 
-def _rows(sampler: ClassBalancedSampler, rng: np.random.Generator, copies: int) -> tuple[np.ndarray, np.ndarray]:
+def _rows(
+    sampler: ClassBalancedSampler, rng: np.random.Generator, copies: int
+) -> tuple[np.ndarray, np.ndarray]:
     images, weights = sampler.epoch(rng)
     rows = images * copies + rng.integers(0, copies, size=len(images)) if copies else images
     return rows, weights

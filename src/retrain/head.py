@@ -134,8 +134,11 @@ class SoftmaxHead:
             start = int(resume_state["step"])
             best = dict(resume_state["best"])
             rng.bit_generator.state = resume_state["rng"]
-        opt = {f"{key}{part}": view for key, m in zip(("m", "v"), moments)
-               for part, view in (("W", m[:, :d].T), ("b", m[:, d]))}  # checkpoint views
+        opt = {
+            f"{key}{part}": view
+            for key, m in zip(("m", "v"), moments)
+            for part, view in (("W", m[:, :d].T), ("b", m[:, d]))
+        }  # checkpoint views
         self._sampler = ClassBalancedSampler(y, C, self.class_balance)
         val_rng = np.random.default_rng(None if self.seed is None else self.seed + 1)
         # The steps up to the next evaluation (at most CHUNK) share one draw of indices and one gather,
@@ -160,7 +163,7 @@ class SoftmaxHead:
                 scale = wc / wc.sum(axis=1, keepdims=True)  # (k, B): each step's loss weights, summing to 1
                 onehot = np.ascontiguousarray(eye[yc].transpose(0, 2, 1))  # (k, C, B)
                 for i in range(k):
-                    xb = xc[i * B:(i + 1) * B]  # (B, D)
+                    xb = xc[i * B : (i + 1) * B]  # (B, D)
                     if per_class:
                         for c in range(C):
                             np.matmul(xb, P[c, :d], out=z[c])
@@ -190,7 +193,12 @@ class SoftmaxHead:
                             best = {"score": score, "W": W.copy(), "b": b.copy(), "step": step}
                         self.coef_, self.intercept_ = W, b
                         self._resume = {
-                            "W": W, "b": b, "opt": opt, "step": step, "best": best, "rng": rng.bit_generator.state
+                            "W": W,
+                            "b": b,
+                            "opt": opt,
+                            "step": step,
+                            "best": best,
+                            "rng": rng.bit_generator.state,
                         }
                         if on_eval is not None:
                             on_eval(report, self)
@@ -250,7 +258,14 @@ class _Optimizer:
     B1, B2, EPS = 0.9, 0.999, 1e-8
 
     def __init__(self, name: str, P: np.ndarray, moments, lr: float, weight_decay: float, d: int):
-        self.name, self.P, self.moments, self.lr, self.weight_decay, self.d = name, P, moments, lr, weight_decay, d
+        self.name, self.P, self.moments, self.lr, self.weight_decay, self.d = (
+            name,
+            P,
+            moments,
+            lr,
+            weight_decay,
+            d,
+        )
         self.t1, self.t2 = np.empty_like(P), np.empty_like(P)
 
     def __call__(self, g: np.ndarray, t: int) -> None:

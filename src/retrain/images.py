@@ -69,6 +69,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     | ({".avif"} if features.check_module("avif") else set())
 )
 
+
 def _dist_version(*names: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -89,7 +90,15 @@ DECODE_VERSION: str = (
 
 # The default filter: libjpeg-turbo + OpenCV (see the module docstring).
 FAST_BILINEAR = "fast_bilinear"
-RESAMPLE_FILTERS: tuple[str, ...] = (FAST_BILINEAR, "bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+RESAMPLE_FILTERS: tuple[str, ...] = (
+    FAST_BILINEAR,
+    "bilinear",
+    "bicubic",
+    "nearest",
+    "lanczos",
+    "box",
+    "hamming",
+)
 
 DEFAULT_MAX_PIXELS: int = 50_000_000
 DEFAULT_MAX_FILE_BYTES: int = 512 * 1024 * 1024
@@ -194,7 +203,9 @@ def decode_image(
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     if resample not in RESAMPLE_FILTERS:
-        raise ValueError(f"unknown resample filter {resample!r}; expected one of {', '.join(RESAMPLE_FILTERS)}")
+        raise ValueError(
+            f"unknown resample filter {resample!r}; expected one of {', '.join(RESAMPLE_FILTERS)}"
+        )
     if resample == FAST_BILINEAR:
         return _decode_fast(data, max_pixels, size)
     img = _decode(data, max_pixels, size, Image.Resampling[resample.upper()])
@@ -273,7 +284,9 @@ def _decode_fast(data: bytes, max_pixels: int, size: int) -> np.ndarray:
     if (height, width) != (size, size):
         # Shrinking by more than 2x: average areas, as bilinear would skip pixels and alias.
         shrink = min(size / width, size / height) < 0.5
-        pixels = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        pixels = cv2.resize(
+            pixels, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        )
     if orientation in _UPRIGHT:  # square: turning after resizing gives the same pixels, cheaper
         pixels = _NUMPY_UPRIGHT[orientation](pixels)
     return np.array(pixels, dtype=np.uint8, order="C")  # own, writable copy

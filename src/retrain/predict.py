@@ -1,8 +1,8 @@
 """Stage 5: classify images with an exported model, from Python or the command line.
 
-    >>> clf = retrain.load("output_graph.onnx")
-    >>> clf.classify(["daisy.jpg"])[0][0]
-    Prediction(label='daisy', score=0.97)
+>>> clf = retrain.load("output_graph.onnx")
+>>> clf.classify(["daisy.jpg"])[0][0]
+Prediction(label='daisy', score=0.97)
 """
 
 from __future__ import annotations
@@ -99,7 +99,11 @@ class Classifier:
             self._engine = TFLiteEngine(data, threads, str(path))
             dims = [0, self._engine.n_outputs]
         else:
-            dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] if model.graph.output else []
+            dims = (
+                [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+                if model.graph.output
+                else []
+            )
         if len(dims) == 2 and dims[1] and dims[1] != len(self.labels):
             raise ModelFileError(
                 f"{str(path)!r} has {dims[1]} outputs but its manifest lists {len(self.labels)} labels; "
@@ -145,8 +149,10 @@ class Classifier:
         """Why answers carry no unknown fields, for a model made before the unknown score (else None)."""
         if self.has_unknown:
             return None
-        return (f"{self.path.name} has no unknown_score output (made before retrain could say 'unknown'); "
-                "answers carry no unknown fields. Retrain to get them.")
+        return (
+            f"{self.path.name} has no unknown_score output (made before retrain could say 'unknown'); "
+            "answers carry no unknown fields. Retrain to get them."
+        )
 
     def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, n_classes) probabilities."""
@@ -154,7 +160,9 @@ class Classifier:
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, H, W, 3) uint8 -> ((N, n_classes) probabilities, (N,) unknown scores or None), in one run."""
-        outputs = self._engine.session.run(None, {self._engine.input_name: np.ascontiguousarray(pixels, np.uint8)})
+        outputs = self._engine.session.run(
+            None, {self._engine.input_name: np.ascontiguousarray(pixels, np.uint8)}
+        )
         return outputs[0], (outputs[1] if self.has_unknown else None)
 
     def rank(self, probs: np.ndarray, top_k: int | None = 5, unknown_score: float | None = None) -> Ranked:
@@ -167,8 +175,10 @@ class Classifier:
 
     def _ranked_batch(self, pixels: np.ndarray, top_k: int | None) -> list[Ranked]:
         probs, scores = self.predict(pixels)
-        return [self.rank(p, top_k, None if scores is None else s) for p, s in
-                zip(probs, scores if scores is not None else [None] * len(probs))]
+        return [
+            self.rank(p, top_k, None if scores is None else s)
+            for p, s in zip(probs, scores if scores is not None else [None] * len(probs))
+        ]
 
     def classify(
         self, images: ImageInput | Sequence[ImageInput], *, top_k: int | None = 5, batch_size: int = 32
@@ -259,7 +269,9 @@ def check_legacy_flags(clf: Classifier, flags: dict) -> list[str]:
     for name in ("input_height", "input_width"):
         value = flags.get(name)
         if value is not None and value != size:
-            notes.append(f"--{name} {value} ignored: this model takes {size}x{size} images (images are resized to it)")
+            notes.append(
+                f"--{name} {value} ignored: this model takes {size}x{size} images (images are resized to it)"
+            )
     prep = clf.preprocessing
     mean, std = flags.get("input_mean"), flags.get("input_std")
     if (mean is not None and any(abs(mean - m) > 1e-6 for m in prep.mean)) or (

@@ -105,7 +105,10 @@ class QuantizeReport:
                 f"; {eval_name} accuracy {100 * c.float_accuracy:.1f}% -> {100 * c.accuracy:.1f}% "
                 f"({c.accuracy_change:+.1f} points, N={c.count})"
             )
-        return text + f"; same top-1 as float on {100 * c.agreement:.1f}%, max probability difference {c.max_prob_diff:.3g}"
+        return (
+            text
+            + f"; same top-1 as float on {100 * c.agreement:.1f}%, max probability difference {c.max_prob_diff:.3g}"
+        )
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -135,7 +138,9 @@ def quantize(
     model = load_onnx(model)
     if fmt == "int8":
         if calibration is None:
-            raise QuantizeError("int8 quantization needs calibration images (real photos like the training set)")
+            raise QuantizeError(
+                "int8 quantization needs calibration images (real photos like the training set)"
+            )
         return quantize_int8(model, calibration)
     if fmt == "fp16":
         return convert_fp16(model)
@@ -163,7 +168,9 @@ def quantize_int8(
             pre_model = onnx.load(pre)
             excluded = float_nodes(pre_model, float_prefix)
             quantize_static(
-                pre_model, out, reader,
+                pre_model,
+                out,
+                reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 reduce_range=False,  # measured without VNNI (AVX2): full range was the more accurate
@@ -180,15 +187,18 @@ def quantize_int8(
     _restore_float16_constants(model, quantized)
     n_weighted = sum(1 for n in pre_model.graph.node if _is_weighted(n, _initializers(pre_model)))
     n_float = sum(1 for n in pre_model.graph.node if n.name in set(excluded) and n.op_type in _WEIGHTED_OPS)
-    set_manifest(quantized, {
-        **manifest,
-        "quantization": "int8",
-        "quantization_details": {
-            "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax",
-            "calibration_images": reader.count,
-            "float_layers": f"{n_float} of {n_weighted} weighted layers kept in float32 (input side and new layer)",
+    set_manifest(
+        quantized,
+        {
+            **manifest,
+            "quantization": "int8",
+            "quantization_details": {
+                "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax",
+                "calibration_images": reader.count,
+                "float_layers": f"{n_float} of {n_weighted} weighted layers kept in float32 (input side and new layer)",
+            },
         },
-    })
+    )
     return quantized
 
 
@@ -207,8 +217,12 @@ def _restore_float16_constants(source: onnx.ModelProto, quantized: onnx.ModelPro
         cast = casts[init.name]
         quantized.graph.initializer.remove(init)
         quantized.graph.initializer.append(inits[cast.input[0]])
-        quantized.graph.node.insert(0, helper.make_node("Cast", list(cast.input), list(cast.output),
-                                                         name=cast.name or None, to=TensorProto.FLOAT))
+        quantized.graph.node.insert(
+            0,
+            helper.make_node(
+                "Cast", list(cast.input), list(cast.output), name=cast.name or None, to=TensorProto.FLOAT
+            ),
+        )
 
 
 def float_nodes(model: onnx.ModelProto, float_prefix: float = FLOAT_PREFIX) -> list[str]:
@@ -259,7 +273,9 @@ class _CalibrationReader:
         self.count = 0
         if isinstance(calibration, np.ndarray):
             pixels = calibration
-            calibration = (pixels[i : i + _CALIBRATION_BATCH] for i in range(0, len(pixels), _CALIBRATION_BATCH))
+            calibration = (
+                pixels[i : i + _CALIBRATION_BATCH] for i in range(0, len(pixels), _CALIBRATION_BATCH)
+            )
         self._batches: Iterator[np.ndarray] = iter(calibration)
 
     def get_next(self) -> dict | None:
@@ -293,13 +309,19 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     keep = [n.name for n in model.graph.node if n.op_type == "Cast"]
     with _quiet():
         # check_fp16_ready off: the unknown score's whitener is float16 already, behind its own Cast.
-        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                                check_fp16_ready=False)
-    set_manifest(half, {
-        **manifest,
-        "quantization": "fp16",
-        "quantization_details": {"method": "onnxconverter-common float16 (keep_io_types), float32 input cast"},
-    })
+        half = float16.convert_float_to_float16(
+            model, keep_io_types=True, node_block_list=keep, check_fp16_ready=False
+        )
+    set_manifest(
+        half,
+        {
+            **manifest,
+            "quantization": "fp16",
+            "quantization_details": {
+                "method": "onnxconverter-common float16 (keep_io_types), float32 input cast"
+            },
+        },
+    )
     return half
 
 
@@ -334,7 +356,9 @@ def load_pixels(clf: Classifier, paths: Sequence[str]) -> tuple[np.ndarray, list
     return (np.stack(rows) if rows else np.zeros((0, size, size, 3), np.uint8)), kept
 
 
-def pick_calibration(paths_by_class: Sequence[Sequence[str]], limit: int = MAX_CALIBRATION_IMAGES) -> list[str]:
+def pick_calibration(
+    paths_by_class: Sequence[Sequence[str]], limit: int = MAX_CALIBRATION_IMAGES
+) -> list[str]:
     """Up to ``limit`` paths taken round-robin over the classes, so every class shapes the ranges."""
     queues = [list(p) for p in paths_by_class if p]
     out: list[str] = []
@@ -359,8 +383,12 @@ def compare(
     """Run both models on the same ``(N, H, W, 3)`` pixels; accuracies when true ``labels`` are given."""
     if not len(pixels):
         raise QuantizeError("no readable images to compare the models on")
-    a = np.concatenate([float_clf.predict_proba(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
-    b = np.concatenate([converted.predict_proba(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
+    a = np.concatenate(
+        [float_clf.predict_proba(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    )
+    b = np.concatenate(
+        [converted.predict_proba(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    )
     top_a, top_b = a.argmax(1), b.argmax(1)
     acc_a = acc_b = None
     if labels is not None:
@@ -402,12 +430,20 @@ def convert_file(
                 f"got {len(calibration_paths)} path(s), none readable"
             )
     # "float32": a checked copy (the manifest is read and the graph run before it is written).
-    model = load_onnx(float_clf.path) if fmt == "float32" else quantize(float_clf.path, fmt, calibration=calibration)
+    model = (
+        load_onnx(float_clf.path)
+        if fmt == "float32"
+        else quantize(float_clf.path, fmt, calibration=calibration)
+    )
     output = Path(output)
     save_model(model, output)
     report = QuantizeReport(
-        format=fmt, path=output, size_bytes=output.stat().st_size, float_size_bytes=float_clf.path.stat().st_size,
-        seconds=0.0, calibration_count=0 if calibration is None else len(calibration),
+        format=fmt,
+        path=output,
+        size_bytes=output.stat().st_size,
+        float_size_bytes=float_clf.path.stat().st_size,
+        seconds=0.0,
+        calibration_count=0 if calibration is None else len(calibration),
     )
     if eval_paths:
         pixels, kept = load_pixels(float_clf, list(eval_paths))
@@ -449,7 +485,9 @@ def quantize_after_training(model_path: str | os.PathLike, fmt: str, dataset: Da
     out = converted_path(model_path, fmt)
     log.info("Writing the %s model %s ...", fmt, out)
     report = convert_file(
-        model_path, fmt, out,
+        model_path,
+        fmt,
+        out,
         calibration_paths=pick_calibration(by_class) if fmt == "int8" else (),
         eval_paths=[r.path for r in test],
         eval_labels=[r.label_index for r in test],

@@ -54,8 +54,15 @@ class Limits:
     max_in_flight: int = 16
 
     def __post_init__(self):
-        for name in ("max_batch", "max_body_bytes", "max_pixels", "max_images", "max_queue", "default_top_k",
-                     "max_in_flight"):
+        for name in (
+            "max_batch",
+            "max_body_bytes",
+            "max_pixels",
+            "max_images",
+            "max_queue",
+            "default_top_k",
+            "max_in_flight",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RetrainError(f"{name} must be a positive whole number, got {value!r}")
@@ -119,8 +126,11 @@ class MicroBatcher:
         self._ensure_worker()
         if self._queue.qsize() >= self.max_queue:
             self.rejected += 1
-            raise HTTPError(503, f"server busy: {self._queue.qsize()} images are waiting; retry shortly",
-                            {"Retry-After": "1"})
+            raise HTTPError(
+                503,
+                f"server busy: {self._queue.qsize()} images are waiting; retry shortly",
+                {"Retry-After": "1"},
+            )
         future = self._loop.create_future()
         self._queue.put_nowait((pixels, future))
         if self._queue.qsize() >= self.max_batch:
@@ -134,7 +144,9 @@ class MicroBatcher:
             if len(batch) + queue.qsize() < self.max_batch and self.max_wait > 0:
                 self._full.clear()
                 # asyncio.TimeoutError: the built-in TimeoutError only from Python 3.11 on (3.10 hung here).
-                with contextlib.suppress(asyncio.TimeoutError):  # the batch waits at most max_wait for company
+                with contextlib.suppress(
+                    asyncio.TimeoutError
+                ):  # the batch waits at most max_wait for company
                     await asyncio.wait_for(self._full.wait(), self.max_wait)
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
@@ -143,7 +155,9 @@ class MicroBatcher:
                 continue
             t0 = time.perf_counter()
             try:
-                probs = await loop.run_in_executor(self._executor, self.predict, np.stack([px for px, _ in batch]))
+                probs = await loop.run_in_executor(
+                    self._executor, self.predict, np.stack([px for px, _ in batch])
+                )
             except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
                 for _, fut in batch:
                     if not fut.done():
@@ -196,7 +210,10 @@ class _Service:
     def __init__(self, clf: Classifier, limits: Limits, decode_threads: int | None):
         self.clf, self.limits = clf, limits
         self.batcher = MicroBatcher(
-            self._predict_rows, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue
+            self._predict_rows,
+            max_batch=limits.max_batch,
+            max_wait_ms=limits.max_wait_ms,
+            max_queue=limits.max_queue,
         )
         self.decode_threads = decode_threads or min(4, cpu_cores())
         self._decode_pool: ThreadPoolExecutor | None = None
@@ -234,12 +251,17 @@ class _Service:
             "quantization": m.get("quantization") or "float32",
             "fine_tuned": m.get("fine_tuned"),
             "calibration": m.get("calibration"),
-            "unknown": None if not self.clf.has_unknown else {
+            "unknown": None
+            if not self.clf.has_unknown
+            else {
                 **(m.get("unknown") or {}),
                 "threshold": self.clf.unknown_threshold if np.isfinite(self.clf.unknown_threshold) else None,
             },
-            "metrics": {k: v for k, v in (m.get("metrics") or {}).items() if k in ("test_accuracy", "test_count",
-                                                                                  "validation_accuracy")},
+            "metrics": {
+                k: v
+                for k, v in (m.get("metrics") or {}).items()
+                if k in ("test_accuracy", "test_count", "validation_accuracy")
+            },
             "created": m.get("created"),
             "retrain_version": m.get("retrain_version"),
             "limits": asdict(self.limits),
@@ -247,7 +269,9 @@ class _Service:
 
     def decode(self, data: bytes) -> np.ndarray:
         prep = self.clf.preprocessing
-        return decode_image(data, self.clf.input_size, resample=prep.resample, max_pixels=self.limits.max_pixels)
+        return decode_image(
+            data, self.clf.input_size, resample=prep.resample, max_pixels=self.limits.max_pixels
+        )
 
 
 def create_app(
@@ -274,11 +298,21 @@ def create_app(
         from starlette.applications import Starlette
         from starlette.routing import Route
     except ImportError:
-        raise RetrainError("serving needs Starlette and uvicorn, which retrain depends on; this installation "
-                           "lacks them: reinstall retrain (pip install --force-reinstall retrain)") from None
+        raise RetrainError(
+            "serving needs Starlette and uvicorn, which retrain depends on; this installation "
+            "lacks them: reinstall retrain (pip install --force-reinstall retrain)"
+        ) from None
 
-    limits = Limits(max_batch, max_wait_ms, max_body_bytes, max_pixels, max_images, max_queue, default_top_k,
-                    max_in_flight)
+    limits = Limits(
+        max_batch,
+        max_wait_ms,
+        max_body_bytes,
+        max_pixels,
+        max_images,
+        max_queue,
+        default_top_k,
+        max_in_flight,
+    )
     clf = model if isinstance(model, Classifier) else load(model, threads=threads)
     if unknown_threshold is not None and clf.has_unknown:  # as label_image --unknown_threshold
         clf.unknown_threshold = float(unknown_threshold)
@@ -297,7 +331,9 @@ def create_app(
         Route("/healthz", _handler(service, lambda request: _health(service)), methods=["GET", "HEAD"]),
         Route("/v1/model", _handler(service, lambda request: _json(service.model_info())), methods=["GET"]),
         Route("/v1/stats", _handler(service, lambda request: _stats(service)), methods=["GET"]),
-        Route("/v1/classify", _handler(service, lambda request: _classify(service, request)), methods=["POST"]),
+        Route(
+            "/v1/classify", _handler(service, lambda request: _classify(service, request)), methods=["POST"]
+        ),
     ]
     app = Starlette(
         routes=routes,
@@ -335,15 +371,20 @@ def _error(status: int, message: str, headers: dict | None = None):
 
 
 # The page has everything inline; nothing may come from another origin.
-_PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; "
-             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+_PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def _page(page: bytes):
     from starlette.responses import Response
 
-    return Response(page, media_type="text/html; charset=utf-8",
-                    headers={"Content-Security-Policy": _PAGE_CSP, "X-Content-Type-Options": "nosniff"})
+    return Response(
+        page,
+        media_type="text/html; charset=utf-8",
+        headers={"Content-Security-Policy": _PAGE_CSP, "X-Content-Type-Options": "nosniff"},
+    )
 
 
 def _empty():
@@ -355,14 +396,23 @@ def _empty():
 def _health(service: _Service):
     if not service.batcher.alive:
         return _error(503, "the batching worker stopped; restart the server")
-    return _json({"status": "ok", "model": service.clf.path.name, "uptime_s": round(time.time() - service.started, 1)})
+    return _json(
+        {"status": "ok", "model": service.clf.path.name, "uptime_s": round(time.time() - service.started, 1)}
+    )
 
 
 def _stats(service: _Service):
-    return _json({"batching": service.batcher.stats(),
-                  "requests": {"in_flight": service.in_flight, "max_in_flight": service.limits.max_in_flight,
-                               "rejected_in_flight": service.rejected_in_flight},
-                  "responses": {str(k): v for k, v in sorted(service.responses.items())}})
+    return _json(
+        {
+            "batching": service.batcher.stats(),
+            "requests": {
+                "in_flight": service.in_flight,
+                "max_in_flight": service.limits.max_in_flight,
+                "rejected_in_flight": service.rejected_in_flight,
+            },
+            "responses": {str(k): v for k, v in sorted(service.responses.items())},
+        }
+    )
 
 
 async def _not_found(request, exc):
@@ -383,8 +433,11 @@ async def _classify(service: _Service, request):
     limit = service.limits.max_in_flight
     if service.in_flight >= limit:
         service.rejected_in_flight += 1
-        raise HTTPError(503, f"server busy: {limit} requests are in progress (--max_in_flight); retry shortly",
-                        {"Retry-After": "1"})
+        raise HTTPError(
+            503,
+            f"server busy: {limit} requests are in progress (--max_in_flight); retry shortly",
+            {"Retry-After": "1"},
+        )
     service.in_flight += 1
     try:
         return await _classify_admitted(service, request)
@@ -403,11 +456,16 @@ async def _classify_admitted(service: _Service, request):
     bad = [(name, reason) for (name, _), (px, reason) in zip(files, decoded) if px is None]
     if bad:
         name, reason = bad[0]
-        status = 413 if reason.startswith("too large") else 422  # images.py: "too large: WxH pixels (limit ...)"
+        status = (
+            413 if reason.startswith("too large") else 422
+        )  # images.py: "too large: WxH pixels (limit ...)"
         what = f"file {name!r}" if name else "the request body"
         more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
-        hint = (f"send an image of at most {service.limits.max_pixels / 1e6:g} megapixels" if status == 413
-                else "send a JPEG, PNG, WebP, GIF, BMP or TIFF image")
+        hint = (
+            f"send an image of at most {service.limits.max_pixels / 1e6:g} megapixels"
+            if status == 413
+            else "send a JPEG, PNG, WebP, GIF, BMP or TIFF image"
+        )
         raise HTTPError(status, f"{what} cannot be classified: {reason}{more}; {hint}")
     rows = await asyncio.gather(*(service.batcher.submit(px) for px, _ in decoded))
     results = []
@@ -459,7 +517,9 @@ async def _read_images(service: _Service, request) -> tuple[str, list[tuple[str 
 async def _read_body(service: _Service, request) -> bytes:
     limit = service.limits.max_body_bytes
     declared = request.headers.get("content-length")
-    too_big = f"request body is larger than the limit of {limit} bytes; send smaller images or fewer per request"
+    too_big = (
+        f"request body is larger than the limit of {limit} bytes; send smaller images or fewer per request"
+    )
     if declared is not None:
         try:
             if int(declared) > limit:
@@ -474,7 +534,9 @@ async def _read_body(service: _Service, request) -> bytes:
         chunks.append(chunk)
     body = b"".join(chunks)
     if not body:
-        raise HTTPError(400, "empty request body: send the image bytes (or a multipart form with image files)")
+        raise HTTPError(
+            400, "empty request body: send the image bytes (or a multipart form with image files)"
+        )
     return body
 
 
@@ -486,16 +548,22 @@ async def _parse_multipart(service: _Service, request, body: bytes) -> list[tupl
         yield body
 
     max_images = service.limits.max_images
-    parser = MultiPartParser(request.headers, replay(), max_files=max_images, max_fields=32,
-                             max_part_size=64 * 1024)
+    parser = MultiPartParser(
+        request.headers, replay(), max_files=max_images, max_fields=32, max_part_size=64 * 1024
+    )
     try:
         form = await parser.parse()
     except Exception as exc:  # noqa: BLE001 - MultiPartException, python-multipart's own errors, bad headers
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         if "maximum number of files" in message.lower():
-            raise HTTPError(413, f"too many files in one request (limit {max_images}); split them over requests") from None
-        raise HTTPError(400, f"malformed multipart/form-data body ({message}); send files as a browser form "
-                             "or `curl -F file=@photo.jpg` does") from None
+            raise HTTPError(
+                413, f"too many files in one request (limit {max_images}); split them over requests"
+            ) from None
+        raise HTTPError(
+            400,
+            f"malformed multipart/form-data body ({message}); send files as a browser form "
+            "or `curl -F file=@photo.jpg` does",
+        ) from None
     try:
         files: list[tuple[str | None, bytes]] = []
         for _, value in form.multi_items():
@@ -504,7 +572,9 @@ async def _parse_multipart(service: _Service, request, body: bytes) -> list[tupl
     finally:
         await form.close()
     if not files:
-        raise HTTPError(400, "the multipart form has no files; attach images as file fields (curl -F file=@photo.jpg)")
+        raise HTTPError(
+            400, "the multipart form has no files; attach images as file fields (curl -F file=@photo.jpg)"
+        )
     empty = [name for name, data in files if not data]
     if empty:
         raise HTTPError(400, f"file {empty[0]!r} is empty (0 bytes)")
@@ -517,7 +587,9 @@ def bind_socket(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> socket.soc
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise RetrainError(f"--host {host!r} cannot be resolved ({exc.strerror}); use e.g. 127.0.0.1 or 0.0.0.0") from None
+        raise RetrainError(
+            f"--host {host!r} cannot be resolved ({exc.strerror}); use e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -550,8 +622,10 @@ def serve(
     try:
         import uvicorn
     except ImportError:
-        raise RetrainError("serving needs Starlette and uvicorn, which retrain depends on; this installation "
-                           "lacks them: reinstall retrain (pip install --force-reinstall retrain)") from None
+        raise RetrainError(
+            "serving needs Starlette and uvicorn, which retrain depends on; this installation "
+            "lacks them: reinstall retrain (pip install --force-reinstall retrain)"
+        ) from None
     app = create_app(model, **app_options)
     if app.state.service.clf.unknown_note:
         print(f"note: {app.state.service.clf.unknown_note}", flush=True)
@@ -559,10 +633,13 @@ def serve(
     bound = sock.getsockname()
     shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     url = f"http://{shown_host}:{bound[1]}/"
-    config = uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", timeout_keep_alive=5,
-                            server_header=False)
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=log_level == "debug", timeout_keep_alive=5, server_header=False
+    )
     server = uvicorn.Server(config)
-    (ready or (lambda u: print(f"Serving {app.state.service.clf.path} at {u} (Ctrl+C to stop)", flush=True)))(url)
+    (ready or (lambda u: print(f"Serving {app.state.service.clf.path} at {u} (Ctrl+C to stop)", flush=True)))(
+        url
+    )
     try:
         server.run(sockets=[sock])
     finally:

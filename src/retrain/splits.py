@@ -25,8 +25,12 @@ class Split:
 
     def __add__(self, other: Split) -> Split:
         """The rows of both, this split's first."""
-        return Split(np.concatenate([self.X, other.X]), np.concatenate([self.y, other.y]),
-                     self.paths + other.paths, self.keys + other.keys)
+        return Split(
+            np.concatenate([self.X, other.X]),
+            np.concatenate([self.y, other.y]),
+            self.paths + other.paths,
+            self.keys + other.keys,
+        )
 
 
 @dataclass
@@ -62,7 +66,9 @@ def split_features(
     """Leave out the files extraction skipped, split the rest as retrain.py does, gather each split's features."""
     dataset = drop_records(dataset, set(features.skipped))
     dataset = assign_splits(
-        dataset, validation_percentage=validation_percentage, testing_percentage=testing_percentage,
+        dataset,
+        validation_percentage=validation_percentage,
+        testing_percentage=testing_percentage,
         keys=features.keys,  # identical files share a split: no photo is both trained on and tested
     )
 

@@ -79,7 +79,9 @@ class RunPaths:
     saved_model_dir: Path | None
 
 
-def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None = None, **overrides) -> TrainResult:
+def train(
+    image_dir: str | os.PathLike | None = None, config: TrainConfig | None = None, **overrides
+) -> TrainResult:
     """Retrain a classifier on a folder of class sub-folders and export it.
 
     ``train("photos", how_many_training_steps=500)`` is the same as
@@ -104,8 +106,12 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
     _check_writable(paths, cfg)
     table = _features(cfg, spec, dataset)
     timings["features"], cpu_timings["features"] = table.seconds, table.cpu_seconds
-    splits = split_features(dataset, table, validation_percentage=cfg.validation_percentage,
-                            testing_percentage=cfg.testing_percentage)
+    splits = split_features(
+        dataset,
+        table,
+        validation_percentage=cfg.validation_percentage,
+        testing_percentage=cfg.testing_percentage,
+    )
     _report_split(splits.dataset, already_said=len(dataset.notices))
 
     history: dict[str, list] = defaultdict(list)  # the training curves, for the report
@@ -115,23 +121,37 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
     crossfit = plan.cross
     frozen = splits  # bottleneck features, before any fine-tuning: what the audit compares
     head = _fit_head(cfg, spec, seed, splits, paths, timings, history, plan)
-    validation_accuracy = (plan.validation_accuracy if plan.with_validation
-                           else _validation_accuracy(head, splits.validation))
+    validation_accuracy = (
+        plan.validation_accuracy if plan.with_validation else _validation_accuracy(head, splits.validation)
+    )
     backbone_onnx = None
     if cfg.fine_tune:
         from retrain.finetune import fine_tune
 
         t0 = time.perf_counter()
-        tuned = fine_tune(head, splits, architecture=spec, config=cfg, seed=seed,
-                          checkpoint=_finetune_checkpoint(paths.checkpoint), summaries_dir=paths.summaries_dir)
+        tuned = fine_tune(
+            head,
+            splits,
+            architecture=spec,
+            config=cfg,
+            seed=seed,
+            checkpoint=_finetune_checkpoint(paths.checkpoint),
+            summaries_dir=paths.summaries_dir,
+        )
         timings["fine_tune"] = time.perf_counter() - t0
         atomic_write_bytes(paths.run_dir / "fine_tune.json", json.dumps(tuned.report(), indent=2).encode())
         if tuned.backbone_onnx is not None:
             head, backbone_onnx, splits = tuned.head, tuned.backbone_onnx, tuned.splits
             validation_accuracy = _validation_accuracy(head, splits.validation, log_it=False)
 
-    test = evaluate(head, splits.test, splits.labels, test_batch_size=cfg.test_batch_size, seed=seed,
-                    print_misclassified=cfg.print_misclassified_test_images)
+    test = evaluate(
+        head,
+        splits.test,
+        splits.labels,
+        test_batch_size=cfg.test_batch_size,
+        seed=seed,
+        print_misclassified=cfg.print_misclassified_test_images,
+    )
     tested = head  # the layer the test accuracy describes
     fitted_count = len(splits.train.y) + (len(splits.validation.y) if plan.with_validation else 0)
     if plan.mode == "all" and test.count:
@@ -159,13 +179,19 @@ def train(image_dir: str | os.PathLike | None = None, config: TrainConfig | None
         **open_world.metrics(),
     }
     if crossfit is not None:
-        metrics["crossfit"] = {"accuracy": crossfit.accuracy, "best_steps": crossfit.best_steps,
-                               "folds": int(crossfit.fold.max()) + 1, "count": len(crossfit.fold),
-                               "seconds": round(crossfit.seconds, 3)}
+        metrics["crossfit"] = {
+            "accuracy": crossfit.accuracy,
+            "best_steps": crossfit.best_steps,
+            "folds": int(crossfit.fold.max()) + 1,
+            "count": len(crossfit.fold),
+            "seconds": round(crossfit.seconds, 3),
+        }
     report = crossfit is not None and not cfg.no_report
     if report:
         t0 = time.perf_counter()
-        metrics["audit"] = _audit(cfg, frozen, crossfit, tested, splits.test, table.skipped, history, seed, paths)
+        metrics["audit"] = _audit(
+            cfg, frozen, crossfit, tested, splits.test, table.skipped, history, seed, paths
+        )
         timings["audit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     _export(cfg, spec, splits.dataset, head, metrics, backbone_onnx, paths, open_world)
@@ -239,9 +265,12 @@ def _last_unfinished_run(root: Path) -> Path | None:
     (``root/latest`` moves only when a run finishes, so it cannot name an interrupted run. A folder
     with the ``FINISHED_MARKER`` is a finished run: continuing it would overwrite its outputs.)
     """
-    found = [(f.stat().st_mtime, f.parent) for pattern in ("*/checkpoint.npz", "*/checkpoint-finetune.pt")
-             for f in root.glob(pattern)
-             if not f.parent.is_symlink() and not (f.parent / FINISHED_MARKER).exists()]
+    found = [
+        (f.stat().st_mtime, f.parent)
+        for pattern in ("*/checkpoint.npz", "*/checkpoint-finetune.pt")
+        for f in root.glob(pattern)
+        if not f.parent.is_symlink() and not (f.parent / FINISHED_MARKER).exists()
+    ]
     return max(found)[1] if found else None
 
 
@@ -259,8 +288,13 @@ def _taken(run_dir: Path, reserve: bool) -> bool:
 
 def _check_writable(paths: RunPaths, cfg: TrainConfig) -> None:
     """Fail before the long work if an output location cannot be written."""
-    folders = {paths.run_dir, paths.output_graph.parent, paths.output_labels.parent, paths.summaries_dir,
-               paths.checkpoint.parent}
+    folders = {
+        paths.run_dir,
+        paths.output_graph.parent,
+        paths.output_labels.parent,
+        paths.summaries_dir,
+        paths.checkpoint.parent,
+    }
     if cfg.intermediate_store_frequency > 0:
         folders.add(paths.intermediate_dir)
     if paths.saved_model_dir is not None:
@@ -288,8 +322,12 @@ def _discover(cfg: TrainConfig) -> Dataset:
     dataset = discover(cfg.image_dir)
     for notice in dataset.notices:
         log.warning("%s", notice)
-    log.info("Found %d images in %d classes under %s", len(dataset.records), len(dataset.labels),
-             printable(str(dataset.image_dir)))
+    log.info(
+        "Found %d images in %d classes under %s",
+        len(dataset.records),
+        len(dataset.labels),
+        printable(str(dataset.image_dir)),
+    )
     return dataset
 
 
@@ -300,14 +338,26 @@ def _features(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset) -> Feature
         table = features_for_run(cfg, spec, dataset)
     else:
         table = extract_features(
-            dataset, architecture=spec, bottleneck_dir=cfg.bottleneck_dir, model_dir=cfg.model_dir or None,
-            device=cfg.device, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=not cfg.quiet,
+            dataset,
+            architecture=spec,
+            bottleneck_dir=cfg.bottleneck_dir,
+            model_dir=cfg.model_dir or None,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            progress=not cfg.quiet,
         )
     rate = table.computed / table.seconds if table.seconds and table.computed else 0.0
     where = printable(str(table.store.directory))
     if table.computed:
-        log.info("Bottlenecks: %d computed in %.1f s (%.1f images/s), %d reused from the cache in %s",
-                 table.computed, table.seconds, rate, table.cached, where)
+        log.info(
+            "Bottlenecks: %d computed in %.1f s (%.1f images/s), %d reused from the cache in %s",
+            table.computed,
+            table.seconds,
+            rate,
+            table.cached,
+            where,
+        )
     else:
         log.info("Bottlenecks: all %d reused from the cache in %s", table.cached, where)
     _report_skipped(table, strict=cfg.strict)
@@ -354,9 +404,14 @@ def _report_split(dataset: Dataset, *, already_said: int) -> None:
 
 def head_params(cfg: TrainConfig) -> dict:
     """SoftmaxHead keyword arguments of the final layer (all but the seed), for it and its cross-fits."""
-    return dict(steps=cfg.how_many_training_steps, learning_rate=cfg.learning_rate,
-                batch_size=cfg.train_batch_size, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                class_balance=cfg.class_balance)
+    return dict(
+        steps=cfg.how_many_training_steps,
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.train_batch_size,
+        optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        class_balance=cfg.class_balance,
+    )
 
 
 def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[str, float]):
@@ -365,18 +420,37 @@ def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[s
 
     mode = cfg.final_fit
     if cfg.fine_tune and mode != "train":
-        log.info("--fine_tune: the new layer is fitted on the training split, so that the validation split can "
-                 "judge the fine-tuning epochs (--final_fit %s applies without --fine_tune)", mode)
+        log.info(
+            "--fine_tune: the new layer is fitted on the training split, so that the validation split can "
+            "judge the fine-tuning epochs (--final_fit %s applies without --fine_tune)",
+            mode,
+        )
         mode = "train"
     labelled = splits.train + splits.validation
-    plan = plan_final_fit(labelled.X, labelled.y, labelled_groups(labelled.keys, labelled.paths),
-                          n_classes=len(splits.labels), head_params=head_params(cfg), mode=mode, seed=seed)
+    plan = plan_final_fit(
+        labelled.X,
+        labelled.y,
+        labelled_groups(labelled.keys, labelled.paths),
+        n_classes=len(splits.labels),
+        head_params=head_params(cfg),
+        mode=mode,
+        seed=seed,
+    )
     timings["cross_fit"] = plan.cross.seconds if plan.cross is not None else 0.0
     return plan
 
 
-def _audit(cfg: TrainConfig, frozen: Splits, crossfit, head, test: Split, skipped: dict[str, str],
-           history: dict[str, list], seed: int, paths: RunPaths) -> dict:
+def _audit(
+    cfg: TrainConfig,
+    frozen: Splits,
+    crossfit,
+    head,
+    test: Split,
+    skipped: dict[str, str],
+    history: dict[str, list],
+    seed: int,
+    paths: RunPaths,
+) -> dict:
     """Label issues, duplicates and the learning curve (retrain.runaudit) from arrays the run holds.
 
     Training and validation images are scored out-of-fold, test images by the final layer: every
@@ -386,13 +460,20 @@ def _audit(cfg: TrainConfig, frozen: Splits, crossfit, head, test: Split, skippe
     parts = [frozen.train, frozen.validation, frozen.test]
     test_proba = head.predict_proba(test.X) if len(test.y) else np.zeros((0, len(frozen.labels)), np.float32)
     data = RunData(
-        image_dir=os.path.abspath(frozen.dataset.image_dir), labels=frozen.labels,
+        image_dir=os.path.abspath(frozen.dataset.image_dir),
+        labels=frozen.labels,
         paths=[os.path.abspath(p) for s in parts for p in s.paths],
         split=[name for name, s in zip((TRAINING, VALIDATION, TESTING), parts) for _ in s.y],
-        y=np.concatenate([s.y for s in parts]), keys=[k for s in parts for k in s.keys],
-        X=np.concatenate([s.X for s in parts]), proba=np.concatenate([crossfit.proba, test_proba]),
-        fold=np.concatenate([crossfit.fold, np.full(len(test.y), -1)]), head_params=head_params(cfg),
-        seed=seed, train_count=len(frozen.train.y), skipped=skipped, history=dict(history),
+        y=np.concatenate([s.y for s in parts]),
+        keys=[k for s in parts for k in s.keys],
+        X=np.concatenate([s.X for s in parts]),
+        proba=np.concatenate([crossfit.proba, test_proba]),
+        fold=np.concatenate([crossfit.fold, np.full(len(test.y), -1)]),
+        head_params=head_params(cfg),
+        seed=seed,
+        train_count=len(frozen.train.y),
+        skipped=skipped,
+        history=dict(history),
     )
     return audit_run(data, paths.run_dir)
 
@@ -409,8 +490,16 @@ def _fit_rows(cfg: TrainConfig, spec: BackboneSpec, rows: Split, timings: dict[s
     return rows.X, rows.y
 
 
-def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, paths: RunPaths,
-              timings: dict[str, float], history: dict[str, list] | None, plan) -> SoftmaxHead:
+def _fit_head(
+    cfg: TrainConfig,
+    spec: BackboneSpec,
+    seed: int,
+    splits: Splits,
+    paths: RunPaths,
+    timings: dict[str, float],
+    history: dict[str, list] | None,
+    plan,
+) -> SoftmaxHead:
     """The new layer as ``plan`` (retrain.fit.FitPlan) says: on training + validation for the cross-fit's
     number of steps, or on training alone keeping its best step on validation (retrain.py's way)."""
     train = splits.train + splits.validation if plan.with_validation else splits.train
@@ -421,23 +510,32 @@ def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, p
     def snapshot(step: int, head: SoftmaxHead) -> None:
         from retrain.export import classifier_model, save_model
 
-        model, _ = classifier_model(spec, splits.labels, head, model_dir=cfg.model_dir or None,
-                                    output_name=cfg.final_tensor_name, metrics={"step": step})
+        model, _ = classifier_model(
+            spec,
+            splits.labels,
+            head,
+            model_dir=cfg.model_dir or None,
+            output_name=cfg.final_tensor_name,
+            metrics={"step": step},
+        )
         path = paths.intermediate_dir / f"intermediate_{step}.onnx"
         save_model(model, path)
         log.info("Saved intermediate model %s", path)
 
-    logger = _TrainingLogger(cfg, splits.labels, paths, snapshot, _head_fingerprint(cfg, spec, train, len(y_train)),
-                             history)
+    logger = _TrainingLogger(
+        cfg, splits.labels, paths, snapshot, _head_fingerprint(cfg, spec, train, len(y_train)), history
+    )
     if plan.with_validation:
         logger.out_of_fold(plan.cross)
     resume_state = logger.load_checkpoint() if cfg.resume else None
     t0 = time.perf_counter()
     try:
         head.fit(
-            X_train, y_train,
+            X_train,
+            y_train,
             n_classes=len(splits.labels),
-            X_val=None if val is None else val.X, y_val=None if val is None else val.y,
+            X_val=None if val is None else val.X,
+            y_val=None if val is None else val.y,
             eval_every=max(1, cfg.eval_step_interval),
             validation_batch_size=cfg.validation_batch_size,
             on_eval=logger,
@@ -449,13 +547,15 @@ def _fit_head(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, p
     return head
 
 
-def _refit_with_test(cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, steps: int,
-                     timings: dict[str, float]) -> SoftmaxHead:
+def _refit_with_test(
+    cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, steps: int, timings: dict[str, float]
+) -> SoftmaxHead:
     """``--final_fit all``'s last fit: every labelled image, test included, for ``steps`` steps."""
     X, y = _fit_rows(cfg, spec, splits.train + splits.validation + splits.test, timings)
     t0 = time.perf_counter()
     head = SoftmaxHead(**{**head_params(cfg), "steps": steps}, keep_best=False, seed=seed).fit(
-        X, y, n_classes=len(splits.labels))
+        X, y, n_classes=len(splits.labels)
+    )
     timings["refit_with_test"] = time.perf_counter() - t0
     return head
 
@@ -486,17 +586,30 @@ def _validation_accuracy(head, val: Split, *, log_it: bool = True) -> float | No
         return None
     accuracy = float((head.predict(val.X) == val.y).mean())
     if log_it:
-        log.info("Kept the weights of step %d (best validation accuracy %.1f%%, N=%d)",
-                 head.best_step_, 100 * accuracy, len(val.y))
+        log.info(
+            "Kept the weights of step %d (best validation accuracy %.1f%%, N=%d)",
+            head.best_step_,
+            100 * accuracy,
+            len(val.y),
+        )
     return accuracy
 
 
-def evaluate(head, test: Split, labels: list[str], *, test_batch_size: int = -1, seed: int = 0,
-             print_misclassified: bool = False) -> TestReport:
+def evaluate(
+    head,
+    test: Split,
+    labels: list[str],
+    *,
+    test_batch_size: int = -1,
+    seed: int = 0,
+    print_misclassified: bool = False,
+) -> TestReport:
     """``head``'s accuracy on the test split (a random ``test_batch_size`` of it when > 0), logged."""
     if not len(test.y):
-        log.warning("No test images (every class is too small or --testing_percentage is 0): test accuracy "
-                    "is not measured.")
+        log.warning(
+            "No test images (every class is too small or --testing_percentage is 0): test accuracy "
+            "is not measured."
+        )
         return TestReport(None, 0, [])
     idx = np.arange(len(test.y))
     if 0 < test_batch_size < len(idx):
@@ -512,7 +625,9 @@ def evaluate(head, test: Split, labels: list[str], *, test_batch_size: int = -1,
     return TestReport(acc, len(idx), wrong, classification_metrics(test.y[idx], pred, labels))
 
 
-def _open_world(cfg: TrainConfig, splits: Splits, head, seed: int, cross=None, *, head_like_folds: bool = False):
+def _open_world(
+    cfg: TrainConfig, splits: Splits, head, seed: int, cross=None, *, head_like_folds: bool = False
+):
     """Temperature and unknown score (retrain/openworld.py) for the final ``head``.
 
     ``head_like_folds``: the final layer was fitted as the folds were (training + validation, the
@@ -520,29 +635,61 @@ def _open_world(cfg: TrainConfig, splits: Splits, head, seed: int, cross=None, *
     training split alone) its own validation logits do."""
     from retrain.openworld import fit_open_world, held_out_inputs
 
-    held_out = held_out_inputs(splits.train, splits.validation, head, cross=cross, head_like_folds=head_like_folds,
-                               seed=seed)
-    return fit_open_world(labels=splits.labels, **held_out, coef=head.coef_, intercept=head.intercept_,
-                          X_test=splits.test.X, y_test=splits.test.y, calibration=cfg.calibration,
-                          unknown_threshold=cfg.unknown_threshold, head_params=_head_params(cfg, head), seed=seed)
+    held_out = held_out_inputs(
+        splits.train, splits.validation, head, cross=cross, head_like_folds=head_like_folds, seed=seed
+    )
+    return fit_open_world(
+        labels=splits.labels,
+        **held_out,
+        coef=head.coef_,
+        intercept=head.intercept_,
+        X_test=splits.test.X,
+        y_test=splits.test.y,
+        calibration=cfg.calibration,
+        unknown_threshold=cfg.unknown_threshold,
+        head_params=_head_params(cfg, head),
+        seed=seed,
+    )
 
 
 def _head_params(cfg: TrainConfig, head) -> dict:
     """The final layer's settings and step count, for refits (leave-one-class-out)."""
-    return dict(steps=max(1, getattr(head, "best_step_", None) or cfg.how_many_training_steps),
-                learning_rate=cfg.learning_rate, batch_size=cfg.train_batch_size, optimizer=cfg.optimizer,
-                weight_decay=cfg.weight_decay, class_balance=cfg.class_balance)
+    return dict(
+        steps=max(1, getattr(head, "best_step_", None) or cfg.how_many_training_steps),
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.train_batch_size,
+        optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        class_balance=cfg.class_balance,
+    )
 
 
-def _export(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset, head, metrics: dict, backbone_onnx,
-            paths: RunPaths, open_world=None) -> None:
+def _export(
+    cfg: TrainConfig,
+    spec: BackboneSpec,
+    dataset: Dataset,
+    head,
+    metrics: dict,
+    backbone_onnx,
+    paths: RunPaths,
+    open_world=None,
+) -> None:
     """The model, its labels, the serving folder, the quantized copy and ``config.json``."""
     from retrain.export import classifier_model, save_model, write_labels, write_saved_model_dir
 
-    model, manifest = classifier_model(spec, dataset.labels, head, backbone_onnx=backbone_onnx,
-                                       model_dir=cfg.model_dir or None, output_name=cfg.final_tensor_name,
-                                       metrics=metrics, open_world=open_world)
-    if cfg.extraction_precision != "float32" and backbone_onnx is None:  # the backbone the layer was trained on
+    model, manifest = classifier_model(
+        spec,
+        dataset.labels,
+        head,
+        backbone_onnx=backbone_onnx,
+        model_dir=cfg.model_dir or None,
+        output_name=cfg.final_tensor_name,
+        metrics=metrics,
+        open_world=open_world,
+    )
+    if (
+        cfg.extraction_precision != "float32" and backbone_onnx is None
+    ):  # the backbone the layer was trained on
         from retrain.precision import with_extraction_backbone
 
         model, manifest = with_extraction_backbone(model, manifest, spec, cfg, head, open_world)
@@ -556,8 +703,9 @@ def _export(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset, head, metric
         from retrain.quantize import quantize_after_training
 
         report = quantize_after_training(paths.output_graph, cfg.quantize, dataset)
-        atomic_write_bytes(paths.run_dir / f"quantize_{cfg.quantize}.json",
-                           json.dumps(report.to_dict(), indent=2).encode())
+        atomic_write_bytes(
+            paths.run_dir / f"quantize_{cfg.quantize}.json", json.dumps(report.to_dict(), indent=2).encode()
+        )
     atomic_write_bytes(paths.run_dir / "config.json", cfg.to_json().encode())
 
 
@@ -582,9 +730,15 @@ def _finetune_checkpoint(checkpoint: Path) -> Path:
 class _TrainingLogger:
     """Called at every evaluation step: the log line, TensorBoard, snapshots and checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, labels: list[str], paths: RunPaths,
-                 snapshot: Callable[[int, SoftmaxHead], None], fingerprint: dict,
-                 history: dict[str, list] | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        labels: list[str],
+        paths: RunPaths,
+        snapshot: Callable[[int, SoftmaxHead], None],
+        fingerprint: dict,
+        history: dict[str, list] | None = None,
+    ):
         from retrain.summaries import EventWriter, new_run_dirs
 
         self.labels, self.checkpoint, self.snapshot = labels, paths.checkpoint, snapshot
@@ -604,17 +758,29 @@ class _TrainingLogger:
             if r.validation_accuracy is not None
             else ""
         )
-        log.info("Step %d: Train accuracy = %.1f%%, Cross entropy = %.6f%s",
-                 r.step, 100 * r.train_accuracy, r.cross_entropy, val)
-        for name in ("step", "train_accuracy", "cross_entropy", "validation_accuracy", "validation_cross_entropy"):
+        log.info(
+            "Step %d: Train accuracy = %.1f%%, Cross entropy = %.6f%s",
+            r.step,
+            100 * r.train_accuracy,
+            r.cross_entropy,
+            val,
+        )
+        for name in (
+            "step",
+            "train_accuracy",
+            "cross_entropy",
+            "validation_accuracy",
+            "validation_cross_entropy",
+        ):
             self.history[name].append(getattr(r, name))
         self.train_writer.scalars({"accuracy": r.train_accuracy, "cross_entropy": r.cross_entropy}, r.step)
         if r.step % self.histogram_every == 0 or r.step == head.steps:
             self.train_writer.histogram("final_retrain_ops/weights", head.coef_, r.step)
             self.train_writer.histogram("final_retrain_ops/biases", head.intercept_, r.step)
         if r.validation_accuracy is not None:
-            self.val_writer.scalars({"accuracy": r.validation_accuracy,
-                                     "cross_entropy": r.validation_cross_entropy}, r.step)
+            self.val_writer.scalars(
+                {"accuracy": r.validation_accuracy, "cross_entropy": r.validation_cross_entropy}, r.step
+            )
         if self.interval > 0 and r.step % self.interval == 0 and r.step < head.steps:
             self.snapshot(r.step, head)
         now = time.monotonic()
@@ -634,10 +800,18 @@ class _TrainingLogger:
         buf = io.BytesIO()
         best = state["best"]
         np.savez(
-            buf, W=state["W"], b=state["b"], step=state["step"],
-            opt_keys=np.array(sorted(state["opt"])), **{f"opt_{k}": v for k, v in state["opt"].items()},
-            best_W=best["W"], best_b=best["b"], best_step=best["step"], best_score=np.array(best["score"]),
-            rng=json.dumps(state["rng"]), labels=np.array(self.labels, dtype=object).astype(str),
+            buf,
+            W=state["W"],
+            b=state["b"],
+            step=state["step"],
+            opt_keys=np.array(sorted(state["opt"])),
+            **{f"opt_{k}": v for k, v in state["opt"].items()},
+            best_W=best["W"],
+            best_b=best["b"],
+            best_step=best["step"],
+            best_score=np.array(best["score"]),
+            rng=json.dumps(state["rng"]),
+            labels=np.array(self.labels, dtype=object).astype(str),
             settings=json.dumps(self.fingerprint, sort_keys=True),
         )
         atomic_write_bytes(self.checkpoint, buf.getvalue())
@@ -650,8 +824,10 @@ class _TrainingLogger:
         try:
             with np.load(path, allow_pickle=False) as z:
                 if list(z["labels"]) != list(self.labels):
-                    raise RetrainError(f"--resume: checkpoint {path} was trained on other classes; remove it or "
-                                       "use another --checkpoint_path")
+                    raise RetrainError(
+                        f"--resume: checkpoint {path} was trained on other classes; remove it or "
+                        "use another --checkpoint_path"
+                    )
                 saved = json.loads(str(z["settings"])) if "settings" in z.files else {}
                 if saved != self.fingerprint:
                     changed = sorted(k for k in self.fingerprint if saved.get(k) != self.fingerprint[k])
@@ -661,17 +837,25 @@ class _TrainingLogger:
                         "--checkpoint_path) to start from step 0"
                     )
                 state = {
-                    "W": z["W"], "b": z["b"], "step": int(z["step"]),
+                    "W": z["W"],
+                    "b": z["b"],
+                    "step": int(z["step"]),
                     "opt": {k: z[f"opt_{k}"] for k in z["opt_keys"]},
-                    "best": {"W": z["best_W"], "b": z["best_b"], "step": int(z["best_step"]),
-                             "score": tuple(float(x) for x in z["best_score"])},
+                    "best": {
+                        "W": z["best_W"],
+                        "b": z["best_b"],
+                        "step": int(z["best_step"]),
+                        "score": tuple(float(x) for x in z["best_score"]),
+                    },
                     "rng": json.loads(str(z["rng"])),
                 }
         except RetrainError:
             raise
         except Exception as exc:  # noqa: BLE001 - np.load raises many types for a damaged file
-            raise RetrainError(f"--resume: checkpoint {path} is damaged or not a retrain checkpoint "
-                               f"({type(exc).__name__}); remove it to start from step 0") from None
+            raise RetrainError(
+                f"--resume: checkpoint {path} is damaged or not a retrain checkpoint "
+                f"({type(exc).__name__}); remove it to start from step 0"
+            ) from None
         log.info("--resume: continuing from step %d of %s", state["step"], path)
         return state
 

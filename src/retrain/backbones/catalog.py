@@ -41,7 +41,6 @@ _VARIANTS = {
 }
 
 
-
 def _build(name: str, **kwargs):
     from retrain.backbones.efficientnet_lite import build_efficientnet_lite
 
