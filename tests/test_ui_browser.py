@@ -36,6 +36,7 @@ if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
 if not (os.path.exists(CHROMEDRIVER) and os.access(CHROMEDRIVER, os.X_OK)):
     pytest.skip(f"no chromedriver at {CHROMEDRIVER} (run .ci/install-browser.sh)", allow_module_level=True)
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -135,7 +136,8 @@ def test_the_whole_journey(browser, app_url, shots, tmp_path):
 
 def _journey(browser, app_url, shots):
     url, project = app_url
-    wait = WebDriverWait(browser, TIMEOUT)
+    # The page re-renders as it polls: an element found a moment ago may be gone, so look again.
+    wait = WebDriverWait(browser, TIMEOUT, ignored_exceptions=(StaleElementReferenceException,))
     t0 = time.monotonic()
     browser.get(url)
     wait.until(lambda d: _body(d, "ready") == "1")
