@@ -17,26 +17,14 @@ import pytest
 from PIL import Image
 
 import retrain
+from browser import TIMEOUT, require_browser, start_chromium
 from conftest import make_image_folder
 
-CHROMIUM = os.environ.get("RETRAIN_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = (
-    os.environ.get("RETRAIN_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
-)
+require_browser()  # skips this module, with the reason, without Chromium
 
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
-)
-if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-    pytest.skip(f"no Chromium at {CHROMIUM} (run .ci/install-browser.sh)", allow_module_level=True)
-if not (os.path.exists(CHROMEDRIVER) and os.access(CHROMEDRIVER, os.X_OK)):
-    pytest.skip(f"no chromedriver at {CHROMEDRIVER} (run .ci/install-browser.sh)", allow_module_level=True)
-
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-TIMEOUT = 30
 EVIL = "<img src=x onerror=alert(1)>"
 
 
@@ -62,26 +50,7 @@ def report(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--window-size=1200,1000",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(TIMEOUT)
+    driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"), window="1200,1000", console_log=True)
     try:
         yield driver
     finally:

@@ -6,32 +6,17 @@ Install what it needs with .ci/install-browser.sh; without it the tests are skip
 from __future__ import annotations
 
 import base64
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
+from browser import TIMEOUT, require_browser, start_chromium
 from trained_models import running_server, sample_model, sample_photo
 
-CHROMIUM = os.environ.get("RETRAIN_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = (
-    os.environ.get("RETRAIN_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
-)
+require_browser()  # skips this module, with the reason, without Chromium
 
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
-)
-if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-    pytest.skip(f"no Chromium at {CHROMIUM} (run .ci/install-browser.sh)", allow_module_level=True)
-if not (os.path.exists(CHROMEDRIVER) and os.access(CHROMEDRIVER, os.X_OK)):
-    pytest.skip(f"no chromedriver at {CHROMEDRIVER} (run .ci/install-browser.sh)", allow_module_level=True)
-
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-TIMEOUT = 30
 
 
 @pytest.fixture(scope="module")
@@ -43,26 +28,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--window-size=1000,900",
-    ):
-        options.add_argument(arg)
-    # An explicit driver path: Selenium Manager never goes looking for one on the network.
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(TIMEOUT)
+    driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"), window="1000,900")
     try:
         yield driver
     finally:

@@ -9,9 +9,7 @@ Needs Chromium and chromedriver (.ci/install-browser.sh); the real EfficientNet-
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -21,28 +19,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser import TIMEOUT, require_browser, start_chromium
 from trained_models import SAMPLE_PHOTOS
 
-CHROMIUM = os.environ.get("RETRAIN_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = (
-    os.environ.get("RETRAIN_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
-)
-
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
-)
-if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-    pytest.skip(f"no Chromium at {CHROMIUM} (run .ci/install-browser.sh)", allow_module_level=True)
-if not (os.path.exists(CHROMEDRIVER) and os.access(CHROMEDRIVER, os.X_OK)):
-    pytest.skip(f"no chromedriver at {CHROMEDRIVER} (run .ci/install-browser.sh)", allow_module_level=True)
+require_browser()  # skips this module, with the reason, without Chromium
 
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 pytestmark = pytest.mark.slow
-TIMEOUT = 30
 CLASSES = {"fish": "fish", "landmarks": "landmarks", "tools <b>&amp;": "tools"}  # shown name -> sample folder
 
 
@@ -71,30 +57,10 @@ def app_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tmp_path_factory.mktemp("chromium-profile")
     downloads = tmp_path_factory.mktemp("downloads")
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--window-size=1200,1000",
-    ):
-        options.add_argument(arg)
-    options.add_experimental_option(
-        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    driver = start_chromium(
+        tmp_path_factory.mktemp("chromium-profile"), window="1200,1000", downloads=downloads
     )
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(TIMEOUT)
-    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     driver.downloads = downloads
     try:
         yield driver
