@@ -250,9 +250,11 @@ class _Group:
         return hash_percentage(self.name)
 
 
-def _content_groups(items: list[ImageRecord], keys: Mapping[str, bytes]) -> list[_Group]:
-    """Union of files with the same ``_nohash_`` stem or the same content key, in a stable order."""
-    parent = list(range(len(items)))
+def same_image_groups(names: Sequence[str], keys: Sequence[bytes | None]) -> list[int]:
+    """A group id per file: files with the same ``_nohash_`` stem or the same content key (None: unknown)
+    share one. Groups are closed under both relations (a union-find), so a chain of copies and renamed
+    near-duplicates is one group however it is linked."""
+    parent = list(range(len(names)))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -261,15 +263,21 @@ def _content_groups(items: list[ImageRecord], keys: Mapping[str, bytes]) -> list
         return i
 
     first: dict[object, int] = {}
-    for i, r in enumerate(items):
-        for tag in (("name", _NOHASH.sub("", r.rel_path)), ("key", keys.get(r.path))):
+    for i, (name, key) in enumerate(zip(names, keys)):
+        for tag in (("name", _NOHASH.sub("", name)), ("key", key)):
             if tag[1] is None:
                 continue
             j = first.setdefault(tag, i)
             parent[find(i)] = find(j)
+    return [find(i) for i in range(len(names))]
+
+
+def _content_groups(items: list[ImageRecord], keys: Mapping[str, bytes]) -> list[_Group]:
+    """Union of files with the same ``_nohash_`` stem or the same content key, in a stable order."""
+    ids = same_image_groups([r.rel_path for r in items], [keys.get(r.path) for r in items])
     members: dict[int, list[ImageRecord]] = {}
-    for i, r in enumerate(items):
-        members.setdefault(find(i), []).append(r)
+    for gid, r in zip(ids, items):
+        members.setdefault(gid, []).append(r)
     return [_Group(min(r.rel_path for r in rs), rs) for rs in members.values()]
 
 

@@ -22,42 +22,25 @@ stages after training (calibration, the unknown threshold, the label-error repor
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from retrain.crossfit import DEFAULT_FOLDS, CrossFit, cross_fit
+from retrain.data import same_image_groups
 from retrain.errors import RetrainError
 
 log = logging.getLogger("retrain")
 
 FINAL_FITS = ("train", "train+val", "all")
-_NOHASH = re.compile(r"_nohash_.*$")
 
 
 def labelled_groups(keys: Sequence[bytes], paths: Sequence[str]) -> list[int]:
-    """One group id per row: rows with the same content key or the same ``_nohash_`` name share one.
-
-    Groups are closed under both relations (a union-find), so a row can never be scored by a layer
-    that trained on a copy of it or on a near-duplicate its owner marked with ``_nohash_``.
-    """
-    parent = list(range(len(keys)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[object, int] = {}
-    for i, (key, path) in enumerate(zip(keys, paths)):
-        stem = _NOHASH.sub("", path)
-        for token in (("key", key), ("name", stem)) if stem != path else (("key", key),):
-            j = first.setdefault(token, i)
-            parent[root(i)] = root(j)
-    return [root(i) for i in range(len(keys))]
+    """One group id per row: rows with the same content key or the same ``_nohash_`` name share one
+    (:func:`retrain.data.same_image_groups`, the split's own grouping), so a row can never be scored by
+    a layer that trained on a copy of it or on a near-duplicate its owner marked with ``_nohash_``."""
+    return same_image_groups(paths, keys)
 
 
 @dataclass
