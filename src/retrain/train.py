@@ -647,20 +647,12 @@ def _open_world(
         y_test=splits.test.y,
         calibration=cfg.calibration,
         unknown_threshold=cfg.unknown_threshold,
-        head_params=_head_params(cfg, head),
+        # The final layer's settings and step count, for the leave-one-class-out refits.
+        head_params={
+            **head_params(cfg),
+            "steps": max(1, getattr(head, "best_step_", None) or cfg.how_many_training_steps),
+        },
         seed=seed,
-    )
-
-
-def _head_params(cfg: TrainConfig, head) -> dict:
-    """The final layer's settings and step count, for refits (leave-one-class-out)."""
-    return dict(
-        steps=max(1, getattr(head, "best_step_", None) or cfg.how_many_training_steps),
-        learning_rate=cfg.learning_rate,
-        batch_size=cfg.train_batch_size,
-        optimizer=cfg.optimizer,
-        weight_decay=cfg.weight_decay,
-        class_balance=cfg.class_balance,
     )
 
 
