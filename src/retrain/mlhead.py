@@ -110,30 +110,47 @@ def multilabel_metrics(
 
 
 # -- thresholds ----------------------------------------------------------------------------------------
-def best_f1_threshold(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """(threshold, F1) that maximises F1 of ``scores >= threshold``; the threshold lies halfway between the
-    lowest score called positive and the next one down, so that it generalises to unseen scores."""
+def best_f1_threshold(
+    scores: np.ndarray, truth: np.ndarray, tolerance: float | None = None
+) -> tuple[float, float]:
+    """(threshold, F1) for calling ``scores >= threshold`` positive, tuned on held-out scores.
+
+    Among the thresholds whose F1 is within ``tolerance`` of the best (default: one positive's worth,
+    1 / positives), the one nearest 0.5 in log-odds: a flat stretch of the F1 curve is noise, and a
+    threshold chosen at its far end does not carry over to new photos (docs/multilabel.md).
+    """
     truth = np.asarray(truth, bool)
     order = np.argsort(-scores, kind="stable")
     s, t = scores[order], truth[order]
     n_pos = int(t.sum())
     if n_pos == 0:
         return 0.5, 0.0
+    tol = 1.0 / n_pos if tolerance is None else tolerance
     tp = np.cumsum(t)
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last of each run of equal scores
     f1 = 2 * tp[last] / (last + 1 + n_pos)
-    i = int(np.argmax(f1))  # the first best: the highest threshold among equals
-    k = last[i]
-    below = s[k + 1] if k + 1 < len(s) else 0.0
-    return float(np.clip((s[k] + below) / 2, *THRESHOLD_RANGE)), float(f1[i])
+    cand = np.clip(s[last], *THRESHOLD_RANGE)
+    at_half = s >= 0.5
+    f1_half = 2 * int((at_half & t).sum()) / (int(at_half.sum()) + n_pos)
+    best = float(f1.max())
+    if f1_half >= best - tol:
+        return 0.5, f1_half
+    ok = np.flatnonzero(f1 >= best - tol)
+    i = ok[np.argmin(np.abs(_logit(cand[ok])))]
+    return float(cand[i]), float(f1[i])
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
 
 
 def tune_thresholds(
     probs: np.ndarray, truth: np.ndarray, *, min_positives: int = MIN_POSITIVES
 ) -> tuple[np.ndarray, list[str]]:
-    """Per label, the threshold maximising its F1 on held-out ``probs``; labels with fewer than
-    ``min_positives`` held-out positives take one shared threshold, the one maximising F1 over all
-    labels pooled (micro F1). Returns (thresholds (L,), per label "tuned" or "shared")."""
+    """Per label, the threshold maximising its F1 on held-out ``probs`` (:func:`best_f1_threshold`); labels
+    with fewer than ``min_positives`` held-out positives (or no negatives) take one shared threshold, chosen
+    the same way on all labels pooled (micro F1). Returns (thresholds (L,), per label "tuned" or "shared")."""
     truth = np.asarray(truth, bool)
     L = truth.shape[1]
     shared = best_f1_threshold(probs.ravel(), truth.ravel())[0] if truth.any() else 0.5

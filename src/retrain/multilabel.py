@@ -122,66 +122,11 @@ def train_multi_label(cfg: TrainConfig, spec: BackboneSpec, seed: int, t_start: 
     )
     _report_rows(rows)
     labels = rows.labels
-    tv, tr, va, te = (
-        rows.where(TRAINING, VALIDATION),
-        rows.where(TRAINING),
-        rows.where(VALIDATION),
-        rows.where(TESTING),
-    )
+    tv, tr, te = rows.where(TRAINING, VALIDATION), rows.where(TRAINING), rows.where(TESTING)
     params = head_params(cfg)
-
-    cross = None
-    if cfg.final_fit != "train":
-        try:
-            cross = ml_cross_fit(rows.X[tv], rows.Y[tv], rows.group[tv], params=params, seed=seed)
-        except ValueError as exc:
-            log.warning("No cross-fit (%s): the final layer trains on the training split", exc)
-        timings["cross_fit"] = cross.seconds if cross is not None else 0.0
-    with_validation = cross is not None
-    if cross is not None:
-        curve = ", ".join(f"{s}: {100 * m:.1f}%" for s, m in zip(cross.curve_steps, cross.curve_map))
-        log.info(
-            "Out-of-fold mAP by number of steps (N=%d, %d folds): %s", len(tv), cross.fold.max() + 1, curve
-        )
-        log.info(
-            "Cross-fitting on %d training+validation images: best at %d steps (out-of-fold mAP %.1f%%, %.1f s); "
-            "final layer fitted on all of them",
-            len(tv),
-            cross.best_steps,
-            100 * cross.map,
-            cross.seconds,
-        )
-
-    fit_idx = tv if with_validation else tr
-    X_fit, Y_fit = _fit_rows(cfg, spec, rows, fit_idx, timings)
-    head = SigmoidHead(
-        **{**params, "steps": cross.best_steps if with_validation else params["steps"]},
-        keep_best=not with_validation,
-        seed=seed,
-    )
-    logger = _Logger(cfg, paths, labels, spec)
-    if cross is not None:
-        logger.out_of_fold(cross)
-    t0 = time.perf_counter()
-    try:
-        head.fit(
-            X_fit,
-            Y_fit,
-            X_val=None if with_validation else rows.X[va],
-            Y_val=None if with_validation else rows.Y[va],
-            eval_every=cfg.eval_step_interval,
-            on_eval=logger,
-        )
-    finally:
-        logger.close()
-    timings["train_head"] = time.perf_counter() - t0
-    if not with_validation and len(va):
-        log.info("Kept the weights of step %d (best validation mAP, N=%d)", head.best_step_, len(va))
-
-    # Held-out probabilities: out-of-fold for training + validation, or the validation split's.
-    held_idx = tv if with_validation else va
-    held_probs = cross.probs if with_validation else head.predict_proba(rows.X[va])
-    thresholds, sources = choose_thresholds(cfg, held_probs, rows.Y[held_idx], labels)
+    fit = fit_multi_label(cfg, spec, rows, seed, paths=paths, timings=timings)
+    head, cross, with_validation, fit_idx = fit.head, fit.cross, fit.with_validation, fit.fit_idx
+    held_idx, held_probs, thresholds, sources = fit.held_idx, fit.held_probs, fit.thresholds, fit.sources
 
     validation = (
         multilabel_metrics(held_probs, rows.Y[held_idx], thresholds, labels) if len(held_idx) else None
@@ -259,6 +204,92 @@ def train_multi_label(cfg: TrainConfig, spec: BackboneSpec, seed: int, t_start: 
         skipped=table.skipped,
         config=cfg,
     )
+
+
+@dataclass
+class MLFit:
+    """The final layer and its thresholds, with the held-out probabilities that chose them."""
+
+    head: SigmoidHead
+    cross: MLCrossFit | None
+    with_validation: bool  # fitted on training + validation (steps from the cross-fit)
+    fit_idx: np.ndarray  # the rows it was fitted on
+    held_idx: np.ndarray  # rows with held-out probabilities: out-of-fold, or the validation split
+    held_probs: np.ndarray
+    thresholds: np.ndarray
+    sources: list[str]  # per label: tuned, shared, flag or default
+
+
+def fit_multi_label(
+    cfg: TrainConfig,
+    spec: BackboneSpec,
+    rows: Rows,
+    seed: int,
+    *,
+    paths=None,
+    timings: dict | None = None,
+) -> MLFit:
+    """Cross-fit, final layer and thresholds on ``rows``' training + validation rows (the test rows are never
+    looked at). ``paths`` (retrain.train.RunPaths): where TensorBoard's curves go (None: nowhere)."""
+    timings = {} if timings is None else timings
+    labels = rows.labels
+    tv, tr, va = rows.where(TRAINING, VALIDATION), rows.where(TRAINING), rows.where(VALIDATION)
+    params = head_params(cfg)
+
+    cross = None
+    if cfg.final_fit != "train":
+        try:
+            cross = ml_cross_fit(rows.X[tv], rows.Y[tv], rows.group[tv], params=params, seed=seed)
+        except ValueError as exc:
+            log.warning("No cross-fit (%s): the final layer trains on the training split", exc)
+        timings["cross_fit"] = cross.seconds if cross is not None else 0.0
+    with_validation = cross is not None
+    if cross is not None:
+        curve = ", ".join(f"{s}: {100 * m:.1f}%" for s, m in zip(cross.curve_steps, cross.curve_map))
+        log.info(
+            "Out-of-fold mAP by number of steps (N=%d, %d folds): %s", len(tv), cross.fold.max() + 1, curve
+        )
+        log.info(
+            "Cross-fitting on %d training+validation images: best at %d steps (out-of-fold mAP %.1f%%, %.1f s); "
+            "final layer fitted on all of them",
+            len(tv),
+            cross.best_steps,
+            100 * cross.map,
+            cross.seconds,
+        )
+
+    fit_idx = tv if with_validation else tr
+    X_fit, Y_fit = _fit_rows(cfg, spec, rows, fit_idx, timings)
+    head = SigmoidHead(
+        **{**params, "steps": cross.best_steps if with_validation else params["steps"]},
+        keep_best=not with_validation,
+        seed=seed,
+    )
+    logger = _Logger(cfg, paths) if paths is not None else None
+    if cross is not None and logger is not None:
+        logger.out_of_fold(cross)
+    t0 = time.perf_counter()
+    try:
+        head.fit(
+            X_fit,
+            Y_fit,
+            X_val=None if with_validation else rows.X[va],
+            Y_val=None if with_validation else rows.Y[va],
+            eval_every=cfg.eval_step_interval,
+            on_eval=logger,
+        )
+    finally:
+        if logger is not None:
+            logger.close()
+    timings["train_head"] = time.perf_counter() - t0
+    if not with_validation and len(va):
+        log.info("Kept the weights of step %d (best validation mAP, N=%d)", head.best_step_, len(va))
+
+    # Held-out probabilities: out-of-fold for training + validation, or the validation split's.
+    held_idx = tv if with_validation else va
+    held_probs = cross.probs if with_validation else head.predict_proba(rows.X[va])
+    thresholds, sources = choose_thresholds(cfg, held_probs, rows.Y[held_idx], labels)
+    return MLFit(head, cross, with_validation, fit_idx, held_idx, held_probs, thresholds, sources)
 
 
 def head_params(cfg: TrainConfig) -> dict:
@@ -601,7 +632,7 @@ def _export(cfg, spec, labels, head, thresholds, metrics, paths, rows: Rows) -> 
 class _Logger:
     """Every evaluation step of the final layer: the log line and TensorBoard (train and validation runs)."""
 
-    def __init__(self, cfg: TrainConfig, paths, labels: list[str], spec: BackboneSpec):
+    def __init__(self, cfg: TrainConfig, paths):
         from retrain.summaries import EventWriter, new_run_dirs
 
         train_dir, val_dir = new_run_dirs(paths.summaries_dir)
