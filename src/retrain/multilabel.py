@@ -60,6 +60,14 @@ from retrain.mlhead import (
 log = logging.getLogger("retrain")
 
 NPZ_FILE = "multilabel.npz"
+# Single-label settings a multi-label run does not use (it says so when one is set).
+_NOT_FOR_MULTI_LABEL = (
+    "intermediate_store_frequency",
+    "print_misclassified_test_images",
+    "test_batch_size",
+    "unknown_threshold",
+    "calibration",
+)
 
 
 @dataclass
@@ -103,6 +111,12 @@ def train_multi_label(cfg: TrainConfig, spec: BackboneSpec, seed: int, t_start: 
     from retrain.train import TrainResult, _check_writable, _discover, _features, _link_latest, _resolve_paths
 
     timings: dict[str, float] = {}
+    unused = [n for n in _NOT_FOR_MULTI_LABEL if getattr(cfg, n) != getattr(TrainConfig, n)]
+    if unused:
+        log.warning(
+            "--multi_label: %s have no effect on multi-label runs (docs/multilabel.md)",
+            ", ".join(f"--{n}" for n in unused),
+        )
     if cfg.labels_file:
         dataset, file_labels = dataset_from_labels_file(cfg)
         for notice in dataset.notices:
