@@ -288,3 +288,22 @@ def test_refused_settings_exit_2_with_a_reason(tmp_path, capsys):
         retrain.train(tmp_path / "images", multi_label=True, resume=True, **_config(tmp_path, "never"))
     with pytest.raises(RetrainError, match="needs --image_dir"):
         retrain.train(labels_file=str(tmp_path / "x.csv"), **_config(tmp_path, "never"))
+
+
+def test_distortions_class_weighting_and_final_fit_train(tmp_path, caplog):
+    sets = make_file_set(tmp_path, n=30)
+    csv = _write_csv(tmp_path / "labels.csv", [f"c{i:03d}.jpg,{';'.join(s)},x" for i, s in enumerate(sets)])
+    with caplog.at_level(logging.INFO, logger="retrain"):
+        result = retrain.train(
+            tmp_path / "img",
+            labels_file=str(csv),
+            flip_left_right=True,
+            distorted_copies=2,
+            class_balance="weight",
+            final_fit="train",
+            **_config(tmp_path, "run"),
+        )
+    m = result.metrics
+    assert "distortions" in m["seconds"] and m["final_fit"] == "train" and m["validation_kind"] == "held-out"
+    assert "Distortions (" in caplog.text and "best validation mAP" in caplog.text
+    assert m["multi_label"]["test"]["mAP"] > 0.8
