@@ -545,7 +545,9 @@ def classify_command(ns: argparse.Namespace) -> int:
             if not single:
                 print(shown)
             if preds.labels is not None:  # a multi-label model: the chosen labels first
-                print(f"labels: {', '.join(preds.labels)}" if preds.labels else "no label above its threshold")
+                print(
+                    f"labels: {', '.join(preds.labels)}" if preds.labels else "no label above its threshold"
+                )
                 preds = preds[:top_k] if top_k else preds
             elif preds.unknown:
                 print(
