@@ -47,26 +47,41 @@ class MLStep:
 
 
 # -- metrics -----------------------------------------------------------------------------------------
-def average_precision(scores: np.ndarray, truth: np.ndarray) -> float | None:
-    """Average precision of one label (scikit-learn's definition: sum over distinct thresholds of
-    (R_n - R_{n-1}) P_n); None when no image has the label."""
+def average_precisions(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Average precision per label (L,) of scores ``probs`` (N, L) against ``truth`` (N, L), scikit-learn's
+    definition: the sum over distinct thresholds of (R_n - R_{n-1}) P_n; NaN for a label no image has.
+    All labels at once (one sort), because the final layer's every evaluation takes it."""
+    probs = np.asarray(probs, np.float64)
     truth = np.asarray(truth, bool)
-    n_pos = int(truth.sum())
-    if n_pos == 0:
-        return None
-    order = np.argsort(-scores, kind="stable")
-    s, t = scores[order], truth[order]
-    tp = np.cumsum(t)
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each run of equal scores
-    tp, k = tp[last], last + 1
-    precision, recall = tp / k, tp / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    n = len(probs)
+    if n == 0:
+        return np.full(truth.shape[1], np.nan)
+    order = np.argsort(-probs, axis=0, kind="stable")
+    s = np.take_along_axis(probs, order, axis=0)
+    tp = np.cumsum(np.take_along_axis(truth, order, axis=0), axis=0, dtype=np.float64)  # (N, L)
+    last = np.ones_like(s, bool)  # the last row of each run of equal scores: one threshold
+    last[:-1] = s[1:] != s[:-1]
+    at_last = np.where(last, tp, 0.0)
+    before = np.zeros_like(tp)
+    before[1:] = np.maximum.accumulate(at_last, axis=0)[:-1]  # tp at the previous threshold (tp only grows)
+    k = np.arange(1, n + 1, dtype=np.float64)[:, None]
+    positives = tp[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(last, (tp - before) * tp / k, 0.0).sum(axis=0) / np.where(
+            positives > 0, positives, np.nan
+        )
+
+
+def average_precision(scores: np.ndarray, truth: np.ndarray) -> float | None:
+    """Average precision of one label; None when no image has the label."""
+    ap = float(average_precisions(np.asarray(scores)[:, None], np.asarray(truth)[:, None])[0])
+    return None if np.isnan(ap) else ap
 
 
 def mean_average_precision(probs: np.ndarray, truth: np.ndarray) -> float | None:
-    aps = [average_precision(probs[:, j], truth[:, j]) for j in range(truth.shape[1])]
-    aps = [a for a in aps if a is not None]
-    return float(np.mean(aps)) if aps else None
+    """Mean over the labels that some image has of their average precision (None if no label has one)."""
+    aps = average_precisions(probs, truth)
+    return float(np.nanmean(aps)) if not np.isnan(aps).all() else None
 
 
 def example_f1(pred: np.ndarray, truth: np.ndarray) -> float:
