@@ -204,7 +204,7 @@ def train_multi_label(cfg: TrainConfig, spec: BackboneSpec, seed: int, t_start: 
         try:
             log.info("Wrote the report %s", write_report(paths.run_dir))
         except RetrainError as exc:  # a report without the multi-label section cannot show this run
-            log.warning("No report.html for this multi-label run: %s", exc)
+            log.warning("report.html not written: this report cannot show a multi-label run (%s)", exc)
     _link_latest(cfg, paths)
     return TrainResult(
         labels=labels,
