@@ -45,6 +45,10 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     """Build ``report.html`` in ``run_dir`` from the files the run saved there; returns its path."""
     run_dir = Path(run_dir)
     metrics = _read_json(run_dir / "metrics.json", required=True)
+    if metrics.get("kind") == "multi_label":  # its own page: per-label table, missed and spurious labels
+        from retrain.report_multilabel import write_multilabel_report
+
+        return write_multilabel_report(run_dir, metrics)
     audit = load_audit(run_dir / AUDIT_FILE)
     fine_tune = _read_json(run_dir / "fine_tune.json", required=False)
     page = render(run_dir, metrics, audit, fine_tune)
