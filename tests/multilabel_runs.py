@@ -26,7 +26,9 @@ def make_multilabel_run(base: Path, n: int = 40, seed: int = 0) -> Path:
     truth = rng.random((n, len(LABELS))) < 0.4
     truth[truth.sum(axis=1) == 0, 0] = True  # every photo has a label ...
     truth[1] = True  # ... one has all of them
-    split = np.array(["training"] * (n // 2) + ["validation"] * (n // 4) + ["testing"] * (n - n // 2 - n // 4))
+    split = np.array(
+        ["training"] * (n // 2) + ["validation"] * (n // 4) + ["testing"] * (n - n // 2 - n // 4)
+    )
     paths = []
     for i in range(n):
         name = f"{EVIL} photo {i:02d}.jpg" if i == n - 1 else f"photo_{i:02d}.jpg"
@@ -37,7 +39,9 @@ def make_multilabel_run(base: Path, n: int = 40, seed: int = 0) -> Path:
         Image.fromarray(px).save(images / name, quality=90)
         paths.append(str(images / name))
     # Probabilities that mostly agree with the truth, with a few confident mistakes of both kinds.
-    probs = np.clip(np.where(truth, 0.75, 0.15) + rng.normal(0, 0.2, truth.shape), 0.01, 0.99).astype(np.float32)
+    probs = np.clip(np.where(truth, 0.75, 0.15) + rng.normal(0, 0.2, truth.shape), 0.01, 0.99).astype(
+        np.float32
+    )
     te = np.flatnonzero(split == "testing")
     probs[te[0], np.flatnonzero(truth[te[0]])[0]] = 0.03  # a missed label, almost sure it is absent
     probs[te[1], np.flatnonzero(~truth[te[1]])[0]] = 0.97  # a spurious label, almost sure it is present
@@ -85,3 +89,34 @@ def make_multilabel_run(base: Path, n: int = 40, seed: int = 0) -> Path:
         split=split.astype(str),
     )
     return run
+
+
+_MODELS: dict[float | None, object] = {}
+
+
+def multilabel_model(tmp_path_factory, threshold: float | None = None):
+    """A real ``retrain --multi_label`` run on the tiny backbone (colour photos, labels from copies across
+    folders), trained once per session and threshold; its retrain.TrainResult. ``threshold``:
+    ``--multi_label_threshold`` (e.g. 0.999: no photo gets a label)."""
+    if threshold not in _MODELS:
+        import retrain
+        from conftest import TINY
+        from test_multilabel import make_folder_set
+
+        base = Path(tmp_path_factory.getbasetemp()) / "multilabel-model"
+        if not (base / "images").exists():
+            make_folder_set(base / "images", n=36)
+        _MODELS[threshold] = retrain.train(
+            base / "images",
+            multi_label=True,
+            multi_label_threshold=threshold,
+            architecture=TINY,
+            bottleneck_dir=str(base / "bottlenecks"),
+            model_dir=str(base / "models"),
+            output_dir=str(tmp_path_factory.mktemp("multilabel-run")),
+            how_many_training_steps=300,
+            eval_step_interval=100,
+            seed=1,
+            quiet=True,
+        )
+    return _MODELS[threshold]

@@ -57,9 +57,16 @@ def load_npz(path: Path) -> dict | None:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in ("paths", "truth", "probs", "labels", "thresholds", "split")}
     except Exception as exc:  # noqa: BLE001 - np.load raises many types for a damaged file
-        raise RetrainError(f"{printable(str(path))} is damaged ({type(exc).__name__}); train again.") from None
+        raise RetrainError(
+            f"{printable(str(path))} is damaged ({type(exc).__name__}); train again."
+        ) from None
     n, L = out["probs"].shape if out["probs"].ndim == 2 else (-1, -1)
-    if out["truth"].shape != (n, L) or len(out["paths"]) != n or len(out["split"]) != n or len(out["labels"]) != L:
+    if (
+        out["truth"].shape != (n, L)
+        or len(out["paths"]) != n
+        or len(out["split"]) != n
+        or len(out["labels"]) != L
+    ):
         raise RetrainError(f"{printable(str(path))} has arrays of different sizes; train again.")
     out["truth"] = out["truth"].astype(bool)
     out["paths"] = [str(p) for p in out["paths"]]
@@ -153,7 +160,9 @@ class _MLContext:
 
     def rel(self, i: int) -> str:
         path, root = self.paths[i], self.image_dir
-        shown = os.path.relpath(path, root) if root and path.startswith(root.rstrip(os.sep) + os.sep) else path
+        shown = (
+            os.path.relpath(path, root) if root and path.startswith(root.rstrip(os.sep) + os.sep) else path
+        )
         return printable(shown)
 
     def thumb(self, i: int) -> str:
@@ -195,7 +204,9 @@ def _data_section(ctx: _MLContext) -> str:
     if ctx.npz is None:
         return out + f"<p>{NPZ_FILE} is missing: no counts per label.</p>"
     shown = [s for s in SPLITS if (ctx.split == s).any()]
-    counts = np.array([[int(ctx.truth[ctx.split == s, j].sum()) for s in shown] for j in range(len(ctx.labels))])
+    counts = np.array(
+        [[int(ctx.truth[ctx.split == s, j].sum()) for s in shown] for j in range(len(ctx.labels))]
+    )
     counts = counts.reshape(len(ctx.labels), len(shown))
     rows = "".join(
         f"<tr><td>{_e(label)}</td>{''.join(f'<td class=n>{v}</td>' for v in counts[j])}"
@@ -271,7 +282,11 @@ def _training_section(ctx: _MLContext) -> str:
         out += f"<p>Final layer fitted on: <code>{_e(m['final_fit'])}</code> ({_e(m.get('final_fit_count'))} images).</p>"
     v = ctx.validation
     if v and v.get("n_images"):
-        kind = "Out-of-fold (training + validation)" if m.get("validation_kind") == "out-of-fold" else "Validation"
+        kind = (
+            "Out-of-fold (training + validation)"
+            if m.get("validation_kind") == "out-of-fold"
+            else "Validation"
+        )
         out += (
             f"<p>{_e(kind)}: mAP {_pct(v.get('mAP'))}, example F1 {_pct(v.get('example_f1'))} (at 0.5: "
             f"{_pct(v.get('example_f1_at_0.5'))}), exact match {_pct(v.get('exact_match'))} "
@@ -284,7 +299,11 @@ def _training_section(ctx: _MLContext) -> str:
             by.setdefault(str(s), []).append(label)
         items = "".join(
             f"<li>{_e(_SOURCES.get(s, s))}: {len(names)} label(s)"
-            + (f" ({', '.join(_e(n) for n in names[:12])}{', …' if len(names) > 12 else ''})" if s != "tuned" else "")
+            + (
+                f" ({', '.join(_e(n) for n in names[:12])}{', …' if len(names) > 12 else ''})"
+                if s != "tuned"
+                else ""
+            )
             + "</li>"
             for s, names in by.items()
         )
@@ -470,7 +489,9 @@ def _next_steps(ctx: _MLContext) -> str:
             tr = np.isin(ctx.split, (TRAINING, VALIDATION))
             train_counts = {label: int(ctx.truth[tr, j].sum()) for j, label in enumerate(ctx.labels)}
         weak = sorted(
-            (s["ap"], label) for label, s in per_label.items() if s.get("ap") is not None and s["ap"] < WEAK_AP
+            (s["ap"], label)
+            for label, s in per_label.items()
+            if s.get("ap") is not None and s["ap"] < WEAK_AP
         )
         for ap, label in weak[:5]:
             have = f"{train_counts[label]} training + validation photos, " if label in train_counts else ""

@@ -248,6 +248,8 @@ class _Service:
             "input": m.get("input"),
             "preprocessing": m.get("preprocessing"),
             "output": m.get("output"),
+            "kind": m.get("kind") or "single_label",
+            "thresholds": None if self.clf.thresholds is None else [float(t) for t in self.clf.thresholds],
             "quantization": m.get("quantization") or "float32",
             "fine_tuned": m.get("fine_tuned"),
             "calibration": m.get("calibration"),

@@ -1168,7 +1168,20 @@ async def _api_classify(state: _State, request) -> dict:
         raise HTTPError(400, "send exactly one photo")
     import asyncio
 
-    return await asyncio.get_running_loop().run_in_executor(None, _classify, state, model, files[0])
+    result = await asyncio.get_running_loop().run_in_executor(None, _classify, state, model, files[0])
+    return _with_label_set(state, model, result)
+
+
+def _with_label_set(state: _State, model: Path, result: dict) -> dict:
+    """A multi-label model's answer also has ``labels`` (those at or above their threshold, best first,
+    as :class:`retrain.predict.Ranked` chooses them) and each label's ``thresholds``."""
+    clf = state.models.get((str(model), model.stat().st_mtime_ns))
+    if clf is None or not getattr(clf, "multi_label", False):
+        return result
+    thresholds = dict(zip(clf.labels, (float(t) for t in clf.thresholds)))
+    result["labels"] = [p["label"] for p in result["predictions"] if p["score"] >= thresholds[p["label"]]]
+    result["thresholds"] = thresholds
+    return result
 
 
 def _classify(state: _State, model: Path, file: tuple[str | None, bytes]) -> dict:

@@ -372,7 +372,23 @@ async function classify(file) {
   if (r.unknown_score != null) extra.push(el("p", {class: "muted", text: `unknown score ${r.unknown_score.toFixed(3)} (higher: less like any class)`}));
   $("try-result").replaceChildren(el("img", {src: URL.createObjectURL(file), alt: file.name, style: "max-width:220px;border-radius:6px"}),
     el("h3", {id: "top-label", text: top.label || "?"}), ...extra, ...rows);
+  if (r.labels) showLabelSet(r);
   document.body.dataset.tried = "1";
+}
+
+// A multi-label model: the heading is the set of labels at or above their threshold; each bar shows its threshold.
+function showLabelSet(r) {
+  $("top-label").textContent = r.labels.length ? `labels: ${r.labels.join(", ")}` : "no label above its threshold";
+  $("top-label").classList.toggle("muted", !r.labels.length);
+  const chosen = new Set(r.labels);
+  for (const row of $("try-result").querySelectorAll(".pred")) {
+    const label = row.querySelector(".label").textContent, t = r.thresholds[label];
+    row.classList.add("multi");
+    row.classList.toggle("chosen", chosen.has(label));
+    if (t == null) continue;
+    row.querySelector(".track").append(el("span", {class: "tick", title: `threshold ${pct(t)}`, style: `left:${(100 * t).toFixed(1)}%`}));
+    row.querySelector(".score").textContent += ` (threshold ${pct(t)})`;
+  }
 }
 
 // -- 6 export ----------------------------------------------------------------------------------------
