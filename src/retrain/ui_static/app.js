@@ -387,7 +387,7 @@ function showLabelSet(r) {
     row.classList.toggle("chosen", chosen.has(label));
     if (t == null) continue;
     row.querySelector(".track").append(el("span", {class: "tick", title: `threshold ${pct(t)}`, style: `left:${(100 * t).toFixed(1)}%`}));
-    row.querySelector(".score").textContent += ` (threshold ${pct(t)})`;
+    row.querySelector(".score").textContent += ` (threshold ${Math.round(100 * t)}%)`;
   }
 }
 
