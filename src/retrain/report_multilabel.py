@@ -343,7 +343,7 @@ def _test_section(ctx: _MLContext) -> str:
     f1, f1_half = test.get("example_f1"), test.get("example_f1_at_0.5")
     gain = ""
     if f1 is not None and f1_half is not None:
-        gain = f"; the tuned thresholds give {100 * (f1 - f1_half):+.1f} points over 0.5"
+        gain = f" (tuned thresholds vs 0.5: {100 * (f1 - f1_half):+.1f} points)"
     out = (
         "<table class=facts>"
         f"<tr><td>mAP (mean over labels of average precision)</td><td class=n><b>{_pct(test.get('mAP'))}</b></td></tr>"
@@ -499,6 +499,13 @@ def _next_steps(ctx: _MLContext) -> str:
                 f"label <b>{_e(label)}</b>: {have}test AP {100 * ap:.0f}%. Add photos that carry it (and photos "
                 "that look alike but do not), and check its <a href='#missed'>missed</a> and "
                 "<a href='#spurious'>spurious</a> photos."
+            )
+        f1s = [(s["f1"], label) for label, s in per_label.items() if s.get("f1") is not None]
+        if not weak and f1s and min(f1s)[0] < 0.9:
+            f1, label = min(f1s)
+            tips.append(
+                f"The weakest label is <b>{_e(label)}</b> (test F1 {100 * f1:.0f}%): its "
+                "<a href='#missed'>missed</a> and <a href='#spurious'>spurious</a> photos show what it confuses."
             )
         if len(weak) > 5:
             tips.append(f"… and {len(weak) - 5} more label(s) below {100 * WEAK_AP:.0f}% AP (see the table).")
