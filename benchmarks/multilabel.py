@@ -250,6 +250,17 @@ def main(argv=None) -> int:
                 for m in ("mAP", "example_f1_tuned", "example_f1_0.5", "exact_match_tuned")
             ]
             print(f"| {name} | " + " | ".join(cells) + " |")
+        for name, key in (("retrain", "retrain"), ("probe", "ovr_logreg")):
+            gain = np.array([r[key]["example_f1_tuned"] - r[key]["example_f1_0.5"] for r in runs])
+            print(
+                f"\n{name}: example F1 at tuned thresholds minus at 0.5: {100 * gain.mean():+.1f} points "
+                f"({100 * gain.min():+.1f} to {100 * gain.max():+.1f}), better on {(gain > 0).sum()} of {len(gain)} seeds"
+            )
+        d = np.array([r["retrain"]["mAP"] - r["ovr_logreg"]["mAP"] for r in runs])
+        print(
+            f"mAP, retrain minus probe: {100 * d.mean():+.2f} points ({100 * d.min():+.2f} to {100 * d.max():+.2f}), "
+            f"at least as good on {(d >= 0).sum()} of {len(d)} seeds"
+        )
     if args.timing_rows:
         t = timing(args.timing_rows)
         report["timing"] = t
