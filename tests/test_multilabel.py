@@ -307,3 +307,15 @@ def test_distortions_class_weighting_and_final_fit_train(tmp_path, caplog):
     assert "distortions" in m["seconds"] and m["final_fit"] == "train" and m["validation_kind"] == "held-out"
     assert "Distortions (" in caplog.text and "best validation mAP" in caplog.text
     assert m["multi_label"]["test"]["mAP"] > 0.8
+
+
+def test_export_of_a_multi_label_model_compares_outputs_not_folder_accuracy(folder_run, tmp_path):
+    from retrain.quantize import convert_file
+
+    base, sets, result = folder_run
+    photos = sorted(str(p) for p in (base / "images" / "red").glob("*.jpg"))[:4]
+    report = convert_file(
+        result.output_graph, "fp16", tmp_path / "m.onnx", eval_paths=photos, eval_labels=[2] * 4
+    )
+    assert report.comparison.accuracy is None and report.comparison.agreement == 1.0
+    assert retrain.load(tmp_path / "m.onnx").multi_label

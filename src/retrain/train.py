@@ -102,6 +102,8 @@ def train(
     if cfg.multi_label or cfg.labels_file:  # one sigmoid output per label: its own stages
         from retrain.multilabel import train_multi_label
 
+        if not cfg.multi_label:
+            log.info("--labels_file: several labels per photo, as with --multi_label")
         return train_multi_label(dataclasses.replace(cfg, multi_label=True), spec, seed, t_start)
 
     dataset = _discover(cfg)
