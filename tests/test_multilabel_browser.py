@@ -119,3 +119,46 @@ def test_the_served_page_shows_the_label_set_and_thresholds(browser, tmp_path_fa
         (card,) = _classify(browser, url, photos[:1])
         assert card.find_element(By.CSS_SELECTOR, ".labelset").text == "no label above its threshold"
         assert card.find_elements(By.CSS_SELECTOR, ".pred.chosen") == []
+
+
+def test_the_ui_try_step_shows_the_label_set(browser, tmp_path_factory, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    model = multilabel_model(tmp_path_factory)
+    clf = load(model.output_graph)
+    project = tmp_path / "project"
+    shutil.copytree(model.run_dir, project / "runs" / "ml-run")  # a finished run, as if trained in the app
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retrain", "ui", "--project", str(project), "--port", "0", "--no_browser"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = next((m[1] for line in proc.stdout if (m := re.search(r"Open (http://\S+/)", line))), None)
+        assert url, "retrain ui printed no URL"
+        browser.get(url)
+        wait = WebDriverWait(browser, TIMEOUT)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "button[data-go=try]").is_displayed())
+        browser.find_element(By.CSS_SELECTOR, "button[data-go=try]").click()
+        wait.until(lambda d: d.find_element(By.ID, "try-run").text == "ml-run")
+        photo = next(
+            p for p in sorted(Path(model.config.image_dir).rglob("*.jpg")) if clf.classify([str(p)])[0].labels
+        )
+        browser.find_element(By.ID, "try-file").send_keys(str(photo))
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-tried") == "1")
+        (ranked,) = clf.classify([str(photo)])
+        assert browser.find_element(By.ID, "top-label").text == "labels: " + ", ".join(ranked.labels)
+        rows = browser.find_elements(By.CSS_SELECTOR, "#try-result .pred")
+        assert [r.find_element(By.CSS_SELECTOR, ".label").text for r in rows] == [p.label for p in ranked][:5]
+        assert ["chosen" in r.get_attribute("class") for r in rows] == [
+            p.label in ranked.labels for p in ranked
+        ][:5]
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#try-result .pred .tick")) == len(rows)
+        _screenshot(browser, tmp_path / "ui-try-multilabel.png")
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        proc.stdout.close()
