@@ -419,11 +419,15 @@ def test_fix_move_set_aside_and_undo(client, tmp_path):
     pytest.importorskip("retrain.relabel", reason="the relabel module (report work) is not in this version")
     photos = make_image_folder(tmp_path / "mine", per_class=4)
     run, run_dir = _run_with_issues(client, photos)
-    r = client.get(f"/api/runs/{run}/issues").json()
-    assert r["available"] and r["has_audit"] and r["total"] == 2
-    assert [(i["path"], i["suggested"]) for i in r["issues"]] == [
-        ("red/img_000.jpg", "green"),
-        ("red/img_001.jpg", "blue"),
+    r = client.get(f"/api/runs/{run}/issues").json()  # the suspects (score >= 2/3) only
+    assert r["available"] and r["has_audit"] and r["total"] == 2 and r["suspects"] == 1
+    assert [(i["path"], i["suggested"], i["suspect"]) for i in r["issues"]] == [
+        ("red/img_000.jpg", "green", True)
+    ]
+    r = client.get(f"/api/runs/{run}/issues", params={"all": 1}).json()  # every photo
+    assert [(i["path"], i["suggested"], i["suspect"]) for i in r["issues"]] == [
+        ("red/img_000.jpg", "green", True),
+        ("red/img_001.jpg", "blue", False),
     ]
     assert r["duplicates"][0]["b"] == "blue/img_001.jpg"
     moved = client.post(
@@ -442,7 +446,7 @@ def test_fix_move_set_aside_and_undo(client, tmp_path):
     assert not (photos / "red" / "img_001.jpg").exists() and Path(aside["moved_to"][0]).exists()
     decided = {
         i["path"]: (i["decision"] or {}).get("action")
-        for i in client.get(f"/api/runs/{run}/issues").json()["issues"]
+        for i in client.get(f"/api/runs/{run}/issues", params={"all": 1}).json()["issues"]
     }
     assert decided == {"red/img_000.jpg": "move", "red/img_001.jpg": "set_aside"}
     assert client.post(f"/api/runs/{run}/undo").json()["undone"]["action"] == "set_aside"

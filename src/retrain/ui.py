@@ -28,6 +28,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -480,6 +481,8 @@ _STEP = re.compile(
     r"Step (\d+): Train accuracy = ([\d.]+)%, Cross entropy = ([\d.e+-]+)"
     r"(?:, Validation accuracy = ([\d.]+)%)?"
 )
+# retrain.fit's cross-fit: held-out accuracy for each number of steps it tried (the validation curve)
+_CROSSFIT = re.compile(r"Out-of-fold accuracy by number of steps \(N=(\d+), (\d+) folds\): (.*)")
 
 
 class _EventWriter(logging.Handler):
@@ -508,6 +511,10 @@ class _EventWriter(logging.Handler):
                 validation_accuracy=float(m[4]) / 100 if m[4] else None,
             )
             return
+        m = _CROSSFIT.match(msg)
+        if m:
+            points = [(int(a), float(b) / 100) for a, b in re.findall(r"(\d+): ([\d.]+)%", m[3])]
+            self.write(kind="crossfit", n=int(m[1]), folds=int(m[2]), points=points)
         if msg.startswith("Bottlenecks:"):
             self.write(kind="phase", phase="train")
         elif msg.startswith("Kept the weights") or msg.startswith("Final test accuracy"):
@@ -1192,11 +1199,13 @@ def _classify(state: _State, model: Path, file: tuple[str | None, bytes]) -> dic
         for p in preds
     ]
     # Models with an open-world output (retrain's calibration work) say whether the photo fits no class.
+    threshold = getattr(clf, "unknown_threshold", None)
     return {
         "file": file[0],
         "predictions": out,
         "unknown": getattr(preds, "unknown", None),
         "unknown_score": getattr(preds, "unknown_score", None),
+        "unknown_threshold": threshold if threshold is not None and math.isfinite(threshold) else None,
     }
 
 
@@ -1256,7 +1265,8 @@ def _fixes(run_dir: Path) -> list[dict]:
 
 
 def _api_issues(state: _State, request) -> dict:
-    """One page of the run's suspected label errors (label_issues.csv, most suspect first) and duplicates."""
+    """One page of the run's suspected label errors (label_issues.csv, most suspect first; ``all=1``: every
+    photo of the run, the least believed label first) and its duplicates."""
     import csv
 
     run_dir = _run_dir(state, request)
@@ -1275,16 +1285,23 @@ def _api_issues(state: _State, request) -> dict:
             return list(csv.DictReader(f))
         return []
 
+    from retrain.runaudit import SUSPECT_SCORE
+
     issues = []
-    for row in read("label_issues.csv"):
+    for row in read("label_issues.csv"):  # every photo of the run, the least believed label first
         rel = _rel_to(root, row.get("path", ""))
         if rel:
+            try:
+                suspect = float(row.get("score", "")) >= SUSPECT_SCORE
+            except ValueError:
+                suspect = False
             issues.append(
                 {
                     "path": rel,
                     "given": row.get("given_label", ""),
                     "suggested": row.get("suggested_label", ""),
                     "score": row.get("score", ""),
+                    "suspect": suspect,
                     "decision": decided.get(rel),
                 }
             )
@@ -1305,6 +1322,8 @@ def _api_issues(state: _State, request) -> dict:
                 }
             )
     per = 24
+    everyone = request.query_params.get("all") == "1"  # else the suspects only
+    shown = issues if everyone else [i for i in issues if i["suspect"]]
     return {
         "available": available,
         "has_audit": (run_dir / "label_issues.csv").exists(),
@@ -1312,9 +1331,12 @@ def _api_issues(state: _State, request) -> dict:
         "image_dir": str(root),
         "classes": [c["name"] for c in _class_counts(root)],
         "page": page,
-        "pages": max(1, -(-len(issues) // per)),
+        "pages": max(1, -(-len(shown) // per)),
         "total": len(issues),
-        "issues": issues[page * per : (page + 1) * per],
+        "suspects": sum(1 for i in issues if i["suspect"]),
+        "suspect_score": round(SUSPECT_SCORE, 4),
+        "all": everyone,
+        "issues": shown[page * per : (page + 1) * per],
         "duplicates": dups[:200],
     }
 
