@@ -100,7 +100,12 @@ def _shot(browser, shots: Path, name: str) -> Path:
     # a viewport as tall as the page for the shot: everything is laid out and painted, frames included
     browser.execute_cdp_cmd(
         "Emulation.setDeviceMetricsOverride",
-        {"width": view[0], "height": min(max(height, view[1]), 5000), "deviceScaleFactor": 1, "mobile": False},
+        {
+            "width": view[0],
+            "height": min(max(height, view[1]), 5000),
+            "deviceScaleFactor": 1,
+            "mobile": False,
+        },
     )
     try:
         time.sleep(0.2)
@@ -173,7 +178,8 @@ def _journey(browser, app_url, shots):
         _card(browser, name).find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(
             "\n".join(str(p) for p in photos)
         )
-        wait.until(lambda d, n=name, k=len(photos): _counts(d).get(n) == k)
+        want = len(photos)
+        wait.until(lambda d, n=name, k=want: _counts(d).get(n) == k)
     names = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#classes .card h4")]
     assert names == sorted(CLASSES)  # the HTML name is its text
     assert not browser.find_elements(By.CSS_SELECTOR, "#classes b")
@@ -293,8 +299,10 @@ def _journey(browser, app_url, shots):
     wait.until(_camera_ready("try-video"))
     browser.find_element(By.ID, "try-snap").click()
     wait.until(
-        lambda d: _body(d, "tried") == "1"
-        and d.find_element(By.CSS_SELECTOR, "#try-result img").get_attribute("alt").startswith("webcam-")
+        lambda d: (
+            _body(d, "tried") == "1"
+            and d.find_element(By.CSS_SELECTOR, "#try-result img").get_attribute("alt").startswith("webcam-")
+        )
     )
     assert browser.find_element(By.ID, "top-label").text in CLASSES
     _shot(browser, shots, "10-try-webcam")
