@@ -150,14 +150,14 @@ def _camera_ready(video_id: str):
 
 def test_the_whole_journey(browser, app_url, shots, tmp_path):
     try:
-        _journey(browser, app_url, shots)
+        _journey(browser, app_url, shots, tmp_path)
     except Exception:
         browser.save_screenshot(str(shots / "failure.png"))
         print("page message:", browser.find_element(By.ID, "message").text, file=sys.stderr)
         raise
 
 
-def _journey(browser, app_url, shots):
+def _journey(browser, app_url, shots, tmp_path):
     url, project = app_url
     # The page re-renders as it polls: an element found a moment ago may be gone, so look again.
     wait = WebDriverWait(browser, TIMEOUT, ignored_exceptions=(StaleElementReferenceException,))
@@ -180,6 +180,23 @@ def _journey(browser, app_url, shots):
         )
         want = len(photos)
         wait.until(lambda d, n=name, k=want: _counts(d).get(n) == k)
+    # bad uploads: a text file named like a photo, and a 1 GB file (sparse: no disk used) refused unsent
+    (tmp_path / "notes.jpg").write_text("a shopping list, not a photo")
+    with open(tmp_path / "huge.jpg", "wb") as f:
+        f.truncate(2**30)
+    for bad, said in (
+        ("notes.jpg", "refused 1: notes.jpg: not an image"),
+        ("huge.jpg", "huge.jpg is 1024 MB"),
+    ):
+        _card(browser, "fish").find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(
+            str(tmp_path / bad)
+        )
+        wait.until(lambda d, said=said: said in d.find_element(By.ID, "message").text)
+        if bad == "notes.jpg":
+            _shot(browser, shots, "02a-not-a-photo")
+    assert "nothing was sent" in browser.find_element(By.ID, "message").text
+    _shot(browser, shots, "02b-too-large")
+    assert _counts(browser)["fish"] == PER_CLASS and not (project / "photos" / "fish" / "notes.jpg").exists()
     names = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#classes .card h4")]
     assert names == sorted(CLASSES)  # the HTML name is its text
     assert not browser.find_elements(By.CSS_SELECTOR, "#classes b")
@@ -304,7 +321,9 @@ def _journey(browser, app_url, shots):
             and d.find_element(By.CSS_SELECTOR, "#try-result img").get_attribute("alt").startswith("webcam-")
         )
     )
-    assert browser.find_element(By.ID, "top-label").text in CLASSES
+    # the fake camera's test pattern is like none of the classes: most often the answer is "unknown"
+    assert browser.find_element(By.ID, "top-label").text in {*CLASSES, "unknown"}
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#try-result .pred")) == len(CLASSES)
     _shot(browser, shots, "10-try-webcam")
     browser.find_element(By.ID, "try-cam-done").click()
     assert browser.execute_script("return document.getElementById('try-video').srcObject === null")

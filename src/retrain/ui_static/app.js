@@ -37,7 +37,7 @@ const post = (path, json) => api(path, {method: "POST", json});
 
 function say(text, ok = false) {
   const m = $("message");
-  text = text ? text[0].toUpperCase() + text.slice(1) : "";
+  if (/^[a-z]+[ ,:]/.test(text)) text = text[0].toUpperCase() + text.slice(1);  // a sentence, not a file name
   m.textContent = text; m.hidden = !text; m.className = ok ? "ok" : "";
   document.body.dataset.message = ok ? "ok" : (text ? "error" : "");
 }
@@ -56,8 +56,12 @@ function go(step) {
   if (show) guarded(show);
 }
 
+let classesSeen = null;  // the class counts the page last showed
 async function refresh() {
   S = await api("/api/state");
+  const seen = JSON.stringify([S.image_dir, S.classes]);
+  if (classesSeen !== null && seen !== classesSeen) photosChanged();
+  classesSeen = seen;
   $("image-dir").textContent = S.image_dir;
   $("own-tools").hidden = !S.own_photos;
   $("busy").hidden = !S.training;
@@ -92,12 +96,20 @@ function renderClasses() {
   }
 }
 
+// Photos were added, moved or set aside: what the Data step showed of them is redone or marked as old.
+function photosChanged() {
+  if ($("check-result").children.length) $("check-result").replaceChildren(el("p", {class: "muted", text: "The photos changed since the last check: check them again."}));
+  if ($("gallery").hidden) return;
+  if (S.classes.some((c) => c.name === gallery.cls)) openGallery(gallery.cls, gallery.page).catch(() => { $("gallery").hidden = true; });
+  else $("gallery").hidden = true;
+}
+
 async function upload(cls, files, quiet = false) {
   if (!files.length) return;
   const form = new FormData();
   let bytes = 0;
   for (const f of files) { form.append("file", f, f.name); bytes += f.size; }
-  if (bytes > S.max_upload_bytes) throw new Error(`these ${files.length} photos are ${(bytes / 2 ** 20).toFixed(0)} MB; upload at most ${(S.max_upload_bytes / 2 ** 20).toFixed(0)} MB at a time`);
+  if (bytes > S.max_upload_bytes) throw new Error(`${files.length === 1 ? `${files[0].name} is` : `these ${files.length} photos are`} ${(bytes / 2 ** 20).toFixed(0)} MB together; upload at most ${(S.max_upload_bytes / 2 ** 20).toFixed(0)} MB at a time (nothing was sent)`);
   const r = await api(`/api/classes/${encodeURIComponent(cls)}/photos`, {method: "POST", form});
   await refresh();
   const bad = r.rejected.map((x) => `${x.file}: ${x.reason}`).join("; ");
@@ -403,10 +415,11 @@ async function showFix() {
       el("h4", {text: name, title: it.path}),
       it.suspect ? el("span", {class: "badge", text: "suspect"}) : null,
       el("p", {class: "muted", text: it.suspect ? `labelled “${it.given}”, looks like “${it.suggested}”` : `labelled “${it.given}”; next best “${it.suggested}”`}), done,
+      it.decision ? null : el("div", {class: "actions"}, pick,
+        el("button", {text: "Move", title: "move the photo to the chosen class", onclick: () => act(it.path, "move", pick.value)})),
       it.decision ? null : el("div", {class: "actions"},
-        el("button", {class: "secondary", text: "Keep", onclick: () => act(it.path, "keep")}), pick,
-        el("button", {text: "Move", onclick: () => act(it.path, "move", pick.value)}),
-        el("button", {class: "secondary", text: "Set aside", onclick: () => act(it.path, "set_aside")})));
+        el("button", {class: "secondary", text: "Keep", title: "its label is right", onclick: () => act(it.path, "keep")}),
+        el("button", {class: "secondary", text: "Set aside", title: "out of the photo folder, into a folder beside it", onclick: () => act(it.path, "set_aside")})));
   });
   const dups = r.duplicates.length ? [el("h3", {text: `${r.duplicates.length} duplicate pair(s)`}), el("div", {class: "cards"}, ...r.duplicates.slice(0, 48).map((d) =>
     el("div", {class: "card"}, el("div", {class: "thumbs"}, thumb(d.a, runId), thumb(d.b, runId)),
@@ -436,7 +449,7 @@ async function classify(file) {
   if (r.unknown) extra.push(el("p", {class: "warn", id: "unknown", text: "The model says: unknown (this photo looks like none of its classes)."}));
   if (r.unknown_score != null) extra.push(el("p", {class: "muted", text: `unknown score ${r.unknown_score.toFixed(3)}` + (r.unknown_threshold != null ? ` (above ${r.unknown_threshold.toFixed(3)} the answer is “unknown”)` : " (higher: less like any class)")}));
   $("try-result").replaceChildren(el("img", {src: URL.createObjectURL(file), alt: file.name, style: "max-width:220px;border-radius:6px"}),
-    el("h3", {id: "top-label", text: top.label || "?"}), ...extra, ...rows);
+    el("h3", {id: "top-label", text: r.unknown ? "unknown" : (top.label || "?")}), ...extra, ...rows);
   document.body.dataset.tried = "1";
 }
 
