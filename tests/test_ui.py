@@ -413,6 +413,7 @@ def test_cli_start_up_kill_mid_training_and_resume(tmp_path):
     import signal
 
     photos = make_image_folder(tmp_path / "mine", per_class=10)
+    before = sorted(p.relative_to(tmp_path) for p in photos.rglob("*"))
     project = tmp_path / "project"
     env = {
         **os.environ,
@@ -440,6 +441,7 @@ def test_cli_start_up_kill_mid_training_and_resume(tmp_path):
             assert time.monotonic() < deadline, (run_dir / "worker.log").read_text()
             time.sleep(0.2)
         worker = json.loads((run_dir / "ui_run.json").read_text())["pid"]
+        events_before = (run_dir / "events.jsonl").read_bytes()
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -461,6 +463,11 @@ def test_cli_start_up_kill_mid_training_and_resume(tmp_path):
             time.sleep(0.3)
         assert status == "finished", (run_dir / "worker.log").read_text()
         assert (run_dir / "output_graph.onnx").exists()
+        # nothing lost: the progress before the kill is still there, the photos are as they were, and
+        # nothing was written outside the project
+        assert (run_dir / "events.jsonl").read_bytes().startswith(events_before)
+        assert sorted(p.relative_to(tmp_path) for p in photos.rglob("*")) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "project"]
     finally:
         proc.terminate()
         proc.wait(10)

@@ -113,7 +113,7 @@ async function upload(cls, files, quiet = false) {
   const r = await api(`/api/classes/${encodeURIComponent(cls)}/photos`, {method: "POST", form});
   await refresh();
   const bad = r.rejected.map((x) => `${x.file}: ${x.reason}`).join("; ");
-  if (bad) say(`Saved ${r.saved.length} photo(s) in ${cls}; refused ${r.rejected.length}: ${bad}`);
+  if (bad) say(`${r.saved.length ? `Saved ${r.saved.length} photo(s) in ${cls}; refused` : `Nothing saved in ${cls}: refused`} ${r.rejected.length}: ${bad}`);
   else if (!quiet) say(`Saved ${r.saved.length} photo(s) in ${cls}.`, true);
 }
 
@@ -357,6 +357,7 @@ async function showRun() {
     el("span", {class: "muted", text: ` on ${m.test_count} test photos never used in training${val}; ${m.final_fit_count || m.train_count} photos trained on; ${m.skipped_files || 0} skipped`})));
   if (run.has_report) {
     $("report-frame").append(el("h3", {text: "The run's full report"}),
+      el("p", {class: "muted", text: "The suspected label errors it lists can be moved or set aside on step 4 Fix, without the command line."}),
       el("iframe", {sandbox: "", title: "report", src: `/api/runs/${encodeURIComponent(run.id)}/files/report.html`}));
   }
   const c = run.confusion;
