@@ -474,6 +474,8 @@ async def _classify_admitted(service: _Service, request):
         result = {"filename": name, "predictions": [{"label": p.label, "score": p.score} for p in preds]}
         if preds.unknown_score is not None:  # absent for a model made before the unknown score
             result.update(unknown_score=preds.unknown_score, unknown=preds.unknown)
+        if preds.labels is not None:  # a multi-label model: the labels at or above their threshold
+            result["labels"] = preds.labels
         results.append(result)
     return _json({"results": results})
 
