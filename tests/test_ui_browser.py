@@ -108,7 +108,7 @@ def _shot(browser, shots: Path, name: str) -> Path:
         },
     )
     try:
-        time.sleep(0.2)
+        time.sleep(0.1)
         png = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

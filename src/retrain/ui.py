@@ -348,11 +348,13 @@ class Jobs:
         if not info:
             return None
         run_dir = self.project.runs / info.get("run", "")
-        if _pid_alive(info.get("pid"), run_dir):
-            return info
-        with contextlib.suppress(FileNotFoundError):
-            self.lock_path.unlink()
-        return None
+        if not _pid_alive(info.get("pid"), run_dir):
+            with contextlib.suppress(FileNotFoundError):
+                self.lock_path.unlink()
+            return None
+        if _read_json(run_dir / RUN_FILE).get("status", "running") != "running":
+            return None  # its worker wrote its end and is exiting: the run is over
+        return info
 
     def start(self, settings: dict, resume_run: str | None = None) -> str:
         with self._lock:

@@ -69,7 +69,7 @@ async function refresh() {
   renderClasses();
   renderRunPicker();
   renderInterrupted();
-  if (S.training && watching !== S.training) watch(S.training);
+  if (S.training && watching !== S.training && !ended.has(S.training)) watch(S.training);
   document.body.dataset.ready = "1";
 }
 
@@ -245,8 +245,10 @@ function renderInterrupted() {
 }
 
 let curve = [];
+const ended = new Set();  // runs this page saw end: never watched again, even while their worker exits
 function watch(id) {
   if (watching === id) return;  // one polling loop per run, however many times it is asked for
+  ended.delete(id);  // resumed
   watching = id; curve = []; crossfit = []; runId = id; $("val-name").textContent = "validation";
   $("progress").hidden = false; $("cancel").hidden = false; $("start").disabled = true;
   $("run-id").textContent = `(run ${id})`; $("log").textContent = ""; $("phase").textContent = "starting";
@@ -261,7 +263,7 @@ function watch(id) {
     if (curve.length || crossfit.length) drawCurves();
     document.body.dataset.training = r.status;
     if (r.status === "running") { setTimeout(tick, 700); return; }
-    watching = null;
+    watching = null; ended.add(id);
     $("cancel").hidden = true; $("start").disabled = false;
     if (r.status === "finished") $("bar-fill").style.width = "100%";
     $("phase").textContent = r.status;
