@@ -109,7 +109,7 @@ async function upload(cls, files, quiet = false) {
   const form = new FormData();
   let bytes = 0;
   for (const f of files) { form.append("file", f, f.name); bytes += f.size; }
-  if (bytes > S.max_upload_bytes) throw new Error(`${files.length === 1 ? `${files[0].name} is` : `these ${files.length} photos are`} ${(bytes / 2 ** 20).toFixed(0)} MB together; upload at most ${(S.max_upload_bytes / 2 ** 20).toFixed(0)} MB at a time (nothing was sent)`);
+  if (bytes > S.max_upload_bytes) throw new Error(`${files.length === 1 ? `${files[0].name} is` : `these ${files.length} photos are`} ${(bytes / 2 ** 20).toFixed(0)} MB${files.length === 1 ? "" : " together"}; upload at most ${(S.max_upload_bytes / 2 ** 20).toFixed(0)} MB at a time (nothing was sent)`);
   const r = await api(`/api/classes/${encodeURIComponent(cls)}/photos`, {method: "POST", form});
   await refresh();
   const bad = r.rejected.map((x) => `${x.file}: ${x.reason}`).join("; ");
