@@ -317,7 +317,9 @@ def run_status(run_dir: Path) -> dict:
         info = {"status": "finished" if (run_dir / "metrics.json").exists() else "unknown", "settings": {}}
     if info.get("status") == "running" and not _pid_alive(info.get("pid"), run_dir):
         info["status"] = "interrupted"
-    if info.get("status") != "finished" and (run_dir / "metrics.json").exists():
+    # A run that wrote its metrics but whose worker is gone (killed after them) counts as finished; while
+    # its worker still writes the confusion matrix and the last events, it is running.
+    if info.get("status") not in ("finished", "running") and (run_dir / "metrics.json").exists():
         info["status"] = "finished"
     info["id"] = run_dir.name
     info["resumable"] = info["status"] in ("interrupted", "cancelled", "failed") and (
@@ -1140,8 +1142,9 @@ def _api_events(state: _State, request) -> dict:
         since = max(0, int(request.query_params.get("since", "0")))
     except ValueError:
         since = 0
+    status = run_status(run_dir)["status"]  # before the events: a run seen ended has written all of them
     events, offset = read_events(run_dir, since)
-    return {"run": run_dir.name, "status": run_status(run_dir)["status"], "events": events, "next": offset}
+    return {"run": run_dir.name, "status": status, "events": events, "next": offset}
 
 
 def _api_run(state: _State, request) -> dict:
