@@ -9,6 +9,7 @@ from retrain.audit import (
     find_duplicates,
     fit_saturating,
     learning_curve,
+    nearest_neighbours,
     rank_label_issues,
     wilson_interval,
 )
@@ -119,3 +120,46 @@ def test_saturating_fit_recovers_a_known_curve():
     assert fit.ceiling == pytest.approx(0.95, abs=0.01)
     assert fit(640) == pytest.approx(0.95 - 0.8 * 640**-0.5, abs=0.005)
     assert fit_saturating(n[:2], acc[:2]) is None
+
+
+def brute_force_neighbours(X, k, groups):
+    Z = X - X[np.unique(groups, return_index=True)[1]].mean(axis=0)
+    Z = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+    S = Z @ Z.T
+    S[np.asarray(groups)[:, None] == np.asarray(groups)[None, :]] = -np.inf
+    return np.sort(S, axis=1)[:, ::-1][:, :k], S
+
+
+@pytest.mark.parametrize("n, block", [(60, 1024), (2600, 700)])  # 2600 > the probe: the bounded top-k
+def test_nearest_neighbours_equal_brute_force_and_find_the_pairs(n, block):
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(n, 24)).astype(np.float32)
+    X[n - 1] = X[2] + 0.01  # a near copy
+    groups = list(range(n))
+    groups[5] = groups[4]  # rows 4 and 5 are copies: never each other's neighbour
+    nearest = nearest_neighbours(X, 6, groups=groups, threshold=0.5, block=block)
+    want, S = brute_force_neighbours(X, 6, groups)
+    np.testing.assert_allclose(nearest.similarity, want, atol=1e-5)
+    assert 5 not in nearest.index[4] and 4 not in nearest.index[5]
+    assert np.all(np.diff(nearest.similarity, axis=1) <= 1e-7)  # most similar first
+    i, j = np.nonzero(np.triu(S >= 0.5, 1))
+    assert set(zip(nearest.pair_i.tolist(), nearest.pair_j.tolist())) == set(zip(i.tolist(), j.tolist()))
+    assert (2, n - 1) in set(zip(nearest.pair_i.tolist(), nearest.pair_j.tolist()))
+
+
+def test_one_pass_serves_label_issues_and_duplicates_as_separate_calls_do():
+    X, y = blobs(n_per_class=30, spread=0.5)
+    X[5] = X[40] + 0.001
+    keys = [i.to_bytes(20, "big") for i in range(len(y))]
+    keys[7] = keys[6]
+    proba = np.random.default_rng(0).dirichlet(np.ones(3), len(y))
+    nearest = nearest_neighbours(X, 10, groups=keys, threshold=0.9)
+    a = rank_label_issues(proba, y, neighbours=10, nearest=nearest)
+    b = rank_label_issues(proba, y, X=X, groups=keys, neighbours=10)
+    np.testing.assert_allclose(a.score, b.score)
+    assert np.array_equal(a.suggested, b.suggested)
+    p, q = find_duplicates(X, keys, threshold=0.9, nearest=nearest), find_duplicates(X, keys, threshold=0.9)
+    assert np.array_equal(p.i, q.i) and np.array_equal(p.j, q.j) and list(p.kind) == list(q.kind)
+    assert {(5, 40), (6, 7)} <= set(zip(p.i.tolist(), p.j.tolist())) or {(5, 40), (6, 7)} <= set(
+        zip(p.j.tolist(), p.i.tolist())
+    )
