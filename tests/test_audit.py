@@ -163,3 +163,27 @@ def test_one_pass_serves_label_issues_and_duplicates_as_separate_calls_do():
     assert {(5, 40), (6, 7)} <= set(zip(p.i.tolist(), p.j.tolist())) or {(5, 40), (6, 7)} <= set(
         zip(p.j.tolist(), p.i.tolist())
     )
+
+
+def test_near_copies_of_alike_pictures_need_to_be_much_closer_than_their_neighbours():
+    # 300 distinct "alike" pictures: features near an 8-dimensional subspace, so that many distinct pairs
+    # are as similar as copies are elsewhere; and one copy of row 0 (a tiny change).
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 64)) + 0.05 * rng.normal(size=(300, 64))
+    X = np.concatenate([X, X[:1] + 0.002 * rng.normal(size=(1, 64))]).astype(np.float32)
+    keys = [i.to_bytes(20, "big") for i in range(301)]
+    fixed_cut = find_duplicates(X, keys, threshold=0.8, ratio=None)
+    assert len(fixed_cut) > 200  # a fixed cut calls hundreds of distinct pictures copies
+    pairs = find_duplicates(X, keys)
+    assert (0, 300) in set(zip(pairs.i.tolist(), pairs.j.tolist()))
+    assert len(pairs) <= len(fixed_cut) / 20
+
+
+def test_near_copies_in_a_folder_of_fewer_than_six_images_need_the_small_set_cut():
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(4, 32)).astype(np.float32)
+    X[3] = X[0] + 0.01 * rng.normal(size=32)  # near copy
+    X[2] = 0.6 * X[1] + 0.4 * rng.normal(size=32)  # alike, not a copy (similarity ~0.8)
+    keys = [i.to_bytes(20, "big") for i in range(4)]
+    pairs = find_duplicates(X, keys)
+    assert [(int(i), int(j), str(k)) for i, j, k in zip(pairs.i, pairs.j, pairs.kind)] == [(0, 3, "near")]

@@ -27,11 +27,20 @@ from retrain.crossfit import fit_and_score_many
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
-# Cosine similarity of mean-centred bottleneck features above which two different files are
-# called near copies. Measured in docs/report.md: the lowest at which two ordinary photo folders
-# have no false pair; it finds 82-100% of re-encoded, resized, brightened or cropped copies there.
-# Folders of very alike images (telescope shots, textures, digits) do get false pairs.
-NEAR_DUPLICATE_THRESHOLD = 0.80
+# Near copies: centred cosine similarity of the bottleneck features at least NEAR_DUPLICATE_FLOOR, and the
+# pair's distance (1 - similarity) at most NEAR_DUPLICATE_RATIO times that of the 5th-nearest other image
+# of either photo (of whichever has the closer one): a copy is much closer than the set's ordinary
+# neighbours, which a fixed cut cannot say for folders of alike pictures (textures, digits, telescope
+# images: distinct photos there are as similar as copies elsewhere). Rows with fewer than 5 other images
+# use NEAR_DUPLICATE_SMALL_SET alone. Measured in docs/report.md (six real folders, injected copies).
+NEAR_DUPLICATE_FLOOR = 0.70
+NEAR_DUPLICATE_RATIO = 0.30
+NEAR_DUPLICATE_REFERENCE = 5  # the neighbour whose distance is the yardstick
+NEAR_DUPLICATE_SMALL_SET = 0.90
+NEAR_DUPLICATE_RULE = (
+    f"similarity >= {NEAR_DUPLICATE_FLOOR:.2f} and distance <= {NEAR_DUPLICATE_RATIO:g} x that of the "
+    f"{NEAR_DUPLICATE_REFERENCE}th-nearest image"
+)
 
 # Label issues blend the out-of-fold score with the labels of this many nearest images (docs/report.md:
 # +4 points of top-k recall on average over five real sets, +0 on top-2k).
@@ -298,16 +307,20 @@ def find_duplicates(
     X: np.ndarray,
     keys: Sequence[bytes],
     *,
-    threshold: float = NEAR_DUPLICATE_THRESHOLD,
+    threshold: float = NEAR_DUPLICATE_FLOOR,
+    ratio: float | None = NEAR_DUPLICATE_RATIO,
     block: int = 1024,
     nearest: Nearest | None = None,
 ) -> DuplicatePairs:
-    """Exact copies (identical content key) and near copies (centred cosine similarity >= ``threshold``).
+    """Exact copies (identical content key) and near copies (see NEAR_DUPLICATE_FLOOR above).
 
+    A near pair has centred cosine similarity >= ``threshold`` and, unless ``ratio`` is None, a
+    distance ``1 - similarity`` at most ``ratio`` times the distance of the closer of the two photos'
+    5th-nearest other images (pairs of photos with fewer than 5 others need NEAR_DUPLICATE_SMALL_SET).
     Exact copies of one file are reported once per pair of paths. For near copies, each set of
     exact copies is represented by its first row, so one photo copied five times does not turn a
     near pair into 25. ``nearest``: a :func:`nearest_neighbours` pass over the same rows with
-    ``groups=keys`` and a threshold at or below this one, whose pairs are reused.
+    ``groups=keys``, at least 5 neighbours and a threshold at or below this one, whose pairs are reused.
     """
     n = len(keys)
     first_of: dict[bytes, int] = {}
@@ -322,9 +335,12 @@ def find_duplicates(
                 pi.append(key_rows[a])
                 pj.append(key_rows[b])
     if nearest is None:
-        nearest = nearest_neighbours(X, 0, groups=list(keys), threshold=threshold, block=block)
+        reference = NEAR_DUPLICATE_REFERENCE if ratio is not None else 0
+        nearest = nearest_neighbours(X, reference, groups=list(keys), threshold=threshold, block=block)
     ni, nj, ns = nearest.pair_i, nearest.pair_j, nearest.pair_similarity.astype(np.float64)
     near = (ns >= threshold) & (rep[ni] == ni) & (rep[nj] == nj)
+    if ratio is not None:
+        near &= _closer_than_neighbours(nearest, ni, nj, ns, ratio)
     ni, nj, ns = ni[near], nj[near], ns[near]
     i = np.concatenate([np.array(pi, dtype=np.int64), ni])
     j = np.concatenate([np.array(pj, dtype=np.int64), nj])
@@ -332,6 +348,19 @@ def find_duplicates(
     kind = np.array(["exact"] * len(pi) + ["near"] * len(ni), dtype="<U5")
     order = np.lexsort((j, i, -sims))
     return DuplicatePairs(i=i[order], j=j[order], kind=kind[order], similarity=sims[order])
+
+
+def _closer_than_neighbours(nearest: Nearest, i, j, sim, ratio: float) -> np.ndarray:
+    """Pairs whose distance is at most ``ratio`` x the reference neighbour's distance (the closer of the two)."""
+    col = NEAR_DUPLICATE_REFERENCE - 1
+    if nearest.similarity.shape[1] > col:
+        ref = np.maximum(nearest.similarity[i, col], nearest.similarity[j, col]).astype(np.float64)
+    else:
+        ref = np.full(len(i), -np.inf)
+    known = np.isfinite(ref)
+    out = sim >= NEAR_DUPLICATE_SMALL_SET  # too few other images for a yardstick
+    out[known] = (1 - sim[known]) <= ratio * (1 - ref[known])
+    return out
 
 
 def _rows_by_key(keys: Sequence[bytes]) -> dict[bytes, list[int]]:

@@ -472,6 +472,8 @@ def _duplicate_section(ctx: _Context) -> str:
     n = len(a["dup_i"])
     thr = summary.get("threshold")
     rule = f" (feature similarity ≥ {thr:.2f})" if thr is not None else ""
+    if summary.get("rule"):
+        rule = f" ({_e(summary['rule'])})"
     out = (
         f"<p><b>{int((a['dup_kind'] == 'exact').sum())}</b> exact copy pair(s) (identical files) and "
         f"<b>{int((a['dup_kind'] == 'near').sum())}</b> near-copy pair(s){rule}.</p>"

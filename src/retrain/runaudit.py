@@ -60,7 +60,10 @@ def audit_run(data: RunData, run_dir: Path, *, learning_curve: bool = True) -> d
     t0 = time.perf_counter()
     # One pass over the feature similarities gives both each image's neighbours and the near copies.
     nearest = audit.nearest_neighbours(
-        data.X, audit.LABEL_NEIGHBOURS, groups=data.keys, threshold=audit.NEAR_DUPLICATE_THRESHOLD
+        data.X,
+        max(audit.LABEL_NEIGHBOURS, audit.NEAR_DUPLICATE_REFERENCE),
+        groups=data.keys,
+        threshold=audit.NEAR_DUPLICATE_FLOOR,
     )
     t_pass = time.perf_counter()
     # Neighbours in feature space raise top-k recall of moved images by ~4 points (docs/report.md).
@@ -133,7 +136,9 @@ def _duplicate_summary(pairs: audit.DuplicatePairs, data: RunData) -> dict:
     pred = np.asarray(data.proba).argmax(axis=1)
     clean = test & ~leaked
     return {
-        "threshold": audit.NEAR_DUPLICATE_THRESHOLD,
+        "threshold": audit.NEAR_DUPLICATE_FLOOR,
+        "ratio": audit.NEAR_DUPLICATE_RATIO,
+        "rule": audit.NEAR_DUPLICATE_RULE,
         "exact_pairs": int((pairs.kind == "exact").sum()),
         "near_pairs": int((pairs.kind == "near").sum()),
         "cross_split_pairs": int(cross.sum()),
