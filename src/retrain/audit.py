@@ -38,8 +38,8 @@ NEAR_DUPLICATE_RATIO = 0.30
 NEAR_DUPLICATE_REFERENCE = 5  # the neighbour whose distance is the yardstick
 NEAR_DUPLICATE_SMALL_SET = 0.90
 NEAR_DUPLICATE_RULE = (
-    f"similarity >= {NEAR_DUPLICATE_FLOOR:.2f} and distance <= {NEAR_DUPLICATE_RATIO:g} x that of the "
-    f"{NEAR_DUPLICATE_REFERENCE}th-nearest image"
+    f"feature similarity ≥ {NEAR_DUPLICATE_FLOOR:.2f}, and under {NEAR_DUPLICATE_RATIO:g}× the distance "
+    f"from either photo to its {NEAR_DUPLICATE_REFERENCE}th-nearest image"
 )
 
 # Label issues blend the out-of-fold score with the labels of this many nearest images (docs/report.md:
