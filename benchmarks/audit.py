@@ -193,7 +193,7 @@ def curve_honesty(X, y, keys, n_classes, seed):
     }
 
 
-def run_set(folder: Path, seeds: int, work: Path) -> dict:
+def run_set(folder: Path, seeds: int, work: Path, cost_only: bool = False) -> dict:
     dataset = discover(folder)
     paths = [r.path for r in dataset.records]
     labels_of = {r.path: r.label_index for r in dataset.records}
@@ -206,9 +206,17 @@ def run_set(folder: Path, seeds: int, work: Path) -> dict:
         "images": len(kept),
         "classes": n_classes,
         "cold_extraction_seconds": table.seconds,
+        "cold_extraction_cpu_seconds": table.cpu_seconds,
         "extraction_images_per_s": table.computed / table.seconds,
     }
     result["cost"] = audit_cost(folder, dataset.labels, kept, keys, X, y, work)
+    result["_X"] = X  # for --scale; dropped before the JSON is written
+    result["audit_seconds"] = result["cost"]["audit_seconds"]
+    result["audit_vs_cold_extraction"] = result["audit_seconds"] / table.seconds
+    result["audit_cpu_vs_cold_extraction_cpu"] = result["cost"]["audit_cpu_seconds"] / table.cpu_seconds
+    result["crossfit_vs_cold_extraction"] = result["cost"]["crossfit_seconds"] / table.seconds
+    if cost_only:
+        return result
     result["label_errors"] = [label_errors(X, y, keys, n_classes, seed) for seed in range(seeds)]
     row_of = {p: i for i, p in enumerate(kept)}
     result["near_copies"] = {}
@@ -221,10 +229,6 @@ def run_set(folder: Path, seeds: int, work: Path) -> dict:
         result["near_copies"][kind] = near_copies(X, keys, Xc, ckeys, source)
         result["near_copies"][kind]["injected"] = len(source)
     result["learning_curve"] = curve_honesty(X, y, keys, n_classes, seed=0)
-    result["_X"] = X  # for --scale; dropped before the JSON is written
-    result["audit_seconds"] = result["cost"]["audit_seconds"]
-    result["audit_vs_cold_extraction"] = result["audit_seconds"] / table.seconds
-    result["crossfit_vs_cold_extraction"] = result["cost"]["crossfit_seconds"] / table.seconds
     return result
 
 
@@ -250,9 +254,16 @@ def audit_cost(folder: Path, labels, paths, keys, X, y, work: Path, repeats: int
     for r in range(repeats):
         out = work / f"audit-{folder.name}-{r}"
         out.mkdir()
-        runs.append(audit_run(data, out)["seconds"])
-    best = sorted(runs, key=lambda s: s["total"])[len(runs) // 2]
-    return {"audit_seconds": best["total"], "parts": best, "crossfit_seconds": cf.seconds}
+        cpu0 = time.process_time()
+        seconds = audit_run(data, out)["seconds"]
+        runs.append({**seconds, "cpu": time.process_time() - cpu0})
+    mid = sorted(runs, key=lambda s: s["total"])[len(runs) // 2]
+    return {
+        "audit_seconds": mid["total"],
+        "audit_cpu_seconds": float(np.median([r["cpu"] for r in runs])),
+        "parts": mid,
+        "crossfit_seconds": cf.seconds,
+    }
 
 
 def scale_cost(results: list[dict], rows: int, work: Path) -> dict:
@@ -268,14 +279,35 @@ def scale_cost(results: list[dict], rows: int, work: Path) -> dict:
     y = rng.integers(0, 10, size=rows)
     keys = [i.to_bytes(20, "big") for i in range(rows)]
     paths = [f"/synthetic/{c}/{i}.jpg" for i, c in enumerate(y)]
-    rate = sum(r["images"] for r in results) / sum(r["cold_extraction_seconds"] for r in results)
+    images = sum(r["images"] for r in results)
+    rate = images / sum(r["cold_extraction_seconds"] for r in results)
+    cpu_per_image = sum(r["cold_extraction_cpu_seconds"] for r in results) / images
     cost = audit_cost(Path("/synthetic"), [str(c) for c in range(10)], paths, keys, X, y, work, repeats=1)
     return {
         "rows": rows,
         "images_per_s": rate,
+        "extraction_cpu_seconds_per_image": cpu_per_image,
         **cost,
         "audit_vs_cold_extraction": cost["audit_seconds"] / (rows / rate),
+        "audit_cpu_vs_cold_extraction_cpu": cost["audit_cpu_seconds"] / (rows * cpu_per_image),
     }
+
+
+def cost_table(results: list[dict]) -> str:
+    lines = [
+        "| set | images | cold extraction s (CPU s) | audit s (CPU s) | similarity pass / curve s | "
+        "audit / extraction, wall | CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r["cost"]
+        lines.append(
+            f"| {Path(r['set']).name} | {r['images']} | {r['cold_extraction_seconds']:.1f} "
+            f"({r['cold_extraction_cpu_seconds']:.1f}) | {c['audit_seconds']:.2f} ({c['audit_cpu_seconds']:.2f}) | "
+            f"{c['parts']['similarity_pass']:.2f} / {c['parts']['learning_curve']:.2f} | "
+            f"{100 * r['audit_vs_cold_extraction']:.1f}% | {100 * r['audit_cpu_vs_cold_extraction_cpu']:.1f}% |"
+        )
+    return "\n".join(lines)
 
 
 def summary_table(results: list[dict]) -> str:
@@ -352,12 +384,13 @@ def main(argv=None) -> int:
         help="also time the audit on this many synthetic rows (features of the sets' images, jittered), "
         "against extracting as many images at the sets' measured cold rate",
     )
+    p.add_argument("--cost_only", action="store_true", help="only extraction and the audit's cost")
     ns = p.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="audit-bench-") as tmp:
         for folder in ns.sets:
             t0 = time.perf_counter()
-            results.append(run_set(Path(folder), ns.seeds, Path(tmp)))
+            results.append(run_set(Path(folder), ns.seeds, Path(tmp), cost_only=ns.cost_only))
             print(f"{folder}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         scale = scale_cost(results, ns.scale, Path(tmp)) if ns.scale else None
     for r in results:
@@ -365,7 +398,9 @@ def main(argv=None) -> int:
     if ns.json:
         Path(ns.json).write_text(json.dumps(results, indent=1))
     print(f"near-copy rule in the product: {NEAR_DUPLICATE_RULE}")
-    print(summary_table(results))
+    if not ns.cost_only:
+        print(summary_table(results))
+    print(cost_table(results))
     if scale:
         if ns.json:
             Path(ns.json).with_suffix(".scale.json").write_text(json.dumps(scale, indent=1))
@@ -373,7 +408,9 @@ def main(argv=None) -> int:
             f"\n{scale['rows']} rows: audit {scale['audit_seconds']:.2f} s (similarity pass "
             f"{scale['parts']['similarity_pass']:.2f} s, learning curve {scale['parts']['learning_curve']:.2f} s) = "
             f"{100 * scale['audit_vs_cold_extraction']:.1f}% of extracting {scale['rows']} images at "
-            f"{scale['images_per_s']:.0f} images/s"
+            f"{scale['images_per_s']:.0f} images/s; CPU {scale['audit_cpu_seconds']:.2f} s = "
+            f"{100 * scale['audit_cpu_vs_cold_extraction_cpu']:.1f}% of the extraction's "
+            f"{scale['extraction_cpu_seconds_per_image'] * scale['rows']:.0f} CPU s"
         )
     return 0
 
