@@ -202,3 +202,27 @@ def test_tflite_bars_on_the_sample_photos(tmp_path_factory, tmp_path):
         on_int8.accuracy_change >= -1.0
         and retrain.load(tmp_path / "m.int8.tflite").manifest["quantization"] == "int8"
     )
+
+
+def test_pt2_keeps_the_manifest_and_matches_onnx(tiny_model, colour_dir, tmp_path, capsys):
+    """torch.export needs no extra: the .pt2 carries the manifest and the check, and its program runs any batch."""
+    import torch
+
+    from retrain.mobile import read_pt2_manifest
+
+    out = tmp_path / "tiny.pt2"
+    args = ["export", "--graph", str(tiny_model.output_graph), "--to", "pt2", "--output", str(out)]
+    assert retrain_main([*args, "--image_dir", str(colour_dir)]) == 0
+    printed = capsys.readouterr()
+    assert "pt2 model" in printed.out and "checked with torch.export.load" in printed.err
+    manifest = read_pt2_manifest(out)
+    onnx_clf = retrain.load(tiny_model.output_graph)
+    assert manifest["labels"] == onnx_clf.labels and manifest["runtime"] == "pt2"
+    assert manifest["preprocessing"] == onnx_clf.manifest["preprocessing"]
+    assert manifest["check"]["count"] == 36 and manifest["check"]["max_prob_diff"] < 1e-5
+    pixels, _ = load_pixels(onnx_clf, expand_image_paths([str(colour_dir)]))
+    program = torch.export.load(out).module()
+    for n in (1, 3):
+        with torch.no_grad():
+            got = program(torch.from_numpy(pixels[:n])).numpy()
+        np.testing.assert_allclose(got, onnx_clf.predict_proba(pixels[:n]), atol=1e-5, rtol=0)

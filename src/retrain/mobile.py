@@ -18,6 +18,10 @@ Every file is checked before this returns: it is run with ai-edge-litert on real
 compared with the ONNX model. A float32 file that disagrees (max probability difference over
 ``FLOAT_TOLERANCE`` or any different top-1) is deleted and the export fails: never a silent
 fallback. The comparison is printed, stored in the file's manifest and in ``<output>.check.json``.
+
+``pt2`` is the same module as a ``torch.export`` program (``torch.export.save``; the manifest is the
+archive's extra file ``retrain.manifest``), checked with ``torch.export.load``: for PyTorch, AOTInductor
+and as the input of other on-device compilers. It needs nothing beyond retrain's own PyTorch.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ MOBILE_FORMATS = {
     "tflite": "float32 TFLite (LiteRT) for Android/iOS, converted from PyTorch by litert-torch; needs retrain[tflite]",
     "tflite-int8": "TFLite with int8 weights (ai-edge-quantizer dynamic range), about 28% of the size; "
     "needs retrain[tflite]",
+    "pt2": "torch.export program (.pt2) for PyTorch / AOTInductor, checked with torch.export.load; no extra",
 }
 # What each format imports, and the pip command that provides it.
 _NEEDS = {
@@ -51,7 +56,9 @@ _NEEDS = {
         ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
         "pip install -c constraints/ci.txt 'retrain[tflite]' (litert-torch, ai-edge-litert, ai-edge-quantizer)",
     ),
+    "pt2": ((), ""),
 }
+FLOAT_FORMATS = ("tflite", "pt2")  # must match the ONNX model to FLOAT_TOLERANCE
 FLOAT_TOLERANCE = 1e-4  # largest probability difference a float32 conversion may show
 
 
@@ -128,6 +135,84 @@ def tflite_bytes(module, input_size: int, *, int8: bool = False, output_name: st
     return bytes(data)
 
 
+class _Written:
+    """A converted file: ``write(manifest)`` (re)writes it with that manifest; ``runner()`` loads it for the
+    check (an object with ``predict_proba``), or None where no runtime exists here (Core ML on Linux)."""
+
+    def __init__(self, write, runner, checked_with: str):
+        self.write, self.runner, self.checked_with = write, runner, checked_with
+
+
+def _tflite(module, input_size: int, fmt: str, output: Path, manifest: dict) -> _Written:
+    from retrain.predict import load
+    from retrain.tflite import with_manifest
+
+    data = tflite_bytes(module, input_size, int8=fmt == "tflite-int8", output_name=manifest["output"]["name"])
+    if fmt == "tflite-int8":
+        manifest["quantization"] = "int8"
+        manifest["quantization_details"] = {
+            "method": "ai-edge-quantizer dynamic_wi8_afp32: int8 weights, float32 activations, no calibration"
+        }
+    return _Written(
+        lambda m: atomic_write_bytes(output, with_manifest(data, m)), lambda: load(output), "ai-edge-litert"
+    )
+
+
+class _ProgramRunner:
+    """Runs a callable (uint8 NHWC tensor -> probabilities) like a Classifier's ``predict_proba``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.fn(torch.from_numpy(np.ascontiguousarray(pixels, np.uint8)))
+        return np.asarray(out, np.float32)
+
+
+def pt2_program(module, input_size: int):
+    """``module`` as a torch.export program with a dynamic batch: uint8 (N, S, S, 3) -> (N, C)."""
+    import torch
+
+    sample = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        return torch.export.export(module, (sample,), dynamic_shapes=({0: batch},))
+
+
+def read_pt2_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a ``.pt2`` written by ``retrain export --to pt2`` (without loading the program)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        name = next((n for n in z.namelist() if n.endswith(f"/extra/{PT2_MANIFEST}")), None)
+        if name is None:
+            raise RetrainError(f"{os.fspath(path)!r} has no {PT2_MANIFEST!r}: it was not written by retrain")
+        return json.loads(z.read(name).decode("utf-8"))
+
+
+PT2_MANIFEST = "retrain.manifest"
+
+
+def _pt2(module, input_size: int, output: Path, manifest: dict) -> _Written:
+    import torch
+
+    program = pt2_program(module, input_size)
+
+    def write(m: dict) -> None:
+        tmp = output.with_name(f".{output.stem}.tmp-{os.getpid()}.pt2")  # torch warns on other suffixes
+        torch.export.save(program, tmp, extra_files={PT2_MANIFEST: json.dumps(m, ensure_ascii=False)})
+        os.replace(tmp, output)
+
+    def runner():
+        loaded = torch.export.load(output)
+        return _ProgramRunner(loaded.module())
+
+    return _Written(write, runner, "torch.export.load")
+
+
 def export_mobile(
     graph: str | os.PathLike,
     fmt: str,
@@ -144,7 +229,6 @@ def export_mobile(
     """
     from retrain.predict import load
     from retrain.quantize import QuantizeReport, compare, load_pixels
-    from retrain.tflite import with_manifest
     from retrain.torch_model import torch_classifier
 
     if fmt not in MOBILE_FORMATS:
@@ -159,23 +243,19 @@ def export_mobile(
     float_clf = load(graph)
     module, manifest = torch_classifier(graph)
     log.info("Converting %s to %s ...", graph, fmt)
-    data = tflite_bytes(
-        module, float_clf.input_size, int8=fmt == "tflite-int8", output_name=manifest["output"]["name"]
-    )
-    manifest = {**manifest, "runtime": "tflite", "converter": _converter_versions(fmt)}
-    if fmt == "tflite-int8":
-        manifest["quantization"] = "int8"
-        manifest["quantization_details"] = {
-            "method": "ai-edge-quantizer dynamic_wi8_afp32: int8 weights, float32 activations, no calibration"
-        }
-    atomic_write_bytes(output, with_manifest(data, manifest))
+    manifest = {**manifest, "runtime": fmt.split("-")[0], "converter": _converter_versions(fmt)}
+    if fmt.startswith("tflite"):
+        written = _tflite(module, float_clf.input_size, fmt, output, manifest)
+    else:
+        written = _pt2(module, float_clf.input_size, output, manifest)
+    written.write(manifest)
 
     pixels, kept = load_pixels(float_clf, list(eval_paths))
     if not len(pixels):
         output.unlink()
         raise RetrainError(f"none of the {len(eval_paths)} photo(s) to check the {fmt} file on could be read")
     labels = None if eval_labels is None else np.asarray([eval_labels[i] for i in kept], np.int64)
-    comparison = compare(float_clf, load(output), pixels, labels)
+    comparison = compare(float_clf, written.runner(), pixels, labels)
     report = QuantizeReport(
         format=fmt,
         path=output,
@@ -184,7 +264,7 @@ def export_mobile(
         seconds=0.0,
         comparison=comparison,
     )
-    if fmt == "tflite" and (comparison.max_prob_diff > FLOAT_TOLERANCE or comparison.agreement < 1.0):
+    if fmt in FLOAT_FORMATS and (comparison.max_prob_diff > FLOAT_TOLERANCE or comparison.agreement < 1.0):
         output.unlink()
         raise RetrainError(
             f"the converted {fmt} file does not match the ONNX model (max probability difference "
@@ -195,8 +275,9 @@ def export_mobile(
         **asdict(comparison),
         "accuracy_change": comparison.accuracy_change,
         "photos": check_note,
+        "checked_with": written.checked_with,
     }
-    atomic_write_bytes(output, with_manifest(data, manifest))
+    written.write(manifest)
     report.size_bytes = output.stat().st_size
     skipped = len(eval_paths) - len(kept)
     if skipped:
@@ -204,7 +285,9 @@ def export_mobile(
     report.seconds = time.perf_counter() - t0
     check_path = output.with_suffix(".check.json")
     atomic_write_bytes(check_path, json.dumps({**report.to_dict(), "photos": check_note}, indent=2).encode())
-    report.notes.append(f"checked with ai-edge-litert against the ONNX model; details in {check_path}")
+    report.notes.append(
+        f"checked with {written.checked_with} against the ONNX model; details in {check_path}"
+    )
     return report
 
 
@@ -212,7 +295,8 @@ def _converter_versions(fmt: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torch"):
+    dists = {"tflite": ("litert-torch", "ai-edge-litert", "ai-edge-quantizer")}.get(fmt.split("-")[0], ())
+    for dist in (*dists, "torch"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out
