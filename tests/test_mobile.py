@@ -205,7 +205,8 @@ def test_tflite_bars_on_the_sample_photos(tmp_path_factory, tmp_path):
 
 
 def test_pt2_keeps_the_manifest_and_matches_onnx(tiny_model, colour_dir, tmp_path, capsys):
-    """torch.export needs no extra: the .pt2 carries the manifest and the check, and its program runs any batch."""
+    """torch.export needs no extra: the .pt2 carries the manifest and the check, and its program runs any batch
+    and gives both of the ONNX model's outputs (probabilities and unknown_score)."""
     import torch
 
     from retrain.mobile import read_pt2_manifest
@@ -222,7 +223,10 @@ def test_pt2_keeps_the_manifest_and_matches_onnx(tiny_model, colour_dir, tmp_pat
     assert manifest["check"]["count"] == 36 and manifest["check"]["max_prob_diff"] < 1e-5
     pixels, _ = load_pixels(onnx_clf, expand_image_paths([str(colour_dir)]))
     program = torch.export.load(out).module()
+    assert onnx_clf.has_unknown and manifest["check"]["unknown_score_max_diff"] < 0.05
     for n in (1, 3):
         with torch.no_grad():
-            got = program(torch.from_numpy(pixels[:n])).numpy()
-        np.testing.assert_allclose(got, onnx_clf.predict_proba(pixels[:n]), atol=1e-5, rtol=0)
+            got = program(torch.from_numpy(pixels[:n]))  # the ONNX model's outputs, by the same names
+        probs, unknown = onnx_clf.predict(pixels[:n])
+        np.testing.assert_allclose(got["final_result"].numpy(), probs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got["unknown_score"].numpy(), unknown, atol=0.05, rtol=0)

@@ -60,6 +60,11 @@ _NEEDS = {
 }
 FLOAT_FORMATS = ("tflite", "pt2")  # must match the ONNX model to FLOAT_TOLERANCE
 FLOAT_TOLERANCE = 1e-4  # largest probability difference a float32 conversion may show
+# Largest unknown_score difference of a float32 conversion: the score's squared distance is expanded as
+# |z|^2 - 2 z.m + |m|^2, so float32 rounding alone moves it by about 1e-2 (ONNX Runtime's own score is
+# 8e-3 from a float64 evaluation on a test model); thresholds sit at about 1.
+UNKNOWN_TOLERANCE = 5e-2
+UNKNOWN_NAME = "unknown_score"
 
 
 class MissingExtraError(RetrainError):
@@ -100,7 +105,8 @@ def _quiet_converter():
 
 
 def _named_output(module, name: str):
-    """``module`` with a dict output, so the converted signature's output is named like the manifest's."""
+    """``module`` with a dict output named like the ONNX model's: ``name`` (probabilities) and, where the
+    model has one, ``unknown_score``; so the converted signature's outputs carry the same names."""
     import torch
 
     class Named(torch.nn.Module):
@@ -109,7 +115,7 @@ def _named_output(module, name: str):
             self.model = module
 
         def forward(self, image):
-            return {name: self.model(image)}
+            return self.model.outputs(image, name)
 
     return Named().eval()
 
@@ -159,27 +165,38 @@ def _tflite(module, input_size: int, fmt: str, output: Path, manifest: dict) -> 
 
 
 class _ProgramRunner:
-    """Runs a callable (uint8 NHWC tensor -> probabilities) like a Classifier's ``predict_proba``."""
+    """Runs a callable (uint8 NHWC tensor -> the outputs by name, or in the order probabilities, unknown score)
+    like a Classifier: ``predict_proba`` and ``predict``."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, name: str = "final_result"):
+        self.fn, self.name = fn, name
 
-    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         with torch.no_grad():
             out = self.fn(torch.from_numpy(np.ascontiguousarray(pixels, np.uint8)))
-        return np.asarray(out, np.float32)
+        if isinstance(out, dict):
+            out = [out[self.name], *([out[UNKNOWN_NAME]] if UNKNOWN_NAME in out else [])]
+        elif not isinstance(out, list | tuple):
+            out = [out]
+        arrays = [np.asarray(o, np.float32) for o in out]
+        return arrays[0], (arrays[1] if len(arrays) > 1 else None)
+
+    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+        return self.predict(pixels)[0]
 
 
-def pt2_program(module, input_size: int):
-    """``module`` as a torch.export program with a dynamic batch: uint8 (N, S, S, 3) -> (N, C)."""
+def pt2_program(module, input_size: int, output_name: str = "final_result"):
+    """``module`` as a torch.export program with a dynamic batch: uint8 (N, S, S, 3) -> its outputs by name."""
     import torch
 
     sample = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
-        return torch.export.export(module, (sample,), dynamic_shapes=({0: batch},))
+        return torch.export.export(
+            _named_output(module, output_name), (sample,), dynamic_shapes=({0: batch},)
+        )
 
 
 def read_pt2_manifest(path: str | os.PathLike) -> dict:
@@ -199,7 +216,7 @@ PT2_MANIFEST = "retrain.manifest"
 def _pt2(module, input_size: int, output: Path, manifest: dict) -> _Written:
     import torch
 
-    program = pt2_program(module, input_size)
+    program = pt2_program(module, input_size, manifest["output"]["name"])
 
     def write(m: dict) -> None:
         tmp = output.with_name(f".{output.stem}.tmp-{os.getpid()}.pt2")  # torch warns on other suffixes
@@ -208,7 +225,7 @@ def _pt2(module, input_size: int, output: Path, manifest: dict) -> _Written:
 
     def runner():
         loaded = torch.export.load(output)
-        return _ProgramRunner(loaded.module())
+        return _ProgramRunner(loaded.module(), manifest["output"]["name"])
 
     return _Written(write, runner, "torch.export.load")
 
@@ -255,7 +272,9 @@ def export_mobile(
         output.unlink()
         raise RetrainError(f"none of the {len(eval_paths)} photo(s) to check the {fmt} file on could be read")
     labels = None if eval_labels is None else np.asarray([eval_labels[i] for i in kept], np.int64)
-    comparison = compare(float_clf, written.runner(), pixels, labels)
+    runner = written.runner()
+    comparison = compare(float_clf, runner, pixels, labels)
+    unknown_diff = _unknown_diff(float_clf, runner, pixels)
     report = QuantizeReport(
         format=fmt,
         path=output,
@@ -264,18 +283,23 @@ def export_mobile(
         seconds=0.0,
         comparison=comparison,
     )
-    if fmt in FLOAT_FORMATS and (comparison.max_prob_diff > FLOAT_TOLERANCE or comparison.agreement < 1.0):
+    if fmt in FLOAT_FORMATS and (
+        comparison.max_prob_diff > FLOAT_TOLERANCE
+        or comparison.agreement < 1.0
+        or (unknown_diff is not None and unknown_diff > UNKNOWN_TOLERANCE)
+    ):
         output.unlink()
         raise RetrainError(
             f"the converted {fmt} file does not match the ONNX model (max probability difference "
             f"{comparison.max_prob_diff:.2g}, same top-1 on {100 * comparison.agreement:.1f}% of {comparison.count} "
-            "photos), so it was not kept. Please report this with the model's backbone name."
+            f"photos, unknown_score difference {unknown_diff}), so it was not kept. Please report this with the model's backbone name."
         )
     manifest["check"] = {
         **asdict(comparison),
         "accuracy_change": comparison.accuracy_change,
         "photos": check_note,
         "checked_with": written.checked_with,
+        "unknown_score_max_diff": unknown_diff,  # None: the model has no unknown_score output
     }
     written.write(manifest)
     report.size_bytes = output.stat().st_size
@@ -285,10 +309,26 @@ def export_mobile(
     report.seconds = time.perf_counter() - t0
     check_path = output.with_suffix(".check.json")
     atomic_write_bytes(check_path, json.dumps({**report.to_dict(), "photos": check_note}, indent=2).encode())
+    if unknown_diff is not None:
+        report.notes.append(f"unknown_score kept: max difference from the ONNX model's {unknown_diff:.2g}")
     report.notes.append(
         f"checked with {written.checked_with} against the ONNX model; details in {check_path}"
     )
     return report
+
+
+def _unknown_diff(float_clf, runner, pixels: np.ndarray, batch_size: int = 32) -> float | None:
+    """Largest |unknown_score| difference between the ONNX model and the converted file (None without one)."""
+    if not float_clf.has_unknown:
+        return None
+    a, b = [], []
+    for i in range(0, len(pixels), batch_size):
+        a.append(float_clf.predict(pixels[i : i + batch_size])[1])
+        got = runner.predict(pixels[i : i + batch_size])[1]
+        if got is None:
+            raise RetrainError("the converted file lost the model's unknown_score output; please report this")
+        b.append(got)
+    return float(np.abs(np.concatenate(a) - np.concatenate(b)).max())
 
 
 def _converter_versions(fmt: str) -> dict:
