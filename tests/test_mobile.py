@@ -165,7 +165,8 @@ def test_tflite_of_a_small_model_keeps_contract_metadata_and_outputs(
     assert (
         list(sig.get_input_details()) == ["image"] and sig.get_input_details()["image"]["dtype"] == np.uint8
     )
-    assert list(sig.get_output_details()) == ["final_result"]
+    assert sorted(sig.get_output_details()) == ["final_result", "unknown_score"]  # as the ONNX model's
+    assert clf.has_unknown and clf.manifest["check"]["unknown_score_max_diff"] < 0.05
 
     image = str(next((colour_dir / "green").glob("*.jpg")))
     assert label_image_main(["--graph", str(tiny_model.output_graph), "--image", image]) == 0
