@@ -49,6 +49,10 @@ MOBILE_FORMATS = {
     "tflite-int8": "TFLite with int8 weights (ai-edge-quantizer dynamic range), about 28% of the size; "
     "needs retrain[tflite]",
     "pt2": "torch.export program (.pt2) for PyTorch / AOTInductor, checked with torch.export.load; no extra",
+    "executorch": "ExecuTorch program (.pte, XNNPACK) for Android/iOS/embedded, float32, checked with the "
+    "ExecuTorch runtime; needs retrain[executorch]",
+    "executorch-int8": "ExecuTorch XNNPACK program with int8 weights and activations (PT2E static quantization, "
+    "calibrated on the check photos); needs retrain[executorch]",
 }
 # What each format imports, and the pip command that provides it.
 _NEEDS = {
@@ -57,8 +61,12 @@ _NEEDS = {
         "pip install -c constraints/ci.txt 'retrain[tflite]' (litert-torch, ai-edge-litert, ai-edge-quantizer)",
     ),
     "pt2": ((), ""),
+    "executorch": (
+        ("executorch",),
+        "pip install -c constraints/ci.txt 'retrain[executorch]' (executorch, with torchao; keeps torch 2.13)",
+    ),
 }
-FLOAT_FORMATS = ("tflite", "pt2")  # must match the ONNX model to FLOAT_TOLERANCE
+FLOAT_FORMATS = ("tflite", "pt2", "executorch")  # must match the ONNX model to FLOAT_TOLERANCE
 FLOAT_TOLERANCE = 1e-4  # largest probability difference a float32 conversion may show
 # Largest unknown_score difference of a float32 conversion: the score's squared distance is expanded as
 # |z|^2 - 2 z.m + |m|^2, so float32 rounding alone moves it by about 1e-2 (ONNX Runtime's own score is
@@ -230,6 +238,115 @@ def _pt2(module, input_size: int, output: Path, manifest: dict) -> _Written:
     return _Written(write, runner, "torch.export.load")
 
 
+PTE_MANIFEST_METHOD = "retrain_manifest"  # a constant method of the .pte returning the manifest JSON
+MAX_INT8_CALIBRATION = (
+    64  # photos the ExecuTorch int8 ranges are observed on, evenly spread over the check set
+)
+
+
+def _tuple_outputs(module):
+    """``module`` returning its outputs as a tuple (probabilities, then unknown_score where present):
+    ExecuTorch and Core ML flatten outputs to a list anyway."""
+    import torch
+
+    class Outputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = module
+
+        def forward(self, image):
+            return tuple(self.model.outputs(image).values())
+
+    return Outputs().eval()
+
+
+class _PteRunner:
+    """Runs a .pte's ``forward`` with the ExecuTorch runtime, image by image (its input has batch 1)."""
+
+    def __init__(self, path: Path):
+        from executorch.runtime import Runtime
+
+        from retrain.tflite import quiet_native_output
+
+        with quiet_native_output():  # cpuinfo lines on every load
+            program = Runtime.get().load_program(str(path))
+            self.method = program.load_method("forward")
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        pixels = np.ascontiguousarray(pixels, np.uint8)
+        runs = [self.method.execute([torch.from_numpy(pixels[i : i + 1])]) for i in range(len(pixels))]
+        probs = np.concatenate([r[0].numpy() for r in runs]).astype(np.float32)
+        unknown = (
+            np.concatenate([r[1].numpy() for r in runs]).astype(np.float32) if len(runs[0]) > 1 else None
+        )
+        return probs, unknown
+
+    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+        return self.predict(pixels)[0]
+
+
+def read_pte_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a ``.pte`` written by ``retrain export --to executorch`` (needs the ExecuTorch runtime)."""
+    from executorch.runtime import Runtime
+
+    from retrain.tflite import quiet_native_output
+
+    with quiet_native_output():
+        program = Runtime.get().load_program(os.fspath(path))
+    if PTE_MANIFEST_METHOD not in program.method_names:
+        raise RetrainError(
+            f"{os.fspath(path)!r} has no {PTE_MANIFEST_METHOD!r}: it was not written by retrain"
+        )
+    return json.loads(program.load_method(PTE_MANIFEST_METHOD).execute([])[0])
+
+
+def _executorch(
+    module, input_size: int, fmt: str, output: Path, manifest: dict, pixels: np.ndarray
+) -> _Written:
+    """Lower to XNNPACK (int8: PT2E static quantization observed on ``pixels`` first); batch 1."""
+    import torch
+
+    with _quiet_converter():
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+
+        sample = (torch.zeros(1, input_size, input_size, 3, dtype=torch.uint8),)
+        target = _tuple_outputs(module)
+        if fmt == "executorch-int8":
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            calibration = pixels[:: -(-len(pixels) // MAX_INT8_CALIBRATION)]
+            quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            target = prepare_pt2e(torch.export.export(target, sample).module(), quantizer)
+            with torch.no_grad():
+                for i in range(len(calibration)):
+                    target(torch.from_numpy(calibration[i : i + 1]))
+            target = convert_pt2e(target)
+            manifest["quantization"] = "int8"
+            manifest["quantization_details"] = {
+                "method": "PT2E static quantization (XNNPACKQuantizer, symmetric, per-channel weights)",
+                "calibration_images": len(calibration),
+            }
+        program = torch.export.export(target, sample)
+
+    def write(m: dict) -> None:
+        with _quiet_converter():
+            lowered = to_edge_transform_and_lower(
+                program,
+                partitioner=[XnnpackPartitioner()],
+                constant_methods={PTE_MANIFEST_METHOD: json.dumps(m, ensure_ascii=False)},
+            ).to_executorch()
+        atomic_write_bytes(output, bytes(lowered.buffer))
+
+    return _Written(write, lambda: _PteRunner(output), "the ExecuTorch runtime")
+
+
 def export_mobile(
     graph: str | os.PathLike,
     fmt: str,
@@ -261,16 +378,16 @@ def export_mobile(
     module, manifest = torch_classifier(graph)
     log.info("Converting %s to %s ...", graph, fmt)
     manifest = {**manifest, "runtime": fmt.split("-")[0], "converter": _converter_versions(fmt)}
+    pixels, kept = load_pixels(float_clf, list(eval_paths))
+    if not len(pixels):
+        raise RetrainError(f"none of the {len(eval_paths)} photo(s) to check the {fmt} file on could be read")
     if fmt.startswith("tflite"):
         written = _tflite(module, float_clf.input_size, fmt, output, manifest)
+    elif fmt.startswith("executorch"):
+        written = _executorch(module, float_clf.input_size, fmt, output, manifest, pixels)
     else:
         written = _pt2(module, float_clf.input_size, output, manifest)
     written.write(manifest)
-
-    pixels, kept = load_pixels(float_clf, list(eval_paths))
-    if not len(pixels):
-        output.unlink()
-        raise RetrainError(f"none of the {len(eval_paths)} photo(s) to check the {fmt} file on could be read")
     labels = None if eval_labels is None else np.asarray([eval_labels[i] for i in kept], np.int64)
     runner = written.runner()
     comparison = compare(float_clf, runner, pixels, labels)
@@ -335,7 +452,10 @@ def _converter_versions(fmt: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    dists = {"tflite": ("litert-torch", "ai-edge-litert", "ai-edge-quantizer")}.get(fmt.split("-")[0], ())
+    dists = {
+        "tflite": ("litert-torch", "ai-edge-litert", "ai-edge-quantizer"),
+        "executorch": ("executorch", "torchao"),
+    }.get(fmt.split("-")[0], ())
     for dist in (*dists, "torch"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
