@@ -53,6 +53,8 @@ MOBILE_FORMATS = {
     "ExecuTorch runtime; needs retrain[executorch]",
     "executorch-int8": "ExecuTorch XNNPACK program with int8 weights and activations (PT2E static quantization, "
     "calibrated on the check photos); needs retrain[executorch]",
+    "coreml": "Core ML ML Program (.mlpackage, float16) for iOS/macOS, converted here on Linux and structure-checked "
+    "only (Core ML runs on Apple platforms); needs retrain[coreml]",
 }
 # What each format imports, and the pip command that provides it.
 _NEEDS = {
@@ -65,6 +67,7 @@ _NEEDS = {
         ("executorch",),
         "pip install -c constraints/ci.txt 'retrain[executorch]' (executorch, with torchao; keeps torch 2.13)",
     ),
+    "coreml": (("coremltools",), "pip install -c constraints/ci.txt 'retrain[coreml]' (coremltools)"),
 }
 FLOAT_FORMATS = ("tflite", "pt2", "executorch")  # must match the ONNX model to FLOAT_TOLERANCE
 FLOAT_TOLERANCE = 1e-4  # largest probability difference a float32 conversion may show
@@ -347,6 +350,106 @@ def _executorch(
     return _Written(write, lambda: _PteRunner(output), "the ExecuTorch runtime")
 
 
+COREML_MANIFEST = "retrain.manifest"  # key in the model's user-defined metadata
+COREML_UNCHECKED = (
+    "structure-checked only: Core ML models run only on Apple platforms, so no prediction was compared here "
+    "(inputs, outputs and metadata were read back with coremltools)"
+)
+
+
+def _coreml_module(module):
+    """(1, 3, S, S) float RGB 0..255 (what a Core ML ImageType gives) -> (probabilities, [unknown_score])."""
+    import torch
+
+    class FromImage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = module
+
+        def forward(self, image):
+            norm = self.model.features.normalize
+            features = self.model.features.net((image - norm.mean) / norm.std)
+            logits = self.model.head(features)
+            out = [torch.softmax(logits, dim=1)]
+            if self.model.unknown is not None:
+                out.append(self.model.unknown(features, logits))
+            return tuple(out)
+
+    return FromImage().eval()
+
+
+def _coreml(module, input_size: int, output: Path, manifest: dict) -> _Written:
+    """An ML Program with an RGB ImageType input named ``image`` (normalisation inside), float16 compute."""
+    import shutil
+
+    import torch
+
+    if output.suffix != ".mlpackage":
+        raise RetrainError(
+            f"--to coreml writes an .mlpackage folder: name --output like model.mlpackage, not {output.name!r}"
+        )
+    names = [manifest["output"]["name"], *([UNKNOWN_NAME] if module.unknown is not None else [])]
+    with _quiet_converter():
+        import coremltools as ct
+
+        with torch.no_grad():
+            traced = torch.jit.trace(_coreml_module(module), torch.zeros(1, 3, input_size, input_size))
+        mlmodel = ct.convert(
+            traced,
+            inputs=[
+                ct.ImageType(
+                    name="image", shape=(1, 3, input_size, input_size), color_layout=ct.colorlayout.RGB
+                )
+            ],
+            outputs=[ct.TensorType(name=n) for n in names],
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS15,
+        )
+
+    def write(m: dict) -> None:
+        mlmodel.user_defined_metadata[COREML_MANIFEST] = json.dumps(m, ensure_ascii=False)
+        mlmodel.short_description = f"retrain: {len(m['labels'])} classes on {m['backbone']['name']}"
+        staging = output.with_name(f".{output.stem}.staging-{os.getpid()}.mlpackage")
+        shutil.rmtree(staging, ignore_errors=True)
+        with _quiet_converter():
+            mlmodel.save(str(staging))
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(staging, output)
+
+    return _Written(write, None, "coremltools (structure only)")
+
+
+def check_coreml(path: Path, input_size: int, outputs: Sequence[str], manifest: dict) -> None:
+    """Read the .mlpackage back (without loading it for prediction, impossible off Apple platforms)."""
+    import coremltools as ct
+
+    with _quiet_converter():
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    inputs = [(i.name, i.type.WhichOneof("Type")) for i in spec.description.input]
+    image = spec.description.input[0].type.imageType if inputs else None
+    problems = []
+    if inputs != [("image", "imageType")] or (image.width, image.height) != (input_size, input_size):
+        problems.append(f"inputs {inputs}")
+    if [o.name for o in spec.description.output] != list(outputs):
+        problems.append(f"outputs {[o.name for o in spec.description.output]}")
+    stored = spec.description.metadata.userDefined.get(COREML_MANIFEST)
+    if stored is None or json.loads(stored)["labels"] != manifest["labels"]:
+        problems.append("no manifest with the model's labels")
+    if problems:
+        raise RetrainError(
+            f"the converted Core ML model is not as expected ({'; '.join(problems)}); please report this"
+        )
+
+
+def _size(path: Path) -> int:
+    return (
+        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
+
+
 def export_mobile(
     graph: str | os.PathLike,
     fmt: str,
@@ -383,11 +486,15 @@ def export_mobile(
         raise RetrainError(f"none of the {len(eval_paths)} photo(s) to check the {fmt} file on could be read")
     if fmt.startswith("tflite"):
         written = _tflite(module, float_clf.input_size, fmt, output, manifest)
+    elif fmt == "coreml":
+        written = _coreml(module, float_clf.input_size, output, manifest)
     elif fmt.startswith("executorch"):
         written = _executorch(module, float_clf.input_size, fmt, output, manifest, pixels)
     else:
         written = _pt2(module, float_clf.input_size, output, manifest)
     written.write(manifest)
+    if written.runner is None:
+        return _structure_only(written, output, fmt, float_clf, module, manifest, check_note, t0)
     labels = None if eval_labels is None else np.asarray([eval_labels[i] for i in kept], np.int64)
     runner = written.runner()
     comparison = compare(float_clf, runner, pixels, labels)
@@ -431,6 +538,34 @@ def export_mobile(
     report.notes.append(
         f"checked with {written.checked_with} against the ONNX model; details in {check_path}"
     )
+    return report
+
+
+def _structure_only(written, output: Path, fmt, float_clf, module, manifest, check_note, t0):
+    """Core ML: no runtime here; the file is read back and its structure checked, and the report says so."""
+    from retrain.quantize import QuantizeReport
+
+    outputs = [manifest["output"]["name"], *([UNKNOWN_NAME] if module.unknown is not None else [])]
+    try:
+        check_coreml(output, float_clf.input_size, outputs, manifest)
+    except RetrainError:
+        import shutil
+
+        shutil.rmtree(output, ignore_errors=True)
+        raise
+    manifest["check"] = {"structure_only": True, "why": COREML_UNCHECKED, "outputs": outputs}
+    written.write(manifest)
+    report = QuantizeReport(
+        format=fmt,
+        path=output,
+        size_bytes=_size(output),
+        float_size_bytes=float_clf.path.stat().st_size,
+        seconds=time.perf_counter() - t0,
+        unchecked=COREML_UNCHECKED,
+    )
+    check_path = output.with_suffix(".check.json")
+    atomic_write_bytes(check_path, json.dumps({**report.to_dict(), "photos": check_note}, indent=2).encode())
+    report.notes.append(f"details in {check_path}")
     return report
 
 
