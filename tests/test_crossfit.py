@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from retrain.crossfit import assign_folds, checkpoint_steps, cross_fit
+from retrain.crossfit import assign_folds, checkpoint_steps, cross_fit, fit_and_score_many
 
 
 def blobs(n_per_class=30, n_classes=3, d=16, seed=0, spread=0.3):
@@ -101,3 +101,14 @@ def test_fold_fits_follow_the_head_they_stand_for():
     head = SoftmaxHead(steps=300, seed=5, keep_best=False).fit(X[train], y[train], n_classes=3)
     theirs = (head.predict(X[score]) == y[score]).mean()
     assert marks[-1] == 300 and abs(ours - theirs) < 0.1
+
+
+def test_score_at_scores_only_the_steps_asked_for_with_the_same_fit():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 8)).astype(np.float32)
+    y = np.arange(60) % 3
+    job = [(np.arange(40), np.arange(40, 60), 1)]
+    marks, (full,) = fit_and_score_many(X, y, job, n_classes=3, head_params={"steps": 50})
+    end, (last,) = fit_and_score_many(X, y, job, n_classes=3, head_params={"steps": 50}, score_at=[50])
+    assert list(end) == [50] and last.shape == (1, 20, 3)
+    np.testing.assert_allclose(last[0], full[-1], rtol=1e-6)

@@ -27,7 +27,7 @@ from torch import nn
 
 from retrain.backbones import Preprocessing, get_backbone
 from retrain.errors import ModelFileError
-from retrain.export import UNKNOWN_NAME, get_manifest
+from retrain.export import UNKNOWN_NAME, get_manifest, is_multi_label
 from retrain.torch_modules import PixelsToFeatures
 
 HEAD_WEIGHTS = "final_retrain_ops/weights"
@@ -65,17 +65,19 @@ class UnknownScore(nn.Module):
 
 
 class PixelsToProbabilities(nn.Module):
-    """uint8 RGB (N, H, W, 3) -> class probabilities (N, C): normalisation, backbone, new layer, softmax."""
+    """uint8 RGB (N, H, W, 3) -> class probabilities (N, C): normalisation, backbone, new layer, softmax
+    (``multi_label``: a sigmoid per label, as the multi-label ONNX model has)."""
 
     def __init__(
         self,
         features: PixelsToFeatures,
         coef: np.ndarray,
         intercept: np.ndarray,
+        multi_label: bool = False,
         unknown: UnknownScore | None = None,
     ):
         super().__init__()
-        self.features = features
+        self.features, self.multi_label = features, multi_label
         self.head = nn.Linear(coef.shape[0], coef.shape[1])
         with torch.no_grad():
             self.head.weight.copy_(torch.from_numpy(np.array(coef.T, np.float32)))
@@ -83,13 +85,14 @@ class PixelsToProbabilities(nn.Module):
         self.unknown = unknown
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(self.features(image)), dim=1)
+        logits = self.head(self.features(image))
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
     def outputs(self, image: torch.Tensor, name: str = "final_result") -> dict[str, torch.Tensor]:
         """The ONNX model's outputs by name: probabilities (N, C) and, when it has one, ``unknown_score`` (N,)."""
         features = self.features(image)
         logits = self.head(features)
-        out = {name: torch.softmax(logits, dim=1)}
+        out = {name: torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)}
         if self.unknown is not None:
             out[UNKNOWN_NAME] = self.unknown(features, logits)
         return out
@@ -129,7 +132,8 @@ def torch_classifier(graph: str | os.PathLike) -> tuple[PixelsToProbabilities, d
         PixelsToFeatures(net, Preprocessing.from_dict(manifest["preprocessing"])),
         inits[HEAD_WEIGHTS],
         inits[HEAD_BIASES],
-        UnknownScore(inits) if has_unknown else None,
+        multi_label=is_multi_label(manifest),
+        unknown=UnknownScore(inits) if has_unknown else None,
     )
     return module.eval(), manifest
 
