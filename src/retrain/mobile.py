@@ -495,7 +495,9 @@ def export_mobile(
     written.write(manifest)
     if written.runner is None:
         return _structure_only(written, output, fmt, float_clf, module, manifest, check_note, t0)
-    labels = None if eval_labels is None else np.asarray([eval_labels[i] for i in kept], np.int64)
+    # A multi-label model has no one right answer per folder: compare the two models' outputs only.
+    single = eval_labels is not None and not float_clf.multi_label
+    labels = np.asarray([eval_labels[i] for i in kept], np.int64) if single else None
     runner = written.runner()
     comparison = compare(float_clf, runner, pixels, labels)
     unknown_diff = _unknown_diff(float_clf, runner, pixels)
