@@ -1,4 +1,5 @@
-"""Phone formats converted from the PyTorch modules: TFLite (LiteRT) float32 and int8.
+"""Phone and edge formats converted from the PyTorch modules: TFLite (LiteRT) float32 and int8, ExecuTorch
+(XNNPACK) float32 and int8, Core ML, and a torch.export program (pt2). docs/deploy.md has the table.
 
     >>> from retrain.mobile import export_mobile
     >>> report = export_mobile("output_graph.onnx", "tflite", "model.tflite", eval_paths=[...])
@@ -22,6 +23,9 @@ fallback. The comparison is printed, stored in the file's manifest and in ``<out
 ``pt2`` is the same module as a ``torch.export`` program (``torch.export.save``; the manifest is the
 archive's extra file ``retrain.manifest``), checked with ``torch.export.load``: for PyTorch, AOTInductor
 and as the input of other on-device compilers. It needs nothing beyond retrain's own PyTorch.
+``executorch`` is checked with the ExecuTorch runtime (the manifest is the constant method
+``retrain_manifest``); ``coreml`` cannot run off Apple platforms, so it is read back and structure-checked
+only, and the report says so.
 """
 
 from __future__ import annotations
