@@ -192,7 +192,7 @@ def test_unknown_backbone_suggests_close_match() -> None:
     [
         "inception_v3",
         "mobilenet_0.50_224",
-        "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/4",
+        "https://tfhub.dev/google/imagenet/mobilenet_v2_140_224/feature_vector/4",  # 100_224 is mobilenet_v2
     ],
 )
 def test_legacy_names_list_available_backbones(name: str) -> None:

@@ -21,7 +21,7 @@ from conftest import SAMPLE_PHOTOS
 from retrain.cli import label_image_main, retrain_main
 from retrain.convert import export_model
 from retrain.errors import ModelFileError
-from retrain.mobile import tflite_available
+from retrain.mobile import missing_modules, tflite_available
 from retrain.predict import expand_image_paths
 from retrain.quantize import load_pixels
 from trained_models import sample_model, sample_photo
@@ -30,6 +30,16 @@ needs_tflite = pytest.mark.skipif(
     not tflite_available(),
     reason="optional extra not installed: pip install -c constraints/ci.txt 'retrain[tflite]' (litert-torch, "
     "ai-edge-litert, ai-edge-quantizer)",
+)
+
+
+needs_executorch = pytest.mark.skipif(
+    bool(missing_modules(["executorch"])),
+    reason="optional extra not installed: pip install -c constraints/ci.txt 'retrain[executorch]'",
+)
+needs_coreml = pytest.mark.skipif(
+    bool(missing_modules(["coremltools"])),
+    reason="optional extra not installed: pip install -c constraints/ci.txt 'retrain[coreml]'",
 )
 
 
@@ -165,7 +175,8 @@ def test_tflite_of_a_small_model_keeps_contract_metadata_and_outputs(
     assert (
         list(sig.get_input_details()) == ["image"] and sig.get_input_details()["image"]["dtype"] == np.uint8
     )
-    assert list(sig.get_output_details()) == ["final_result"]
+    assert sorted(sig.get_output_details()) == ["final_result", "unknown_score"]  # as the ONNX model's
+    assert clf.has_unknown and clf.manifest["check"]["unknown_score_max_diff"] < 0.05
 
     image = str(next((colour_dir / "green").glob("*.jpg")))
     assert label_image_main(["--graph", str(tiny_model.output_graph), "--image", image]) == 0
@@ -202,3 +213,91 @@ def test_tflite_bars_on_the_sample_photos(tmp_path_factory, tmp_path):
         on_int8.accuracy_change >= -1.0
         and retrain.load(tmp_path / "m.int8.tflite").manifest["quantization"] == "int8"
     )
+
+
+def test_pt2_keeps_the_manifest_and_matches_onnx(tiny_model, colour_dir, tmp_path, capsys):
+    """torch.export needs no extra: the .pt2 carries the manifest and the check, and its program runs any batch
+    and gives both of the ONNX model's outputs (probabilities and unknown_score)."""
+    import torch
+
+    from retrain.mobile import read_pt2_manifest
+
+    out = tmp_path / "tiny.pt2"
+    args = ["export", "--graph", str(tiny_model.output_graph), "--to", "pt2", "--output", str(out)]
+    assert retrain_main([*args, "--image_dir", str(colour_dir)]) == 0
+    printed = capsys.readouterr()
+    assert "pt2 model" in printed.out and "checked with torch.export.load" in printed.err
+    manifest = read_pt2_manifest(out)
+    onnx_clf = retrain.load(tiny_model.output_graph)
+    assert manifest["labels"] == onnx_clf.labels and manifest["runtime"] == "pt2"
+    assert manifest["preprocessing"] == onnx_clf.manifest["preprocessing"]
+    assert manifest["check"]["count"] == 36 and manifest["check"]["max_prob_diff"] < 1e-5
+    pixels, _ = load_pixels(onnx_clf, expand_image_paths([str(colour_dir)]))
+    program = torch.export.load(out).module()
+    assert onnx_clf.has_unknown and manifest["check"]["unknown_score_max_diff"] < 0.05
+    for n in (1, 3):
+        with torch.no_grad():
+            got = program(torch.from_numpy(pixels[:n]))  # the ONNX model's outputs, by the same names
+        probs, unknown = onnx_clf.predict(pixels[:n])
+        np.testing.assert_allclose(got["final_result"].numpy(), probs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got["unknown_score"].numpy(), unknown, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("fmt, extra", [("executorch-int8", "executorch"), ("coreml", "coreml")])
+def test_missing_executorch_or_coreml_is_one_line_and_exit_2(
+    tiny_model, tmp_path, monkeypatch, capsys, fmt, extra
+):
+    monkeypatch.setattr("retrain.mobile.missing_modules", lambda modules: list(modules))
+    out = tmp_path / "m.out"
+    assert (
+        retrain_main(["export", "--graph", str(tiny_model.output_graph), "--to", fmt, "--output", str(out)])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert (
+        "\n" not in err and f"--to {fmt} needs the optional converter" in err and f"retrain[{extra}]" in err
+    )
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@needs_executorch
+def test_executorch_fp32_matches_onnx_and_int8_runs(tiny_model, colour_dir, tmp_path):
+    """The .pte runs in the ExecuTorch runtime: float32 like ONNX (both outputs), its manifest a constant method;
+    int8 keeps top-1 on the colour photos."""
+    from retrain.mobile import _PteRunner, read_pte_manifest
+
+    fp32 = export_model(tiny_model.output_graph, "executorch", tmp_path / "m.pte", image_dir=colour_dir)
+    int8 = export_model(tiny_model.output_graph, "executorch-int8", tmp_path / "m8.pte", image_dir=colour_dir)
+    assert fp32.comparison.count == 36 and fp32.comparison.max_prob_diff < 1e-5
+    assert int8.comparison.agreement == 1.0
+    manifest = read_pte_manifest(tmp_path / "m.pte")
+    onnx_clf = retrain.load(tiny_model.output_graph)
+    assert (
+        manifest["labels"] == onnx_clf.labels
+        and manifest["check"]["checked_with"] == "the ExecuTorch runtime"
+    )
+    assert read_pte_manifest(tmp_path / "m8.pte")["quantization"] == "int8"
+    pixels, _ = load_pixels(onnx_clf, expand_image_paths([str(colour_dir)]))
+    probs, unknown = _PteRunner(tmp_path / "m.pte").predict(pixels[:4])
+    want_probs, want_unknown = onnx_clf.predict(pixels[:4])
+    np.testing.assert_allclose(probs, want_probs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(unknown, want_unknown, atol=0.05, rtol=0)
+
+
+@pytest.mark.slow
+@needs_coreml
+def test_coreml_is_converted_and_says_it_is_structure_checked_only(tiny_model, colour_dir, tmp_path, capsys):
+    import coremltools as ct
+
+    out = tmp_path / "m.mlpackage"
+    args = ["export", "--graph", str(tiny_model.output_graph), "--to", "coreml", "--output", str(out)]
+    assert retrain_main([*args, "--image_dir", str(colour_dir)]) == 0
+    assert "structure-checked only: Core ML models run only on Apple platforms" in capsys.readouterr().out
+    spec = ct.models.MLModel(str(out), skip_model_load=True).get_spec()
+    assert [i.name for i in spec.description.input] == ["image"]
+    assert spec.description.input[0].type.imageType.width == 32  # the tiny backbone's input size
+    assert [o.name for o in spec.description.output] == ["final_result", "unknown_score"]
+    manifest = json.loads(spec.description.metadata.userDefined["retrain.manifest"])
+    assert manifest["labels"] == ["blue", "green", "red"] and manifest["check"]["structure_only"] is True
+    assert retrain_main([*args[:-1], str(tmp_path / "m.mlmodel")]) == 2  # an .mlpackage is a folder

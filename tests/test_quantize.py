@@ -203,9 +203,10 @@ def test_export_errors(int8_run, tmp_path):
     with pytest.raises(RetrainError, match="needs real photos to calibrate on: pass --image_dir"):
         export_model(graph, "onnx-int8", tmp_path / "x.onnx")
     with pytest.raises(
-        RetrainError, match="'coreml' is not offered: .*Formats: onnx, onnx-int8, onnx-fp16, tflite"
+        RetrainError,
+        match="'torchscript' is not offered: .*use --to pt2.*Formats: onnx, onnx-int8, onnx-fp16, tflite",
     ):
-        export_model(graph, "coreml", tmp_path / "x.mlpackage")
+        export_model(graph, "torchscript", tmp_path / "x.pt")
     with pytest.raises(RetrainError, match="did you mean 'onnx-int8'"):
         export_model(graph, "onnx-int4", tmp_path / "x.onnx")
     with pytest.raises(RetrainError, match="is the --graph file itself"):

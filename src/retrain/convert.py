@@ -7,8 +7,9 @@
 Formats offered are the ones whose result is checked here (tests/test_quantize.py,
 tests/test_mobile.py): ONNX float32 (a copy), int8 and fp16, and TFLite float32 and int8
 (``retrain.mobile``, converted from the PyTorch modules; optional extra ``retrain[tflite]``),
-all read by ``retrain.load`` and ``label_image``. Core ML and TorchScript are not offered;
-``NOT_OFFERED`` says why.
+all read by ``retrain.load`` and ``label_image``; and a ``torch.export`` program (``pt2``),
+checked with ``torch.export.load``; ExecuTorch ``.pte`` (checked with its runtime) and Core ML
+(structure-checked only: it runs on Apple platforms). TorchScript is not offered; ``NOT_OFFERED`` says why.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ EXPORT_FORMATS = {
 }
 
 NOT_OFFERED = {
-    "coreml": "coremltools no longer reads ONNX (it converts PyTorch or TensorFlow models) and runs Core ML "
-    "models only on Apple platforms, so a converted model could not be checked here",
-    "torchscript": "the ONNX->PyTorch converter (onnx2torch, last release 2024) is not kept up, and "
-    "retrain.load would need PyTorch to run the result; the ONNX model runs anywhere ONNX Runtime does",
+    "torchscript": "TorchScript is deprecated in PyTorch in favour of torch.export: use --to pt2 (a torch.export "
+    "program of the same modules, loaded with torch.export.load)",
 }
 
 

@@ -138,7 +138,9 @@ class Classifier:
                 )
 
         # Models made before the unknown score have one output; they classify as before, without it.
-        self.has_unknown = any(o.name == UNKNOWN_NAME for o in model.graph.output)
+        self.has_unknown = (
+            self._engine.has_unknown if tflite else any(o.name == UNKNOWN_NAME for o in model.graph.output)
+        )
         threshold = (self.manifest.get("unknown") or {}).get("threshold")
         # None in the manifest: the run had no held-out images to choose one from, so nothing is unknown.
         self.unknown_threshold: float | None = (
@@ -186,6 +188,8 @@ class Classifier:
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, H, W, 3) uint8 -> ((N, n_classes) probabilities, (N,) unknown scores or None), in one run."""
+        if not hasattr(self._engine, "session"):  # LiteRT (a .tflite)
+            return self._engine.predict(pixels)
         outputs = self._engine.session.run(
             None, {self._engine.input_name: np.ascontiguousarray(pixels, np.uint8)}
         )

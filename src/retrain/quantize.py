@@ -87,6 +87,7 @@ class QuantizeReport:
     calibration_count: int = 0
     comparison: Comparison | None = None
     notes: list[str] = field(default_factory=list)
+    unchecked: str = ""  # why no comparison was made, where that is not for want of labelled images (Core ML)
 
     @property
     def size_ratio(self) -> float:
@@ -99,7 +100,7 @@ class QuantizeReport:
         )
         c = self.comparison
         if c is None:
-            return text + "; accuracy not measured (no labelled images given)"
+            return text + "; " + (self.unchecked or "accuracy not measured (no labelled images given)")
         if c.accuracy is not None:
             text += (
                 f"; {eval_name} accuracy {100 * c.float_accuracy:.1f}% -> {100 * c.accuracy:.1f}% "

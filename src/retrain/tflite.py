@@ -27,6 +27,7 @@ from retrain.errors import ModelFileError, RetrainError
 log = logging.getLogger("retrain")
 
 MANIFEST_KEY = "retrain.manifest"
+UNKNOWN_NAME = "unknown_score"  # retrain.export.UNKNOWN_NAME (not imported: that module imports onnx)
 SIGNATURE = "serving_default"
 RUNTIME_INSTALL = (
     "pip install 'ai-edge-litert>=2.3,<2.4' (or pip install -c constraints/ci.txt 'retrain[tflite]')"
@@ -148,13 +149,25 @@ class TFLiteEngine:
                 f"{path!r} takes inputs {list(inputs)}, not retrain's 'image'; re-export the model"
             )
         self.input_shape = tuple(int(d) for d in inputs["image"]["shape"])
-        self.n_outputs = int(next(iter(self.runner.get_output_details().values()))["shape"][-1])
+        outputs = self.runner.get_output_details()
+        # Probabilities under the manifest's output name, and ``unknown_score`` (N,) where the model has one.
+        self.has_unknown = UNKNOWN_NAME in outputs
+        self.probs_name = next(n for n in outputs if n != UNKNOWN_NAME)
+        self.n_outputs = int(outputs[self.probs_name]["shape"][-1])
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, H, W, 3) uint8 -> ((N, C) probabilities, (N,) unknown scores or None)."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        runs = [self.runner(image=pixels[i : i + 1]) for i in range(len(pixels))]
+        if not runs:
+            return np.zeros((0, self.n_outputs), np.float32), (
+                np.zeros(0, np.float32) if self.has_unknown else None
+            )
+        probs = np.concatenate([r[self.probs_name] for r in runs]).astype(np.float32, copy=False)
+        unknown = (
+            np.concatenate([r[UNKNOWN_NAME] for r in runs]).astype(np.float32) if self.has_unknown else None
+        )
+        return probs, unknown
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-        rows = [next(iter(self.runner(image=pixels[i : i + 1]).values())) for i in range(len(pixels))]
-        return (
-            np.concatenate(rows).astype(np.float32, copy=False)
-            if rows
-            else np.zeros((0, self.n_outputs), np.float32)
-        )
+        return self.predict(pixels)[0]

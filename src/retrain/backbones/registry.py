@@ -10,6 +10,7 @@ features cached) never needs it.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,11 @@ class BackboneSpec:
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
+# Other names of a registered backbone (retrain.py's / TF Hub's), looked up like its own name.
+_ALIASES: dict[str, str] = {}
+# A TF Hub feature-vector URL whose network is registered under an alias, e.g.
+# https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/4 -> mobilenet_v2_100_224.
+_TFHUB_URL = re.compile(r"(?:https?://)?tfhub\.dev/google/imagenet/(\w+)/feature_vector/\d+/?")
 
 # Names retrain.py users may type, with what to say about them.
 _LEGACY_NAMES = ("inception_v3", "mobilenet_", "nasnet", "pnasnet", "http://", "https://")
@@ -81,12 +87,25 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
+def register_alias(alias: str, name: str) -> None:
+    """``alias`` names the registered backbone ``name`` too (and its TF Hub feature-vector URL)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"cannot alias {alias!r} to {name!r}: no such backbone")
+    if alias in _REGISTRY or alias in _ALIASES:
+        raise ValueError(f"backbone name {alias!r} is already registered")
+    _ALIASES[alias] = name
+
+
 def available_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
 def get_backbone(name: str) -> BackboneSpec:
     key = name.strip().lower().replace("-", "_")
+    url = _TFHUB_URL.fullmatch(name.strip().lower())
+    if url and url.group(1) in _ALIASES:
+        key = url.group(1)
+    key = _ALIASES.get(key, key)
     if key in _REGISTRY:
         return _REGISTRY[key]
     names = ", ".join(available_backbones())
@@ -95,7 +114,7 @@ def get_backbone(name: str) -> BackboneSpec:
             f"backbone {name!r} is a TensorFlow Hub / retrain.py model, which this tool cannot load "
             f"(it runs offline on PyTorch weights shipped as Python packages). "
             f"Available backbones: {names}. The default, efficientnet_lite0, is more accurate than "
-            f"mobilenet_v1/v2 and about as fast."
+            f"mobilenet_v1/v2; mobilenet_v2 (= mobilenet_v2_100_224) is the tutorial's phone network."
         )
     close = difflib.get_close_matches(key, available_backbones(), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
