@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import _features, _images, _link_training_folder, _outer_split  # noqa: E402
 
 GRID = (0.0, 1e-4, 1e-3, 1e-2, 3e-2)
+PATIENCE = 6  # retrain.crossfit.PATIENCE
 
 
 def _flipped(paths: list[str], keys: list[bytes], store: Path) -> np.ndarray:
@@ -105,9 +106,22 @@ def _cross_fit_grid(X, y, Xt, groups, n_classes, seed, grid):
         )
         for f in range(k)
     ]
+    best: list[tuple[tuple[float, float], int]] = [((-1.0, 0.0), 0)] * len(grid)  # per decay: (score, checkpoint)
+
+    def stop(outputs, i):
+        # Once every decay's own best is `patience` checkpoints old, every grid subset's early stop has come.
+        for g in range(len(grid)):
+            z = np.empty((n, n_classes), np.float32)
+            for f, (_, score_idx, _) in enumerate(jobs):
+                z[score_idx[: len(score_idx) - len(Xt)]] = outputs[g * k + f][i, : len(score_idx) - len(Xt)]
+            score = (float((z.argmax(axis=1) == y).mean()), -_xent(z, y))
+            if score > best[g][0]:
+                best[g] = (score, i)
+        return all(i - b >= PATIENCE for _, b in best)
+
     marks, outs = fit_and_score_many(
         XA, np.concatenate([y, np.zeros(len(Xt), np.int64)]), jobs, n_classes=n_classes,
-        head_params={"steps": 4000}, weight_decays=grid,
+        head_params={"steps": 4000}, weight_decays=grid, stop=stop,
     )  # fmt: skip
     G, S = len(grid), len(marks)
     oof = np.empty((G, S, n, n_classes), np.float32)
@@ -121,7 +135,7 @@ def _cross_fit_grid(X, y, Xt, groups, n_classes, seed, grid):
     return marks, oof, test
 
 
-def _choose(marks, oof, y, grid_idx, by="accuracy", patience=6):
+def _choose(marks, oof, y, grid_idx, by="accuracy", patience=PATIENCE):
     """(g, s) the run would choose on the grid subset ``grid_idx``, early stop emulated as in cross_fit."""
     acc = (oof.argmax(axis=3) == y).mean(axis=2)  # (G, S)
     loss = np.array([[_xent(oof[g, s], y) for s in range(oof.shape[1])] for g in range(oof.shape[0])])
