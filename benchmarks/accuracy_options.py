@@ -106,7 +106,7 @@ def _cross_fit_grid(X, y, Xt, groups, n_classes, seed, grid):
         )
         for f in range(k)
     ]
-    best: list[tuple[tuple[float, float], int]] = [((-1.0, 0.0), 0)] * len(grid)  # per decay: (score, checkpoint)
+    best = [((-1.0, 0.0), 0)] * len(grid)  # per decay: (score, checkpoint)
 
     def stop(outputs, i):
         # Once every decay's own best is `patience` checkpoints old, every grid subset's early stop has come.
