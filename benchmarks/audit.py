@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from retrain.audit import (
-    NEAR_DUPLICATE_THRESHOLD,
+    NEAR_DUPLICATE_RULE,
     find_duplicates,
     fit_saturating,
     learning_curve,
@@ -43,6 +43,7 @@ from retrain.config import TrainConfig
 from retrain.crossfit import cross_fit
 from retrain.data import discover
 from retrain.features import extract_features
+from retrain.runaudit import RunData, audit_run
 
 THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.90)
 
@@ -145,7 +146,7 @@ def near_copies(X_orig, keys_orig, X_copy, keys_copy, source_rows):
     keys = list(keys_orig) + list(keys_copy)
     n = len(keys_orig)
     true_pairs = {(int(s), n + c) for c, s in enumerate(source_rows)}
-    pairs = find_duplicates(X, keys, threshold=min(THRESHOLDS))
+    pairs = find_duplicates(X, keys, threshold=min(THRESHOLDS), ratio=None)  # every pair above the lowest
     near = pairs.kind == "near"
     sims = pairs.similarity[near]
     found = [(int(a), int(b)) for a, b in zip(pairs.i[near], pairs.j[near])]
@@ -159,13 +160,18 @@ def near_copies(X_orig, keys_orig, X_copy, keys_copy, source_rows):
             "false_pairs_originals": int((hit & among_originals).sum()),
             "false_pairs_all": int((hit & ~is_true).sum()),
         }
+    product = find_duplicates(X, keys)  # the rule every run uses
+    pnear = product.kind == "near"
+    pfound = [(int(a), int(b)) for a, b in zip(product.i[pnear], product.j[pnear])]
+    out["product"] = {
+        "recall": sum(p in true_pairs for p in pfound) / len(true_pairs),
+        "false_pairs_originals": sum(b < n for _, b in pfound),
+        "false_pairs_all": sum(p not in true_pairs for p in pfound),
+    }
     copy_sims = [float(s) for s, ok in zip(sims, is_true) if ok]
     orig_sims = sims[among_originals]
     out["max_similarity_originals"] = float(orig_sims.max()) if len(orig_sims) else None
     out["median_similarity_copies"] = float(np.median(copy_sims)) if copy_sims else None
-    t0 = time.perf_counter()
-    find_duplicates(X_orig, keys_orig)
-    out["seconds_default"] = time.perf_counter() - t0
     return out
 
 
@@ -187,7 +193,7 @@ def curve_honesty(X, y, keys, n_classes, seed):
     }
 
 
-def run_set(folder: Path, seeds: int, work: Path) -> dict:
+def run_set(folder: Path, seeds: int, work: Path, cost_only: bool = False) -> dict:
     dataset = discover(folder)
     paths = [r.path for r in dataset.records]
     labels_of = {r.path: r.label_index for r in dataset.records}
@@ -200,8 +206,17 @@ def run_set(folder: Path, seeds: int, work: Path) -> dict:
         "images": len(kept),
         "classes": n_classes,
         "cold_extraction_seconds": table.seconds,
+        "cold_extraction_cpu_seconds": table.cpu_seconds,
         "extraction_images_per_s": table.computed / table.seconds,
     }
+    result["cost"] = audit_cost(folder, dataset.labels, kept, keys, X, y, work)
+    result["_X"] = X  # for --scale; dropped before the JSON is written
+    result["audit_seconds"] = result["cost"]["audit_seconds"]
+    result["audit_vs_cold_extraction"] = result["audit_seconds"] / table.seconds
+    result["audit_cpu_vs_cold_extraction_cpu"] = result["cost"]["audit_cpu_seconds"] / table.cpu_seconds
+    result["crossfit_vs_cold_extraction"] = result["cost"]["crossfit_seconds"] / table.seconds
+    if cost_only:
+        return result
     result["label_errors"] = [label_errors(X, y, keys, n_classes, seed) for seed in range(seeds)]
     row_of = {p: i for i, p in enumerate(kept)}
     result["near_copies"] = {}
@@ -214,18 +229,85 @@ def run_set(folder: Path, seeds: int, work: Path) -> dict:
         result["near_copies"][kind] = near_copies(X, keys, Xc, ckeys, source)
         result["near_copies"][kind]["injected"] = len(source)
     result["learning_curve"] = curve_honesty(X, y, keys, n_classes, seed=0)
-    le = result["label_errors"]
-    audit_seconds = (
-        np.mean([r["seconds_neighbours"] for r in le])
-        + result["near_copies"]["all"]["seconds_default"]
-        + result["learning_curve"]["seconds"]
-    )
-    result["audit_seconds"] = float(audit_seconds)
-    result["audit_vs_cold_extraction"] = float(audit_seconds / table.seconds)
-    result["crossfit_vs_cold_extraction"] = float(
-        np.mean([r["seconds_crossfit"] for r in le]) / table.seconds
-    )
     return result
+
+
+def audit_cost(folder: Path, labels, paths, keys, X, y, work: Path, repeats: int = 3) -> dict:
+    """The product's audit (``runaudit.audit_run``: one similarity pass for neighbours and near copies,
+    label ranking, duplicates, learning curve, its files) on the folder's features, after the run's
+    one cross-fit; the median of ``repeats`` runs."""
+    cf = cross_fit(X, y, n_classes=len(labels), head_params=head_params(), groups=keys, seed=0)
+    data = RunData(
+        image_dir=str(folder),
+        labels=labels,
+        paths=paths,
+        split=["training"] * len(paths),
+        y=y,
+        keys=keys,
+        X=X,
+        proba=cf.proba,
+        fold=cf.fold,
+        head_params=head_params(),
+        train_count=len(y),
+    )
+    runs = []
+    for r in range(repeats):
+        out = work / f"audit-{folder.name}-{r}"
+        out.mkdir()
+        cpu0 = time.process_time()
+        seconds = audit_run(data, out)["seconds"]
+        runs.append({**seconds, "cpu": time.process_time() - cpu0})
+    mid = sorted(runs, key=lambda s: s["total"])[len(runs) // 2]
+    return {
+        "audit_seconds": mid["total"],
+        "audit_cpu_seconds": float(np.median([r["cpu"] for r in runs])),
+        "parts": mid,
+        "crossfit_seconds": cf.seconds,
+    }
+
+
+def scale_cost(results: list[dict], rows: int, work: Path) -> dict:
+    """The audit on ``rows`` rows made of the sets' real features (resampled, each jittered by 5% of
+    the features' spread, 10 classes), against the sets' pooled cold extraction rate."""
+    rng = np.random.default_rng(0)
+    pool = []
+    for r in results:
+        pool.append(r.pop("_X"))
+    X0 = np.concatenate(pool)
+    pick = rng.integers(0, len(X0), size=rows)
+    X = (X0[pick] + 0.05 * X0.std(axis=0) * rng.normal(size=(rows, X0.shape[1]))).astype(np.float32)
+    y = rng.integers(0, 10, size=rows)
+    keys = [i.to_bytes(20, "big") for i in range(rows)]
+    paths = [f"/synthetic/{c}/{i}.jpg" for i, c in enumerate(y)]
+    images = sum(r["images"] for r in results)
+    rate = images / sum(r["cold_extraction_seconds"] for r in results)
+    cpu_per_image = sum(r["cold_extraction_cpu_seconds"] for r in results) / images
+    cost = audit_cost(Path("/synthetic"), [str(c) for c in range(10)], paths, keys, X, y, work, repeats=1)
+    return {
+        "rows": rows,
+        "images_per_s": rate,
+        "extraction_cpu_seconds_per_image": cpu_per_image,
+        **cost,
+        "audit_vs_cold_extraction": cost["audit_seconds"] / (rows / rate),
+        "audit_cpu_vs_cold_extraction_cpu": cost["audit_cpu_seconds"] / (rows * cpu_per_image),
+    }
+
+
+def cost_table(results: list[dict]) -> str:
+    lines = [
+        "| set | images | cold extraction s (CPU s) | audit s (CPU s) | similarity pass / curve s | "
+        "audit / extraction, wall | CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r["cost"]
+        lines.append(
+            f"| {Path(r['set']).name} | {r['images']} | {r['cold_extraction_seconds']:.1f} "
+            f"({r['cold_extraction_cpu_seconds']:.1f}) | {c['audit_seconds']:.2f} ({c['audit_cpu_seconds']:.2f}) | "
+            f"{c['parts']['similarity_pass']:.2f} / {c['parts']['learning_curve']:.2f} | "
+            f"{100 * r['audit_vs_cold_extraction']:.1f}% | {100 * r['audit_cpu_vs_cold_extraction_cpu']:.1f}% |"
+        )
+    return "\n".join(lines)
 
 
 def summary_table(results: list[dict]) -> str:
@@ -247,8 +329,10 @@ def summary_table(results: list[dict]) -> str:
         )
     lines += [
         "",
-        "| set | copies of | " + " | ".join(f"≥{t:.2f}: recall / false pairs" for t in THRESHOLDS) + " |",
-        "|---|---|" + "---|" * len(THRESHOLDS),
+        "| set | copies of | product rule: recall / false pairs | "
+        + " | ".join(f"≥{t:.2f}: recall / false pairs" for t in THRESHOLDS)
+        + " |",
+        "|---|---|---|" + "---|" * len(THRESHOLDS),
     ]
     for r in results:
         for kind, nc in r["near_copies"].items():
@@ -256,7 +340,11 @@ def summary_table(results: list[dict]) -> str:
                 f"{100 * nc[f'{t:.2f}']['recall']:.0f}% / {nc[f'{t:.2f}']['false_pairs_originals']}"
                 for t in THRESHOLDS
             )
-            lines.append(f"| {Path(r['set']).name} | {nc['injected']} {kind} | {cells} |")
+            pr = nc["product"]
+            lines.append(
+                f"| {Path(r['set']).name} | {nc['injected']} {kind} | "
+                f"{100 * pr['recall']:.0f}% / {pr['false_pairs_originals']} | {cells} |"
+            )
     lines += [
         "",
         "| set | pairs of distinct originals | max similarity of distinct originals |",
@@ -267,15 +355,16 @@ def summary_table(results: list[dict]) -> str:
         lines.append(f"| {Path(r['set']).name} | {n * (n - 1) // 2} | {top:.3f} |")
     lines += [
         "",
-        "| set | cold extraction s | audit s (ranking with neighbours + duplicates + curve) | audit / extraction | "
+        "| set | cold extraction s | audit s | of which similarity pass / curve s | audit / extraction | "
         "cross-fit / extraction | curve at 50% | predicted 100% from ≤50% | measured 100% |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lc = r["learning_curve"]
         pred = lc["predicted_full_from_half"]
         lines.append(
             f"| {Path(r['set']).name} | {r['cold_extraction_seconds']:.1f} | {r['audit_seconds']:.2f} | "
+            f"{r['cost']['parts']['similarity_pass']:.2f} / {r['cost']['parts']['learning_curve']:.2f} | "
             f"{100 * r['audit_vs_cold_extraction']:.1f}% | {100 * r['crossfit_vs_cold_extraction']:.1f}% | "
             f"{100 * lc['at_half']:.1f}% | {'–' if pred is None else f'{100 * pred:.1f}%'} | "
             f"{100 * lc['measured_full']:.1f}% |"
@@ -288,17 +377,41 @@ def main(argv=None) -> int:
     p.add_argument("--sets", nargs="+", required=True, help="folders of class folders")
     p.add_argument("--seeds", type=int, default=3, help="label-noise draws per set")
     p.add_argument("--json", default="", help="also write all numbers here")
+    p.add_argument(
+        "--scale",
+        type=int,
+        default=0,
+        help="also time the audit on this many synthetic rows (features of the sets' images, jittered), "
+        "against extracting as many images at the sets' measured cold rate",
+    )
+    p.add_argument("--cost_only", action="store_true", help="only extraction and the audit's cost")
     ns = p.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="audit-bench-") as tmp:
         for folder in ns.sets:
             t0 = time.perf_counter()
-            results.append(run_set(Path(folder), ns.seeds, Path(tmp)))
+            results.append(run_set(Path(folder), ns.seeds, Path(tmp), cost_only=ns.cost_only))
             print(f"{folder}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        scale = scale_cost(results, ns.scale, Path(tmp)) if ns.scale else None
+    for r in results:
+        r.pop("_X", None)
     if ns.json:
         Path(ns.json).write_text(json.dumps(results, indent=1))
-    print(f"near-copy threshold in the product: {NEAR_DUPLICATE_THRESHOLD}")
-    print(summary_table(results))
+    print(f"near-copy rule in the product: {NEAR_DUPLICATE_RULE}")
+    if not ns.cost_only:
+        print(summary_table(results))
+    print(cost_table(results))
+    if scale:
+        if ns.json:
+            Path(ns.json).with_suffix(".scale.json").write_text(json.dumps(scale, indent=1))
+        print(
+            f"\n{scale['rows']} rows: audit {scale['audit_seconds']:.2f} s (similarity pass "
+            f"{scale['parts']['similarity_pass']:.2f} s, learning curve {scale['parts']['learning_curve']:.2f} s) = "
+            f"{100 * scale['audit_vs_cold_extraction']:.1f}% of extracting {scale['rows']} images at "
+            f"{scale['images_per_s']:.0f} images/s; CPU {scale['audit_cpu_seconds']:.2f} s = "
+            f"{100 * scale['audit_cpu_vs_cold_extraction_cpu']:.1f}% of the extraction's "
+            f"{scale['extraction_cpu_seconds_per_image'] * scale['rows']:.0f} CPU s"
+        )
     return 0
 
 

@@ -89,6 +89,7 @@ def knn_distance(train: np.ndarray, X: np.ndarray, k: int) -> np.ndarray:
 
 def one_set(name: str, held_out: str, data: Path, bottleneck_dir: Path, seed: int, work: Path) -> dict:
     import retrain
+    from retrain.calibrate import reliability, softmax
     from retrain.data import TESTING, assign_splits, discover
     from retrain.openset import auroc
 
@@ -138,6 +139,16 @@ def one_set(name: str, held_out: str, data: Path, bottleneck_dir: Path, seed: in
     flags = {k: s > clf.unknown_threshold for k, (_, s) in out.items()}
     cal = res.metrics["calibration"]
     unknown = res.metrics["unknown"]
+    leaked = leaked_test(Path(res.output_graph).parent / "duplicates.csv")
+    clean = np.array([p not in leaked for p in test_paths], bool)
+    p_after = out["known"][0]
+    p_before = softmax(np.log(np.maximum(p_after, 1e-30)) * cal["temperature"])  # the logits before 1/T
+    ece = {
+        "ece_test_floor": ece_floor(p_after),
+        "ece_test_clean_before": reliability(p_before[clean], y_test[clean]).ece,
+        "ece_test_clean_after": reliability(p_after[clean], y_test[clean]).ece,
+        "test_clean_count": int(clean.sum()),
+    }
     return {
         "set": name,
         "held_out": held_out,
@@ -155,6 +166,7 @@ def one_set(name: str, held_out: str, data: Path, bottleneck_dir: Path, seed: in
         "ece_test_after": cal["ece_after"].get("test"),
         "ece_oof_before": cal["ece_before"].get("out_of_fold"),
         "ece_oof_after": cal["ece_after"].get("out_of_fold"),
+        **ece,
         "temperature": cal["temperature"],
         "test_accuracy_run": res.test_accuracy,
         "test_accuracy_model": float((out["known"][0].argmax(axis=1) == y_test).mean()),
@@ -162,6 +174,35 @@ def one_set(name: str, held_out: str, data: Path, bottleneck_dir: Path, seed: in
         "open_world_seconds": res.metrics["open_world_seconds"],
         "run_seconds": round(run_seconds, 1),
     }
+
+
+def leaked_test(duplicates_csv: Path) -> set[str]:
+    """Test images with a copy in training or validation (the run's duplicates.csv)."""
+    import csv
+
+    if not duplicates_csv.exists():
+        return set()
+    out = set()
+    with duplicates_csv.open(newline="") as f:
+        for row in csv.DictReader(f):
+            splits = {row["split_a"]: row["path_a"], row["split_b"]: row["path_b"]}
+            if "testing" in splits and len(splits) == 2:
+                out.add(splits["testing"])
+    return out
+
+
+def ece_floor(proba: np.ndarray, draws: int = 200, seed: int = 0) -> float:
+    """The mean ECE of a perfectly calibrated model on this many images: labels drawn from ``proba`` itself.
+    A measured test ECE near it says the test split is too small to see any miscalibration."""
+    from retrain.calibrate import reliability
+
+    rng = np.random.default_rng(seed)
+    cum = np.cumsum(proba, axis=1)
+    eces = []
+    for _ in range(draws):
+        y = (rng.random((len(proba), 1)) > cum).sum(axis=1).clip(0, proba.shape[1] - 1)
+        eces.append(reliability(proba, y).ece)
+    return float(np.mean(eces))
 
 
 def fitting_cost(n: int = 10_000, d: int = 1280, classes: int = 10, seed: int = 0) -> dict:
@@ -277,7 +318,9 @@ def print_table(rows: list[dict], cost: dict, inference: dict) -> None:
             + " | "
             + " / ".join(pct(a[m]["unrelated"]) for m in ms)
             + f" | {pct(r['known_called_unknown'])}% | {pct(r['held_out_called_unknown'])}% / "
-            f"{pct(r['unrelated_called_unknown'])}% | {pct(r['ece_test_before'])} -> {pct(r['ece_test_after'])} | "
+            f"{pct(r['unrelated_called_unknown'])}% | {pct(r['ece_test_before'])} -> {pct(r['ece_test_after'])} "
+            f"(no copies {pct(r['ece_test_clean_before'])} -> {pct(r['ece_test_clean_after'])}; floor "
+            f"{pct(r['ece_test_floor'])}; out-of-fold {pct(r['ece_oof_before'])} -> {pct(r['ece_oof_after'])}) | "
             f"{pct(r['test_accuracy_run'])} / {pct(r['test_accuracy_model'])} | {pct(r['loco_auroc_mean'])} |"
         )
     for key in ("held_out", "unrelated"):

@@ -31,12 +31,18 @@ def require_browser():
 
 
 def start_chromium(
-    profile: Path, *, window: str = "1200,1000", downloads: Path | None = None, console_log: bool = False
+    profile: Path,
+    *,
+    window: str = "1200,1000",
+    downloads: Path | None = None,
+    console_log: bool = False,
+    fake_camera: bool = False,
 ):
     """A headless Chromium driver that never reaches the network on its own; the caller quits it.
 
     ``downloads``: where downloads go, without asking. ``console_log``: keep the page's console for
-    ``driver.get_log("browser")``.
+    ``driver.get_log("browser")``. ``fake_camera``: Chromium's fake webcam (a moving test pattern), with
+    the permission granted without asking.
     """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -57,6 +63,9 @@ def start_chromium(
         f"--window-size={window}",
     ):
         options.add_argument(arg)
+    if fake_camera:
+        options.add_argument("--use-fake-ui-for-media-stream")
+        options.add_argument("--use-fake-device-for-media-stream")
     if console_log:
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     if downloads is not None:

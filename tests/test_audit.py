@@ -9,6 +9,7 @@ from retrain.audit import (
     find_duplicates,
     fit_saturating,
     learning_curve,
+    nearest_neighbours,
     rank_label_issues,
     wilson_interval,
 )
@@ -119,3 +120,70 @@ def test_saturating_fit_recovers_a_known_curve():
     assert fit.ceiling == pytest.approx(0.95, abs=0.01)
     assert fit(640) == pytest.approx(0.95 - 0.8 * 640**-0.5, abs=0.005)
     assert fit_saturating(n[:2], acc[:2]) is None
+
+
+def brute_force_neighbours(X, k, groups):
+    Z = X - X[np.unique(groups, return_index=True)[1]].mean(axis=0)
+    Z = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+    S = Z @ Z.T
+    S[np.asarray(groups)[:, None] == np.asarray(groups)[None, :]] = -np.inf
+    return np.sort(S, axis=1)[:, ::-1][:, :k], S
+
+
+@pytest.mark.parametrize("n, block", [(60, 1024), (2600, 700)])  # 2600 > the probe: the bounded top-k
+def test_nearest_neighbours_equal_brute_force_and_find_the_pairs(n, block):
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(n, 24)).astype(np.float32)
+    X[n - 1] = X[2] + 0.01  # a near copy
+    groups = list(range(n))
+    groups[5] = groups[4]  # rows 4 and 5 are copies: never each other's neighbour
+    nearest = nearest_neighbours(X, 6, groups=groups, threshold=0.5, block=block)
+    want, S = brute_force_neighbours(X, 6, groups)
+    np.testing.assert_allclose(nearest.similarity, want, atol=1e-5)
+    assert 5 not in nearest.index[4] and 4 not in nearest.index[5]
+    assert np.all(np.diff(nearest.similarity, axis=1) <= 1e-7)  # most similar first
+    i, j = np.nonzero(np.triu(S >= 0.5, 1))
+    assert set(zip(nearest.pair_i.tolist(), nearest.pair_j.tolist())) == set(zip(i.tolist(), j.tolist()))
+    assert (2, n - 1) in set(zip(nearest.pair_i.tolist(), nearest.pair_j.tolist()))
+
+
+def test_one_pass_serves_label_issues_and_duplicates_as_separate_calls_do():
+    X, y = blobs(n_per_class=30, spread=0.5)
+    X[5] = X[40] + 0.001
+    keys = [i.to_bytes(20, "big") for i in range(len(y))]
+    keys[7] = keys[6]
+    proba = np.random.default_rng(0).dirichlet(np.ones(3), len(y))
+    nearest = nearest_neighbours(X, 10, groups=keys, threshold=0.9)
+    a = rank_label_issues(proba, y, neighbours=10, nearest=nearest)
+    b = rank_label_issues(proba, y, X=X, groups=keys, neighbours=10)
+    np.testing.assert_allclose(a.score, b.score)
+    assert np.array_equal(a.suggested, b.suggested)
+    p, q = find_duplicates(X, keys, threshold=0.9, nearest=nearest), find_duplicates(X, keys, threshold=0.9)
+    assert np.array_equal(p.i, q.i) and np.array_equal(p.j, q.j) and list(p.kind) == list(q.kind)
+    assert {(5, 40), (6, 7)} <= set(zip(p.i.tolist(), p.j.tolist())) or {(5, 40), (6, 7)} <= set(
+        zip(p.j.tolist(), p.i.tolist())
+    )
+
+
+def test_near_copies_of_alike_pictures_need_to_be_much_closer_than_their_neighbours():
+    # 300 distinct "alike" pictures: features near an 8-dimensional subspace, so that many distinct pairs
+    # are as similar as copies are elsewhere; and one copy of row 0 (a tiny change).
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 64)) + 0.05 * rng.normal(size=(300, 64))
+    X = np.concatenate([X, X[:1] + 0.002 * rng.normal(size=(1, 64))]).astype(np.float32)
+    keys = [i.to_bytes(20, "big") for i in range(301)]
+    fixed_cut = find_duplicates(X, keys, threshold=0.8, ratio=None)
+    assert len(fixed_cut) > 200  # a fixed cut calls hundreds of distinct pictures copies
+    pairs = find_duplicates(X, keys)
+    assert (0, 300) in set(zip(pairs.i.tolist(), pairs.j.tolist()))
+    assert len(pairs) <= len(fixed_cut) / 20
+
+
+def test_near_copies_in_a_folder_of_fewer_than_six_images_need_the_small_set_cut():
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(4, 32)).astype(np.float32)
+    X[3] = X[0] + 0.01 * rng.normal(size=32)  # near copy
+    X[2] = 0.6 * X[1] + 0.4 * rng.normal(size=32)  # alike, not a copy (similarity ~0.8)
+    keys = [i.to_bytes(20, "big") for i in range(4)]
+    pairs = find_duplicates(X, keys)
+    assert [(int(i), int(j), str(k)) for i, j, k in zip(pairs.i, pairs.j, pairs.kind)] == [(0, 3, "near")]

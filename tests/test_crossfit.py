@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from retrain.crossfit import assign_folds, checkpoint_steps, cross_fit
+from retrain.crossfit import assign_folds, checkpoint_steps, cross_fit, fit_and_score_many
 
 
 def blobs(n_per_class=30, n_classes=3, d=16, seed=0, spread=0.3):
@@ -129,3 +129,14 @@ def test_cross_fit_chooses_the_weight_decay_and_says_what_each_scored():
     alone = cross_fit(X, y, n_classes=3, head_params={"steps": 300}, folds=5, seed=0, weight_decays=[0.0])
     assert alone.best_steps == cf.best_steps
     np.testing.assert_allclose(alone.logits, cf.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_score_at_scores_only_the_steps_asked_for_with_the_same_fit():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 8)).astype(np.float32)
+    y = np.arange(60) % 3
+    job = [(np.arange(40), np.arange(40, 60), 1)]
+    marks, (full,) = fit_and_score_many(X, y, job, n_classes=3, head_params={"steps": 50})
+    end, (last,) = fit_and_score_many(X, y, job, n_classes=3, head_params={"steps": 50}, score_at=[50])
+    assert list(end) == [50] and last.shape == (1, 20, 3)
+    np.testing.assert_allclose(last[0], full[-1], rtol=1e-6)

@@ -11,8 +11,9 @@ import retrain.engines as engines
 import retrain.features as features
 from conftest import TINY, make_image_folder
 from retrain.backbones import get_backbone
-from retrain.cache import BottleneckStore, content_key
+from retrain.cache import BottleneckStore, content_key, namespace_for
 from retrain.feature_cache import cache_namespace
+from retrain.images import DECODE_VERSION
 from retrain.keymemo import FileKeyMemo
 
 
@@ -173,7 +174,13 @@ def test_engines_keep_their_features_apart_in_the_cache(tmp_path: Path, monkeypa
     spec = get_backbone(TINY)
     # The CPU engine keeps the namespace caches have always had (existing caches stay valid).
     assert cache_namespace(spec) == cache_namespace(spec, "onnxruntime-cpu")
-    assert cache_namespace(get_backbone("efficientnet_lite0")) == "efficientnet_lite0-c77bea98a721"
+    # Its identity is exactly these four facts (no engine key), so a new engine never renames old caches;
+    # the decoder's version string moves with the installed Pillow/simplejpeg/OpenCV, so no literal hash here.
+    lite0 = get_backbone("efficientnet_lite0")
+    identity = dict(
+        backbone=lite0.name, weights=lite0.weights_id, preprocessing=lite0.preprocessing.to_dict()
+    )
+    assert cache_namespace(lite0) == namespace_for(**identity, decoder=DECODE_VERSION)
     assert cache_namespace(spec, "torch-cuda") != cache_namespace(spec)
     kw = dict(architecture=TINY, bottleneck_dir=tmp_path / "bn", model_dir=tmp_path / "models")
     cpu = features.extract_features(colour_dir, **kw)  # a folder of class folders

@@ -1,5 +1,6 @@
 """report.html in a real headless Chromium: renders offline, a confusion-matrix cell shows its images,
-the edited CSV downloads, no console error, no request, a screenshot that is not blank.
+the edited CSV downloads, no console error, no request, a screenshot that is not blank; and the same
+for odd runs: skipped files and a class with one image, and 10,000 images.
 
 Install what it needs with .ci/install-browser.sh; without it the tests are skipped.
 """
@@ -117,3 +118,48 @@ def test_marked_suspects_download_as_an_edited_csv(browser, report):
     first = lines[1].split(",")
     assert first[-1] == "move" and first[1] == "green" and first[2] == "red"
     assert all(not line.endswith(",move") for line in lines[2:])
+
+
+@pytest.fixture(scope="module")
+def odd_reports(tmp_path_factory) -> dict[str, Path]:
+    """A run with an unreadable file and a class of one image, and a 10,000-image run."""
+    from retrain.report import write_report
+    from test_report import _synthetic_run
+
+    tmp = tmp_path_factory.mktemp("odd-runs")
+    root = make_image_folder(tmp / "images", per_class=10)
+    (root / "red" / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "lonely").mkdir()
+    shutil.copy(root / "green" / "img_000.jpg", root / "lonely" / "only.jpg")
+    result = retrain.train(
+        root,
+        architecture="tiny_test_backbone",
+        bottleneck_dir=str(tmp / "bottlenecks"),
+        model_dir=str(tmp / "models"),
+        output_dir=str(tmp / "out"),
+        how_many_training_steps=200,
+        eval_step_interval=50,
+        seed=1,
+        quiet=True,
+    )
+    (tmp / "big").mkdir()
+    big = _synthetic_run(tmp / "big")
+    write_report(big)
+    return {"skipped and one image": result.run_dir / "report.html", "10,000 images": big / "report.html"}
+
+
+@pytest.mark.parametrize("which", ["skipped and one image", "10,000 images"])
+def test_odd_runs_render_and_their_cells_open(browser, odd_reports, which):
+    _open(browser, odd_reports[which])
+    text = browser.find_element(By.TAG_NAME, "body").text
+    if which == "skipped and one image":
+        assert "broken.jpg" in text and "lonely" in text
+    cells = [c for c in browser.find_elements(By.CSS_SELECTOR, "button.cell") if int(c.text) > 0]
+    cell = max(cells, key=lambda c: int(c.text))
+    browser.execute_script("arguments[0].scrollIntoView()", cell)
+    cell.click()
+    cards = browser.find_element(By.ID, "cell-images").find_elements(By.CSS_SELECTOR, "figure.card")
+    assert len(cards) == int(cell.text)
+    assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert errors == [], errors

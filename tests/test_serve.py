@@ -115,6 +115,7 @@ def test_model_info(client, model):
     assert info["input"] == manifest["input"] and info["input"]["height"] == 224
     assert info["preprocessing"]["mean"] == [127.0, 127.0, 127.0]
     assert info["quantization"] == "float32"
+    assert info["kind"] == "single_label" and info["thresholds"] is None  # a multi-label model has both
     assert info["limits"]["max_batch"] == 16
 
 

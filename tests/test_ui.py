@@ -161,6 +161,77 @@ def test_non_image_and_oversize_uploads(tmp_path):
         assert os.listdir(app.state.ui.project.photos / "red") == []
 
 
+def _post_stream(app, path: str, headers: list[tuple[bytes, bytes]], total: int, chunk: int = 2**20):
+    """POST ``total`` bytes to the ASGI app as the server would hand them over, ``chunk`` at a time, without
+    ever holding them: returns (status, JSON body, bytes the app asked for)."""
+    import asyncio
+
+    asked = 0
+
+    async def receive():
+        nonlocal asked
+        n = min(chunk, total - asked)
+        asked += n
+        return {"type": "http.request", "body": b"\0" * n, "more_body": asked < total}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:8765"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8765),
+    }
+    asyncio.run(app(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body), asked
+
+
+def test_a_1_gb_upload_is_refused_early_and_never_held(tmp_path):
+    """By its Content-Length before a byte is read; sent without one (chunked), as soon as the bytes read pass
+    the cap: the app never asks for the rest of the gigabyte."""
+    from retrain.ui import MAX_UPLOAD_BYTES
+
+    app = _app(tmp_path / "p")
+    state = app.state.ui
+    (state.project.photos / "red").mkdir()
+    gb = 2**30
+    common = [
+        (b"x-csrf-token", state.csrf.encode()),
+        (b"content-type", b"multipart/form-data; boundary=xyz"),
+    ]
+    status, body, asked = _post_stream(
+        app, "/api/classes/red/photos", [*common, (b"content-length", str(gb).encode())], gb
+    )
+    assert status == 413 and asked == 0
+    assert "1024 MB is over the limit of 64 MB" in body["error"]
+    status, body, asked = _post_stream(
+        app, "/api/classes/red/photos", [*common, (b"transfer-encoding", b"chunked")], gb
+    )
+    assert status == 413 and "over the limit of 64 MB" in body["error"]
+    assert MAX_UPLOAD_BYTES < asked <= MAX_UPLOAD_BYTES + 2**20  # one chunk past the cap, not 1 GB
+    # the same for a photo sent to Try (25 MB at most); nothing was written anywhere
+    run = state.project.runs / "20260101-000000"
+    run.mkdir()
+    (run / "output_graph.onnx").write_bytes(b"")
+    status, body, asked = _post_stream(
+        app, f"/api/runs/{run.name}/classify", [*common, (b"content-length", str(gb).encode())], gb
+    )
+    assert status == 413 and asked == 0 and "over the limit of 25 MB" in body["error"]
+    assert os.listdir(state.project.photos / "red") == [] and os.listdir(run) == ["output_graph.onnx"]
+
+
 def test_html_in_class_names_is_kept_as_text(client):
     name = '<img src=x onerror="alert(1)">'
     assert client.post("/api/classes", json={"name": name}).status_code == 200
@@ -342,6 +413,7 @@ def test_cli_start_up_kill_mid_training_and_resume(tmp_path):
     import signal
 
     photos = make_image_folder(tmp_path / "mine", per_class=10)
+    before = sorted(p.relative_to(tmp_path) for p in photos.rglob("*"))
     project = tmp_path / "project"
     env = {
         **os.environ,
@@ -369,6 +441,7 @@ def test_cli_start_up_kill_mid_training_and_resume(tmp_path):
             assert time.monotonic() < deadline, (run_dir / "worker.log").read_text()
             time.sleep(0.2)
         worker = json.loads((run_dir / "ui_run.json").read_text())["pid"]
+        events_before = (run_dir / "events.jsonl").read_bytes()
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -390,6 +463,11 @@ def test_cli_start_up_kill_mid_training_and_resume(tmp_path):
             time.sleep(0.3)
         assert status == "finished", (run_dir / "worker.log").read_text()
         assert (run_dir / "output_graph.onnx").exists()
+        # nothing lost: the progress before the kill is still there, the photos are as they were, and
+        # nothing was written outside the project
+        assert (run_dir / "events.jsonl").read_bytes().startswith(events_before)
+        assert sorted(p.relative_to(tmp_path) for p in photos.rglob("*")) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "project"]
     finally:
         proc.terminate()
         proc.wait(10)
@@ -419,11 +497,15 @@ def test_fix_move_set_aside_and_undo(client, tmp_path):
     pytest.importorskip("retrain.relabel", reason="the relabel module (report work) is not in this version")
     photos = make_image_folder(tmp_path / "mine", per_class=4)
     run, run_dir = _run_with_issues(client, photos)
-    r = client.get(f"/api/runs/{run}/issues").json()
-    assert r["available"] and r["has_audit"] and r["total"] == 2
-    assert [(i["path"], i["suggested"]) for i in r["issues"]] == [
-        ("red/img_000.jpg", "green"),
-        ("red/img_001.jpg", "blue"),
+    r = client.get(f"/api/runs/{run}/issues").json()  # the suspects (score >= 2/3) only
+    assert r["available"] and r["has_audit"] and r["total"] == 2 and r["suspects"] == 1
+    assert [(i["path"], i["suggested"], i["suspect"]) for i in r["issues"]] == [
+        ("red/img_000.jpg", "green", True)
+    ]
+    r = client.get(f"/api/runs/{run}/issues", params={"all": 1}).json()  # every photo
+    assert [(i["path"], i["suggested"], i["suspect"]) for i in r["issues"]] == [
+        ("red/img_000.jpg", "green", True),
+        ("red/img_001.jpg", "blue", False),
     ]
     assert r["duplicates"][0]["b"] == "blue/img_001.jpg"
     moved = client.post(
@@ -442,7 +524,7 @@ def test_fix_move_set_aside_and_undo(client, tmp_path):
     assert not (photos / "red" / "img_001.jpg").exists() and Path(aside["moved_to"][0]).exists()
     decided = {
         i["path"]: (i["decision"] or {}).get("action")
-        for i in client.get(f"/api/runs/{run}/issues").json()["issues"]
+        for i in client.get(f"/api/runs/{run}/issues", params={"all": 1}).json()["issues"]
     }
     assert decided == {"red/img_000.jpg": "move", "red/img_001.jpg": "set_aside"}
     assert client.post(f"/api/runs/{run}/undo").json()["undone"]["action"] == "set_aside"

@@ -22,16 +22,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from retrain.crossfit import fit_and_score_many
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
-# Cosine similarity of mean-centred bottleneck features above which two different files are
-# called near copies. Measured in docs/report.md: the lowest at which two ordinary photo folders
-# have no false pair; it finds 82-100% of re-encoded, resized, brightened or cropped copies there.
-# Folders of very alike images (telescope shots, textures, digits) do get false pairs.
-NEAR_DUPLICATE_THRESHOLD = 0.80
+# Near copies: centred cosine similarity of the bottleneck features at least NEAR_DUPLICATE_FLOOR, and the
+# pair's distance (1 - similarity) at most NEAR_DUPLICATE_RATIO times that of the 5th-nearest other image
+# of either photo (of whichever has the closer one): a copy is much closer than the set's ordinary
+# neighbours, which a fixed cut cannot say for folders of alike pictures (textures, digits, telescope
+# images: distinct photos there are as similar as copies elsewhere). Rows with fewer than 5 other images
+# use NEAR_DUPLICATE_SMALL_SET alone. Measured in docs/report.md (six real folders, injected copies).
+NEAR_DUPLICATE_FLOOR = 0.70
+NEAR_DUPLICATE_RATIO = 0.30
+NEAR_DUPLICATE_REFERENCE = 5  # the neighbour whose distance is the yardstick
+NEAR_DUPLICATE_SMALL_SET = 0.90
+NEAR_DUPLICATE_RULE = (
+    f"feature similarity ≥ {NEAR_DUPLICATE_FLOOR:.2f}, and under {NEAR_DUPLICATE_RATIO:g}× the distance "
+    f"from either photo to its {NEAR_DUPLICATE_REFERENCE}th-nearest image"
+)
 
 # Label issues blend the out-of-fold score with the labels of this many nearest images (docs/report.md:
 # +4 points of top-k recall on average over five real sets, +0 on top-2k).
@@ -39,9 +49,11 @@ LABEL_NEIGHBOURS = 10
 
 LEARNING_CURVE_FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7, 1.0)
 LEARNING_CURVE_SEEDS = 2
-LEARNING_CURVE_STEPS = (
-    100  # per fit: on five real sets the curve predicts as well as with 200 (docs/report.md)
-)
+# Per fit: 70 steps of 40 images. On six real sets the curve fitted on <=50% predicts the 100% point
+# within 1.75 points on average (2.3 with 100 steps of 100, 1.8 with 100 of 50), at a third of the cost
+# (docs/report.md).
+LEARNING_CURVE_STEPS = 70
+LEARNING_CURVE_BATCH = 40
 
 
 # -- accuracy with its uncertainty ------------------------------------------------------------------
@@ -128,13 +140,15 @@ def rank_label_issues(
     groups: Sequence | None = None,
     neighbours: int = 0,
     neighbour_weight: float = 0.5,
+    nearest: Nearest | None = None,
 ) -> LabelIssues:
     """Rank rows by how little the held-out layers believe their given label.
 
     ``proba`` (N, C) must come from layers that never saw the row (out-of-fold). The score is
-    ``1 - proba[y]`` (cleanlab's "self-confidence"). With ``neighbours`` k > 0 and features ``X``,
-    it is blended with the share of the k nearest other images (cosine, outside the row's own
-    ``groups``) that carry another label; docs/report.md measures whether that helps.
+    ``1 - proba[y]`` (cleanlab's "self-confidence"). With ``neighbours`` k > 0 and features ``X``
+    (or their :func:`nearest_neighbours` already computed, ``nearest``), it is blended with the share
+    of the k nearest other images (cosine, outside the row's own ``groups``) that carry another
+    label; docs/report.md measures whether that helps.
     """
     proba, y = np.asarray(proba, dtype=np.float64), np.asarray(y)
     n = len(y)
@@ -143,8 +157,10 @@ def rank_label_issues(
     others = proba.copy()
     others[rows, y] = -1.0
     suggested = others.argmax(axis=1)
-    if neighbours > 0 and X is not None and n > 1:
-        disagree, votes = _neighbour_votes(X, y, proba.shape[1], neighbours, groups)
+    if nearest is None and neighbours > 0 and X is not None and n > 1:
+        nearest = nearest_neighbours(X, neighbours, groups=groups)
+    if nearest is not None and nearest.index.shape[1] > 0:
+        disagree, votes = _neighbour_votes(nearest, y, proba.shape[1], neighbours or nearest.index.shape[1])
         score = (1 - neighbour_weight) * score + neighbour_weight * disagree
         blended = (1 - neighbour_weight) * others + neighbour_weight * votes
         blended[rows, y] = -1.0
@@ -154,24 +170,127 @@ def rank_label_issues(
     return LabelIssues(score=score, suggested=suggested, order=order)
 
 
-def _neighbour_votes(X, y, n_classes, k, groups, block: int = 1024):
-    """Share of each row's k nearest neighbours (cosine) that disagree with its label, and their label
-    shares (N, C). Rows of the same group (exact copies) are not neighbours of each other."""
-    Z = _unit_rows(X, centre=True)
-    gid = _group_array(groups, len(y))
-    k = min(k, len(y) - 1)
-    disagree = np.zeros(len(y))
-    votes = np.zeros((len(y), n_classes))
-    for start in range(0, len(y), block):
-        sims = Z[start : start + block] @ Z.T  # (B, N)
-        same = gid[start : start + block, None] == gid[None, :]
-        sims[same] = -np.inf
-        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (B, k)
-        neighbour_labels = y[nearest]
-        disagree[start : start + block] = (neighbour_labels != y[start : start + block, None]).mean(axis=1)
-        for j in range(k):
-            votes[np.arange(start, start + len(nearest)), neighbour_labels[:, j]] += 1.0 / k
+def _neighbour_votes(nearest: Nearest, y: np.ndarray, n_classes: int, k: int):
+    """Share of each row's k nearest neighbours that disagree with its label, and their label shares
+    (N, C). Rows with fewer than k neighbours (tiny sets, many copies) vote over those they have."""
+    index, valid = nearest.index[:, :k], nearest.valid[:, :k]
+    n = len(y)
+    count = np.maximum(valid.sum(axis=1), 1)
+    labels = y[np.where(valid, index, 0)]
+    disagree = ((labels != y[:, None]) & valid).sum(axis=1) / count
+    rows = np.broadcast_to(np.arange(n)[:, None], index.shape)
+    votes = np.bincount(
+        (rows * n_classes + labels)[valid],
+        weights=np.broadcast_to(1.0 / count[:, None], index.shape)[valid],
+        minlength=n * n_classes,
+    ).reshape(n, n_classes)
     return disagree, votes
+
+
+# -- one pass over the similarity matrix: nearest neighbours and near copies -------------------------
+@dataclass
+class Nearest:
+    """Each row's ``k`` most similar other rows, most similar first: ``index`` (N, k) and centred cosine
+    ``similarity`` (N, k), -inf (index 0) where a row has fewer than k others outside its group. ``pairs``:
+    the pairs (i < j, similarity) at or above the ``threshold`` the pass was asked for."""
+
+    index: np.ndarray
+    similarity: np.ndarray
+    pair_i: np.ndarray
+    pair_j: np.ndarray
+    pair_similarity: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.isfinite(self.similarity)
+
+
+def nearest_neighbours(
+    X: np.ndarray,
+    k: int,
+    *,
+    groups: Sequence | None = None,
+    threshold: float | None = None,
+    block: int = 1024,
+) -> Nearest:
+    """The ``k`` nearest other rows of every row (centred cosine), rows of one group excluded, and, with
+    ``threshold``, every pair at or above it: one pass over the similarity matrix for both.
+
+    The matrix is computed in row blocks of ``block`` (memory O(block x N)), in float32. The top k of a
+    block is found without sorting whole rows: the k-th best similarity among the first few thousand
+    columns bounds the row's k-th best from below, and only columns at or above it are ranked.
+    """
+    n = len(X)
+    gid = _group_array(groups, n)
+    first = np.unique(gid, return_index=True)[1]
+    Z = _unit_rows(X, centre=True, rows=first)  # copies do not pull the mean
+    k = max(0, min(k, n - 1))
+    kk = min(max(k, 8), n - 1) if threshold is not None else k  # neighbours looked at per row
+    has_copy = np.bincount(gid)[gid] > 1
+    index = np.zeros((n, k), dtype=np.int64)
+    similarity = np.full((n, k), -np.inf, dtype=np.float32)
+    pi: list[np.ndarray] = []
+    pj: list[np.ndarray] = []
+    ps: list[np.ndarray] = []
+    # Below a few thousand rows one BLAS thread is faster: waking a second costs more than it saves.
+    with threadpool_limits(1 if n < 4096 else None, user_api="blas"):
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            local = np.arange(stop - start)
+            S = Z[start:stop] @ Z.T  # (B, N)
+            S[local, start + local] = -np.inf  # not its own neighbour
+            shared = np.flatnonzero(has_copy[start:stop])
+            if len(shared):  # nor are its copies
+                S[shared] = np.where(gid[start + shared, None] == gid[None, :], -np.inf, S[shared])
+            if not kk:
+                continue
+            idx, sim = _top_k(S, kk)
+            index[start:stop], similarity[start:stop] = idx[:, :k], sim[:, :k]
+            if threshold is not None:
+                # A row's pairs above the threshold are among its kk nearest unless even the kk-th is above
+                # it: only those rows are scanned whole.
+                full = sim[:, -1] >= threshold
+                a, m = np.nonzero((sim >= threshold) & ~full[:, None])
+                a, b, v = a, idx[a, m], sim[a, m]
+                if full.any():
+                    fa, fb = np.nonzero(S[full] >= threshold)
+                    fa = np.flatnonzero(full)[fa]
+                    a, b, v = np.concatenate([a, fa]), np.concatenate([b, fb]), np.concatenate([v, S[fa, fb]])
+                upper = b > start + a
+                pi.append(start + a[upper])
+                pj.append(b[upper])
+                ps.append(v[upper])
+    cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
+    return Nearest(
+        index=index,
+        similarity=similarity,
+        pair_i=cat(pi, np.int64),
+        pair_j=cat(pj, np.int64),
+        pair_similarity=cat(ps, np.float32),
+    )
+
+
+def _top_k(S: np.ndarray, k: int, probe: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices and values of the k largest entries of each row of ``S`` (B, N), largest first."""
+    b, n = S.shape
+    if n <= probe:
+        idx = np.argpartition(S, n - k, axis=1)[:, n - k :]
+    else:
+        # The k-th largest among the first ``probe`` columns is a lower bound of the row's k-th largest:
+        # every entry of the row's top k is at or above it, and few others are.
+        bound = np.partition(S[:, :probe], probe - k, axis=1)[:, probe - k]
+        rr, cc = np.nonzero(S >= bound[:, None])
+        vals = S[rr, cc]
+        order = np.lexsort((-vals, rr))
+        rr, cc = rr[order], cc[order]
+        first = np.searchsorted(rr, np.arange(b))
+        rank = np.arange(len(rr)) - first[rr]
+        keep = rank < k
+        idx = np.empty((b, k), dtype=np.int64)
+        idx[rr[keep], rank[keep]] = cc[keep]
+    vals = np.take_along_axis(S, idx, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
 
 # -- duplicates -------------------------------------------------------------------------------------
@@ -192,22 +311,26 @@ def find_duplicates(
     X: np.ndarray,
     keys: Sequence[bytes],
     *,
-    threshold: float = NEAR_DUPLICATE_THRESHOLD,
+    threshold: float = NEAR_DUPLICATE_FLOOR,
+    ratio: float | None = NEAR_DUPLICATE_RATIO,
     block: int = 1024,
+    nearest: Nearest | None = None,
 ) -> DuplicatePairs:
-    """Exact copies (identical content key) and near copies (centred cosine similarity >= ``threshold``).
+    """Exact copies (identical content key) and near copies (see NEAR_DUPLICATE_FLOOR above).
 
+    A near pair has centred cosine similarity >= ``threshold`` and, unless ``ratio`` is None, a
+    distance ``1 - similarity`` at most ``ratio`` times the distance of the closer of the two photos'
+    5th-nearest other images (pairs of photos with fewer than 5 others need NEAR_DUPLICATE_SMALL_SET).
     Exact copies of one file are reported once per pair of paths. For near copies, each set of
     exact copies is represented by its first row, so one photo copied five times does not turn a
-    near pair into 25. The similarity matrix is computed in row blocks: memory stays O(block x N).
+    near pair into 25. ``nearest``: a :func:`nearest_neighbours` pass over the same rows with
+    ``groups=keys``, at least 5 neighbours and a threshold at or below this one, whose pairs are reused.
     """
     n = len(keys)
     first_of: dict[bytes, int] = {}
     rep = np.empty(n, dtype=np.int64)
     pi: list[int] = []
     pj: list[int] = []
-    kinds: list[str] = []
-    sims: list[float] = []
     for row, key in enumerate(keys):
         rep[row] = first_of.setdefault(key, row)
     for key_rows in _rows_by_key(keys).values():
@@ -215,28 +338,33 @@ def find_duplicates(
             for b in range(a + 1, len(key_rows)):
                 pi.append(key_rows[a])
                 pj.append(key_rows[b])
-                kinds.append("exact")
-                sims.append(1.0)
-    unique = np.flatnonzero(rep == np.arange(n))
-    if len(unique) > 1:
-        Z = _unit_rows(np.asarray(X)[unique], centre=True)
-        for start in range(0, len(unique), block):
-            s = Z[start : start + block] @ Z[start:].T  # (B, U - start): only the upper triangle is needed
-            a, b = np.nonzero(s >= threshold)
-            for ia, ib in zip(a, b):
-                if ib <= ia:
-                    continue
-                pi.append(int(unique[start + ia]))
-                pj.append(int(unique[start + ib]))
-                kinds.append("near")
-                sims.append(float(s[ia, ib]))
-    order = np.lexsort((np.array(pj), np.array(pi), -np.array(sims))) if pi else np.zeros(0, np.int64)
-    return DuplicatePairs(
-        i=np.array(pi, dtype=np.int64)[order],
-        j=np.array(pj, dtype=np.int64)[order],
-        kind=np.array(kinds, dtype=object)[order].astype(str) if pi else np.zeros(0, dtype="<U5"),
-        similarity=np.array(sims, dtype=np.float64)[order],
-    )
+    if nearest is None:
+        reference = NEAR_DUPLICATE_REFERENCE if ratio is not None else 0
+        nearest = nearest_neighbours(X, reference, groups=list(keys), threshold=threshold, block=block)
+    ni, nj, ns = nearest.pair_i, nearest.pair_j, nearest.pair_similarity.astype(np.float64)
+    near = (ns >= threshold) & (rep[ni] == ni) & (rep[nj] == nj)
+    if ratio is not None:
+        near &= _closer_than_neighbours(nearest, ni, nj, ns, ratio)
+    ni, nj, ns = ni[near], nj[near], ns[near]
+    i = np.concatenate([np.array(pi, dtype=np.int64), ni])
+    j = np.concatenate([np.array(pj, dtype=np.int64), nj])
+    sims = np.concatenate([np.ones(len(pi)), ns])
+    kind = np.array(["exact"] * len(pi) + ["near"] * len(ni), dtype="<U5")
+    order = np.lexsort((j, i, -sims))
+    return DuplicatePairs(i=i[order], j=j[order], kind=kind[order], similarity=sims[order])
+
+
+def _closer_than_neighbours(nearest: Nearest, i, j, sim, ratio: float) -> np.ndarray:
+    """Pairs whose distance is at most ``ratio`` x the reference neighbour's distance (the closer of the two)."""
+    col = NEAR_DUPLICATE_REFERENCE - 1
+    if nearest.similarity.shape[1] > col:
+        ref = np.maximum(nearest.similarity[i, col], nearest.similarity[j, col]).astype(np.float64)
+    else:
+        ref = np.full(len(i), -np.inf)
+    known = np.isfinite(ref)
+    out = sim >= NEAR_DUPLICATE_SMALL_SET  # too few other images for a yardstick
+    out[known] = (1 - sim[known]) <= ratio * (1 - ref[known])
+    return out
 
 
 def _rows_by_key(keys: Sequence[bytes]) -> dict[bytes, list[int]]:
@@ -246,12 +374,12 @@ def _rows_by_key(keys: Sequence[bytes]) -> dict[bytes, list[int]]:
     return {k: v for k, v in rows.items() if len(v) > 1}
 
 
-def _unit_rows(X: np.ndarray, *, centre: bool) -> np.ndarray:
-    """Rows scaled to unit length, after removing the mean row: what every photo shares (the
-    backbone's average response) otherwise makes unrelated photos look alike."""
+def _unit_rows(X: np.ndarray, *, centre: bool, rows: np.ndarray | None = None) -> np.ndarray:
+    """Rows scaled to unit length, after removing the mean row (of ``rows``, default all): what every
+    photo shares (the backbone's average response) otherwise makes unrelated photos look alike."""
     Z = np.asarray(X, dtype=np.float32)
     if centre:
-        Z = Z - Z.mean(axis=0, keepdims=True)
+        Z = Z - (Z if rows is None else Z[rows]).mean(axis=0, keepdims=True)
     norms = np.linalg.norm(Z, axis=1, keepdims=True)
     return Z / np.maximum(norms, 1e-12)
 
@@ -289,6 +417,7 @@ def learning_curve(
     fractions: Sequence[float] = LEARNING_CURVE_FRACTIONS,
     seeds: int = LEARNING_CURVE_SEEDS,
     steps: int = LEARNING_CURVE_STEPS,
+    batch_size: int = LEARNING_CURVE_BATCH,
     seed: int = 0,
 ) -> LearningCurve:
     """Fit the layer on nested 10% ... 100% subsets of all rows outside one fold, score that fold.
@@ -302,7 +431,11 @@ def learning_curve(
     t0 = time.perf_counter()
     y = np.asarray(y)
     folds = np.unique(fold)
-    params = {**head_params, "steps": min(steps, head_params.get("steps", steps))}
+    params = {
+        **head_params,
+        "steps": min(steps, head_params.get("steps", steps)),
+        "batch_size": min(batch_size, head_params.get("batch_size", batch_size)),
+    }
     jobs = []
     for s in range(seeds):
         held = folds[s % len(folds)]
@@ -317,8 +450,14 @@ def learning_curve(
             jobs.append((s, f_i, train_idx, score_idx, seed + 31 * s + f_i))
 
     # All fits in one batched loop: M small layers cost little more than one (crossfit.fit_and_score_many).
+    # Only the end of each fit is scored.
     _, scored = fit_and_score_many(
-        X, y, [(t, sc, fit_seed) for _, _, t, sc, fit_seed in jobs], n_classes=n_classes, head_params=params
+        X,
+        y,
+        [(t, sc, fit_seed) for _, _, t, sc, fit_seed in jobs],
+        n_classes=n_classes,
+        head_params=params,
+        score_at=[params["steps"]],
     )
     acc = np.full((seeds, len(fractions)), np.nan)
     per = np.full((seeds, len(fractions), n_classes), np.nan)
@@ -364,14 +503,15 @@ def fit_saturating(sizes: np.ndarray, accuracy: np.ndarray) -> SaturatingFit | N
     sizes, accuracy = sizes[ok], accuracy[ok]
     if len(np.unique(sizes)) < 3:
         return None
-    best: tuple[float, SaturatingFit] | None = None
-    for rate in np.linspace(0.05, 2.0, 40):
-        basis = np.power(sizes, -rate)
-        A = np.stack([np.ones_like(basis), -basis], axis=1)
-        (ceiling, scale), *_ = np.linalg.lstsq(A, accuracy, rcond=None)
-        scale = max(scale, 0.0)
-        ceiling = min(ceiling, 1.0)
-        err = float(((ceiling - scale * basis - accuracy) ** 2).sum())
-        if best is None or err < best[0]:
-            best = (err, SaturatingFit(float(ceiling), float(scale), float(rate)))
-    return best[1] if best else None
+    rates = np.linspace(0.05, 2.0, 40)
+    basis = np.power(sizes[None, :], -rates[:, None])  # (R, N): every rate of the grid at once
+    # Ordinary least squares of accuracy = ceiling - scale * basis, per rate (two unknowns: closed form).
+    b_mean, a_mean = basis.mean(axis=1), accuracy.mean()
+    slope = ((basis - b_mean[:, None]) * (accuracy - a_mean)).sum(axis=1) / (
+        (basis - b_mean[:, None]) ** 2
+    ).sum(axis=1)
+    scale = np.maximum(-slope, 0.0)
+    ceiling = np.minimum(a_mean - slope * b_mean, 1.0)
+    err = ((ceiling[:, None] - scale[:, None] * basis - accuracy) ** 2).sum(axis=1)
+    best = int(np.argmin(err))  # the first of equals, as a loop over the grid would keep
+    return SaturatingFit(float(ceiling[best]), float(scale[best]), float(rates[best]))

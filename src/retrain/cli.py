@@ -92,6 +92,28 @@ def training_parser() -> _Parser:
         default=d.validation_percentage,
         help="percent used as validation set",
     )
+    g = p.add_argument_group("several labels per photo (docs/multilabel.md)")
+    _add(
+        g,
+        "multi_label",
+        action="store_true",
+        help="one independent probability per label: a photo in several class folders (copied or linked) "
+        "carries all of those labels",
+    )
+    _add(
+        g,
+        "labels_file",
+        default=d.labels_file,
+        help="labels from a file instead of folders (implies --multi_label): CSV with columns path,labels "
+        "(labels separated by ';') or JSON lines; paths relative to --image_dir",
+    )
+    _add(
+        g,
+        "multi_label_threshold",
+        type=float,
+        default=d.multi_label_threshold,
+        help="one decision threshold for every label (default: one per label, tuned on held-out images)",
+    )
     g = p.add_argument_group("backbone")
     _add(
         g,
@@ -503,6 +525,8 @@ def classify_command(ns: argparse.Namespace) -> int:
         print(f"note: {clf.unknown_note}", file=sys.stderr)
         if ns.unknown_threshold is not None:
             print("note: --unknown_threshold ignored: this model has no unknown score", file=sys.stderr)
+    elif ns.unknown_threshold is not None and clf.multi_label:
+        print("note: --unknown_threshold ignored: multi-label models have no unknown score", file=sys.stderr)
     elif ns.unknown_threshold is not None:
         clf.unknown_threshold = ns.unknown_threshold
     top_k = ns.num_top_predictions or ns.top_k
@@ -527,7 +551,12 @@ def classify_command(ns: argparse.Namespace) -> int:
         else:
             if not single:
                 print(shown)
-            if preds.unknown:
+            if preds.labels is not None:  # a multi-label model: the chosen labels first
+                print(
+                    f"labels: {', '.join(preds.labels)}" if preds.labels else "no label above its threshold"
+                )
+                preds = preds[:top_k] if top_k else preds
+            elif preds.unknown:
                 print(
                     f"unknown (score {preds.unknown_score:.3f} > {clf.unknown_threshold:.3f}; "
                     f"closest: {preds[0].label} {preds[0].score:.5f})"

@@ -48,6 +48,10 @@ class TrainConfig:
     class_balance: str = "sample"
     final_fit: str = "train+val"  # what the exported layer learns from: train, train+val or all (see fit.py)
     seed: int | None = None
+    # -- several labels per photo (retrain.multilabel, docs/multilabel.md) ----------------------
+    multi_label: bool = False  # one sigmoid output per label; a photo in several class folders has them all
+    labels_file: str = ""  # CSV path,labels or JSON lines, paths relative to image_dir (implies multi_label)
+    multi_label_threshold: float | None = None  # None: a threshold per label, tuned on held-out images
     # -- open world: calibrated confidence and the unknown answer ------------------------------
     calibration: str = "temperature"  # or "none"
     unknown_threshold: float | None = None  # None: chosen automatically (accept 95% of known images)
@@ -114,6 +118,8 @@ class TrainConfig:
                 f"--validation_percentage {self.validation_percentage:g} + --testing_percentage "
                 f"{self.testing_percentage:g} = {total:g} leaves no images for training: the sum must be below 100"
             )
+        if self.multi_label or self.labels_file:
+            _check_multi_label(self)
         from retrain.backbones import get_backbone
 
         get_backbone(
@@ -127,6 +133,20 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_multi_label(cfg: TrainConfig) -> None:
+    """The settings a multi-label run cannot take (yet), each refused with what to do instead."""
+    refused = {
+        "fine_tune": "fine-tuning is not available for multi-label models yet; run without --fine_tune",
+        "resume": "--resume is not available for multi-label runs yet (the head trains in seconds: run again)",
+        "engine": "--engine ray is not available for multi-label runs yet; use --engine local",
+        "extraction_precision": "--extraction_precision int8 is not available for multi-label runs yet; "
+        "train in float32 and export with --quantize int8",
+    }
+    for name, why in refused.items():
+        if getattr(cfg, name) != getattr(TrainConfig, name):
+            raise ConfigError(f"--multi_label: {why}")
 
 
 def _check_type(name: str, value: object, annotation: str) -> None:
@@ -208,6 +228,10 @@ _RULES = {
     "num_workers": ((lambda n: n >= 0), "a whole number of at least 0 (0 = automatic)"),
     "calibration": _one_of("temperature", "none"),
     "unknown_threshold": ((lambda x: x is None or math.isfinite(x)), "None (automatic) or a finite number"),
+    "multi_label_threshold": (
+        (lambda x: x is None or (math.isfinite(x) and 0 < x < 1)),
+        "None (tuned per label) or a probability between 0 and 1 (both excluded)",
+    ),
     "engine": _one_of("local", "ray"),
     "extraction_precision": _one_of("float32", "int8"),
     "logging_verbosity": _one_of("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL", "CRITICAL"),

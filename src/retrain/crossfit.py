@@ -134,6 +134,7 @@ def fit_and_score_many(
     head_params: dict,
     stop: Callable[[list[np.ndarray], int], bool] | None = None,
     weight_decays: Sequence[float] | None = None,
+    score_at: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Fit one layer per job ``(train_idx, score_idx, seed)``, all in one loop, and score each job's rows.
 
@@ -142,6 +143,7 @@ def fit_and_score_many(
     products into one batched product per step, so M fits cost little more than one.
     Returns (step counts (S,), per job logits (S, len(score_idx), C)). After each checkpoint ``i``,
     ``stop(outputs, i)`` may end all fits early; the arrays returned then end at that checkpoint.
+    ``score_at`` replaces the step counts of :func:`checkpoint_steps` (e.g. ``[steps]``: only the end).
 
     ``weight_decays`` (G values; default: ``head_params``' one) fits every job once per value, on the
     same batches (the same seed draws the same images), and returns G x M outputs, value-major:
@@ -151,6 +153,8 @@ def fit_and_score_many(
     X = np.ascontiguousarray(X, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     marks = checkpoint_steps(head.steps)
+    if score_at is not None:
+        marks = np.unique(np.clip(np.asarray(score_at, dtype=np.int64), 1, head.steps))
     decays = np.array([head.weight_decay] if weight_decays is None else weight_decays, dtype=np.float32)
     G, M, C, B, d = len(decays), len(jobs), n_classes, head.batch_size, X.shape[1]
     rngs = [np.random.default_rng(seed) for _, _, seed in jobs]
@@ -170,14 +174,16 @@ def fit_and_score_many(
     ]
     xb = np.empty((M, B, d), dtype=np.float32)  # each layer's batch
     yb, wb = np.empty((M, B), dtype=np.int64), np.empty((M, B), dtype=np.float32)  # its labels, loss weights
+    rows = np.empty((M, B), dtype=np.int64)  # the rows of X in each layer's batch
     gP = np.empty_like(P)
     step, mark = 0, 0
     with threadpool_limits(1, user_api="blas"):
         while step < head.steps:
             for m, ((train_idx, _, _), sampler, rng) in enumerate(zip(jobs, samplers, rngs)):
                 local = sampler.draw(rng, B)  # (B,) rows of this layer's training subset
-                np.take(X, train_idx[local], axis=0, out=xb[m])
-                yb[m], wb[m] = y[train_idx[local]], sampler.weights[local]
+                rows[m], wb[m] = train_idx[local], sampler.weights[local]
+            np.take(X, rows.reshape(-1), axis=0, out=xb.reshape(M * B, d))  # one gather for all layers
+            np.take(y, rows, out=yb)
             z = np.matmul(P[..., :d], xb.transpose(0, 2, 1))  # (G, M, C, B)
             z += P[..., d:]
             z -= z.max(axis=2, keepdims=True)
@@ -189,7 +195,7 @@ def fit_and_score_many(
             z.sum(axis=3, out=gP[..., d])
             step += 1
             update(gP, step)
-            if step == marks[mark]:
+            if mark < len(marks) and step == marks[mark]:
                 for (_, score_idx, _), out, Pm in zip(jobs * G, outputs, P.reshape(G * M, C, d + 1)):
                     out[mark] = X[score_idx] @ Pm[:, :d].T + Pm[:, d]
                 mark += 1

@@ -34,6 +34,7 @@ MODEL_FORMAT_VERSION = 1
 INPUT_NAME = "image"
 FEATURES_NAME = "features"
 UNKNOWN_NAME = "unknown_score"
+MULTI_LABEL = "multi_label"  # manifest "kind" of a model with one sigmoid output per label
 EXPORTER_VERSION = 1  # bump when the backbone export changes
 OPSET = 17
 
@@ -95,8 +96,11 @@ def make_manifest(
     output_name: str = "final_result",
     fine_tuned: bool = False,
     metrics: dict | None = None,
+    thresholds=None,
 ) -> dict:
-    return {
+    """The model's self-description. ``thresholds`` (one per label) makes it a multi-label manifest:
+    ``"kind": "multi_label"``, the thresholds, and an output of independent (sigmoid) probabilities."""
+    manifest = {
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
         "labels": list(labels),
@@ -116,6 +120,18 @@ def make_manifest(
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "retrain_version": __version__,
     }
+    if thresholds is not None:
+        if len(thresholds) != len(labels):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(labels)} labels")
+        manifest["kind"] = MULTI_LABEL
+        manifest["thresholds"] = [round(float(t), 6) for t in thresholds]
+        manifest["output"]["kind"] = "independent_probabilities"
+    return manifest
+
+
+def is_multi_label(manifest: dict) -> bool:
+    """Whether a model's manifest describes independent per-label probabilities (sigmoid outputs)."""
+    return manifest.get("kind") == MULTI_LABEL
 
 
 def build_classifier(
@@ -129,6 +145,8 @@ def build_classifier(
 ) -> onnx.ModelProto:
     """Append ``softmax((features @ coef + intercept) / temperature)`` to a pixels->features graph,
     and with ``unknown`` (:class:`retrain.openset.MahalanobisStats`) a second output ``unknown_score``.
+    A multi-label ``manifest`` (:func:`make_manifest` with thresholds) gets ``sigmoid(features @ coef +
+    intercept)`` instead: one independent probability per label.
 
     The temperature is folded into the weights: the graph is the same size and speed either way.
     """
@@ -154,7 +172,9 @@ def build_classifier(
                 ["logits"],
                 name="final_retrain_ops/Wx_plus_b",
             ),
-            helper.make_node("Softmax", ["logits"], [out_name], axis=1, name=out_name),
+            helper.make_node("Sigmoid", ["logits"], [out_name], name=out_name)
+            if is_multi_label(manifest)
+            else helper.make_node("Softmax", ["logits"], [out_name], axis=1, name=out_name),
         ]
     )
     del graph.output[:]
@@ -268,11 +288,18 @@ def classifier_model(
     output_name: str = "final_result",
     metrics: dict | None = None,
     open_world=None,
+    thresholds=None,
 ) -> tuple[onnx.ModelProto, dict]:
     """(model, manifest): ``spec``'s backbone (or ``backbone_onnx``, a fine-tuned one) + ``head``'s layer,
-    with ``open_world`` (:class:`retrain.openworld.OpenWorld`) its temperature and ``unknown_score``."""
+    with ``open_world`` (:class:`retrain.openworld.OpenWorld`) its temperature and ``unknown_score``.
+    ``thresholds`` (one per label): a multi-label model (sigmoid outputs, :func:`make_manifest`)."""
     manifest = make_manifest(
-        spec, labels, output_name=output_name, fine_tuned=backbone_onnx is not None, metrics=metrics
+        spec,
+        labels,
+        output_name=output_name,
+        fine_tuned=backbone_onnx is not None,
+        metrics=metrics,
+        thresholds=thresholds,
     )
     extra = {}
     if open_world is not None:  # intermediate snapshots stay uncalibrated and without the score

@@ -397,7 +397,10 @@ def fit_unknown(
     loco: dict[str, float] = {}
     for c, (k, u) in loco_maha.items():
         ek, eu = loco_energy(c) if loco_energy is not None else (None, None)
-        loco[labels[c]] = auroc(comb(k, ek), comb(u, eu))
+        # The left-out layers train for fewer steps than the final one (their energies are on another
+        # scale), so their energy term is scaled by their own known rows, as the final one by its own.
+        loco_comb = comb if ek is None else Combination(maha_mid, maha_spread, *robust_scale(ek))
+        loco[labels[c]] = auroc(loco_comb(k, ek), loco_comb(u, eu))
     return UnknownModel(
         stats, comb, float(threshold), rule, rejected, len(known), loco, time.perf_counter() - t0
     )

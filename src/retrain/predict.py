@@ -30,15 +30,26 @@ class Ranked(list):
 
     ``unknown_score``: the model's ``unknown_score`` output (higher = less like any trained class),
     None for a model made without one; ``unknown``: whether it is above the threshold (None likewise).
+    ``labels``: for a multi-label model, the labels at or above their threshold, best first (possibly
+    empty); None for a single-label model.
     """
 
-    def __init__(self, predictions=(), unknown_score: float | None = None, unknown: bool | None = None):
+    def __init__(
+        self,
+        predictions=(),
+        unknown_score: float | None = None,
+        unknown: bool | None = None,
+        labels: list[str] | None = None,
+    ):
         super().__init__(predictions)
-        self.unknown_score, self.unknown = unknown_score, unknown
+        self.unknown_score, self.unknown, self.labels = unknown_score, unknown, labels
 
     def to_dict(self) -> dict:
-        """``{"predictions": [...], "unknown_score": ..., "unknown": ...}`` (no unknown keys for an old model)."""
+        """``{"predictions": [...], "unknown_score": ..., "unknown": ...}`` (no unknown keys for an old model);
+        for a multi-label model ``{"predictions": [every label], "labels": [those at or above their threshold]}``."""
         out: dict = {"predictions": [{"label": p.label, "score": round(p.score, 6)} for p in self]}
+        if self.labels is not None:
+            out["labels"] = list(self.labels)
         if self.unknown_score is not None:
             out["unknown_score"] = round(self.unknown_score, 6)
             out["unknown"] = self.unknown
@@ -110,7 +121,21 @@ class Classifier:
                 "the file was edited: re-export the model with retrain"
             )
         self.input_size = self.preprocessing.input_size
-        from retrain.export import UNKNOWN_NAME
+        from retrain.export import UNKNOWN_NAME, is_multi_label
+
+        # A multi-label model: independent probabilities, a label is chosen at or above its threshold.
+        self.multi_label = is_multi_label(self.manifest)
+        self.thresholds: np.ndarray | None = None
+        if self.multi_label:
+            try:
+                self.thresholds = np.asarray(self.manifest["thresholds"], np.float32).reshape(-1)
+            except (KeyError, TypeError, ValueError):
+                self.thresholds = np.zeros(0, np.float32)
+            if len(self.thresholds) != len(self.labels):
+                raise ModelFileError(
+                    f"{str(path)!r} is a multi-label model whose manifest has {len(self.thresholds)} thresholds "
+                    f"for {len(self.labels)} labels; re-export the model with retrain"
+                )
 
         # Models made before the unknown score have one output; they classify as before, without it.
         self.has_unknown = any(o.name == UNKNOWN_NAME for o in model.graph.output)
@@ -129,7 +154,8 @@ class Classifier:
             ) from None
 
     def __repr__(self) -> str:
-        return f"Classifier({str(self.path)!r}, labels={self.labels!r})"
+        kind = ", multi_label=True" if self.multi_label else ""
+        return f"Classifier({str(self.path)!r}, labels={self.labels!r}{kind})"
 
     def to_pixels(self, image: ImageInput) -> np.ndarray:
         """One image -> (H, W, 3) uint8 at the model's input size, decoded as in training."""
@@ -147,7 +173,7 @@ class Classifier:
     @property
     def unknown_note(self) -> str | None:
         """Why answers carry no unknown fields, for a model made before the unknown score (else None)."""
-        if self.has_unknown:
+        if self.has_unknown or self.multi_label:  # multi-label models have no unknown score (yet)
             return None
         return (
             f"{self.path.name} has no unknown_score output (made before retrain could say 'unknown'); "
@@ -166,6 +192,12 @@ class Classifier:
         return outputs[0], (outputs[1] if self.has_unknown else None)
 
     def rank(self, probs: np.ndarray, top_k: int | None = 5, unknown_score: float | None = None) -> Ranked:
+        """One image's :class:`Ranked`: the ``top_k`` best labels; a multi-label model ranks every label
+        (``top_k`` only limits what a caller prints) and chooses those at or above their threshold."""
+        if self.multi_label:
+            order = np.argsort(-probs, kind="stable")
+            chosen = [self.labels[i] for i in order if probs[i] >= self.thresholds[i]]
+            return Ranked([Prediction(self.labels[i], float(probs[i])) for i in order], labels=chosen)
         order = np.argsort(-probs, kind="stable")[: top_k or len(probs)]
         preds = [Prediction(self.labels[i], float(probs[i])) for i in order]
         if unknown_score is None or not self.has_unknown:

@@ -447,7 +447,9 @@ def convert_file(
     )
     if eval_paths:
         pixels, kept = load_pixels(float_clf, list(eval_paths))
-        labels = None if eval_labels is None else np.asarray([eval_labels[i] for i in kept], np.int64)
+        # A multi-label model has no one right answer per folder: compare the two models' outputs only.
+        single = eval_labels is not None and not float_clf.multi_label
+        labels = np.asarray([eval_labels[i] for i in kept], np.int64) if single else None
         if len(pixels):
             report.comparison = compare(float_clf, load(output), pixels, labels)
             if fmt != "float32":

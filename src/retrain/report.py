@@ -45,6 +45,10 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     """Build ``report.html`` in ``run_dir`` from the files the run saved there; returns its path."""
     run_dir = Path(run_dir)
     metrics = _read_json(run_dir / "metrics.json", required=True)
+    if metrics.get("kind") == "multi_label":  # its own page: per-label table, missed and spurious labels
+        from retrain.report_multilabel import write_multilabel_report
+
+        return write_multilabel_report(run_dir, metrics)
     audit = load_audit(run_dir / AUDIT_FILE)
     fine_tune = _read_json(run_dir / "fine_tune.json", required=False)
     page = render(run_dir, metrics, audit, fine_tune)
@@ -313,7 +317,7 @@ def _confusion(ctx: _Context, test: dict) -> str:
         for i in cell[:MAX_PER_CELL]:
             ctx.thumb(i)
     peak = max(1, confusion.max())
-    head = "".join(f"<th class=rot><span>{_e(label)}</span></th>" for label in ctx.labels)
+    head = "".join(f"<th class=rot><span title='{_e(label)}'>{_e(label)}</span></th>" for label in ctx.labels)
     body = ""
     for t, label in enumerate(ctx.labels):
         cells = ""
@@ -435,8 +439,9 @@ def _label_section(ctx: _Context) -> str:
     suspects = [int(i) for i in order if score[i] >= SUSPECT_SCORE]
     intro = (
         "<p>Every image is scored by a layer that never saw it (out-of-fold for training and validation images, "
-        "the final layer for test images). The score is 1 − the probability it gives the image's own label. "
-        f"<b>{len(suspects)}</b> image(s) score {SUSPECT_SCORE:.2f} or more.</p>"
+        "the final layer for test images). The score averages 1 − the probability that layer gives the image's "
+        "own label and the share of its 10 nearest images (by their features) that carry another label. "
+        f"<b>{len(suspects)}</b> image(s) score {SUSPECT_SCORE:.2f} or more: a wrong label, or a hard image.</p>"
         "<p class=hint>Mark each suspect, then download the CSV and run "
         "<code>retrain relabel label_issues.csv</code> (files are moved, never deleted; <code>--undo</code> puts "
         "them back).</p>"
@@ -472,6 +477,8 @@ def _duplicate_section(ctx: _Context) -> str:
     n = len(a["dup_i"])
     thr = summary.get("threshold")
     rule = f" (feature similarity ≥ {thr:.2f})" if thr is not None else ""
+    if summary.get("rule"):
+        rule = f" ({_e(summary['rule'])})"
     out = (
         f"<p><b>{int((a['dup_kind'] == 'exact').sum())}</b> exact copy pair(s) (identical files) and "
         f"<b>{int((a['dup_kind'] == 'near').sum())}</b> near-copy pair(s){rule}.</p>"
@@ -564,7 +571,8 @@ def _next_steps(ctx: _Context) -> str:
     suspects = int((ctx.a["issue_score"] >= SUSPECT_SCORE).sum())
     if suspects:
         tips.append(
-            f"{suspects} image(s) look mislabelled: review them in <a href='#labels'>suspected label "
+            f"{suspects} image(s) may be mislabelled (layers that never saw them, and their nearest images, "
+            "disagree with their label): review them in <a href='#labels'>suspected label "
             "errors</a>, mark them, download the CSV and run <code>retrain relabel label_issues.csv</code>."
         )
     tips += _class_tips(ctx, test, curve)
@@ -795,10 +803,10 @@ padding:4px 18px 14px;margin:18px 0}h2{font-size:19px;margin:12px 0 8px}h3{font-
 table{border-collapse:collapse;margin:6px 0}td,th{padding:3px 9px;border-bottom:1px solid #eee;text-align:left;
 vertical-align:top}td.n{text-align:right;font-variant-numeric:tabular-nums}.ci{color:#777;font-size:12px}
 .hint{color:#666;font-size:13px}.warn{background:#fff4e5;border-left:4px solid #f0a030;padding:6px 10px}
-.scroll{overflow-x:auto}table.cm td{padding:1px;border:0}table.cm th.rot{height:110px;vertical-align:bottom;
-padding:0}table.cm th.rot span{display:inline-block;writing-mode:vertical-rl;transform:rotate(180deg);
-max-height:110px;overflow:hidden;font-weight:500;font-size:13px}th.rowh{text-align:right;font-weight:500;
-font-size:13px;white-space:nowrap}button.cell{width:44px;height:34px;border:1px solid #ddd;border-radius:4px;
+.scroll{overflow-x:auto}table.cm td{padding:1px;border:0}table.cm th.rot{vertical-align:bottom;
+padding:0 0 4px}table.cm th.rot span{display:inline-block;writing-mode:vertical-rl;transform:rotate(180deg);
+max-height:170px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;font-weight:500;font-size:13px}
+th.rowh{text-align:right;font-weight:500;font-size:13px;white-space:nowrap;vertical-align:middle}button.cell{width:44px;height:34px;border:1px solid #ddd;border-radius:4px;
 cursor:pointer;font:inherit;font-variant-numeric:tabular-nums}button.cell.d{background:rgba(46,140,80,var(--a));
 color:#000}button.cell.o{background:rgba(214,64,48,var(--a))}button.cell.z{background:#fafafa;color:#bbb}
 button.cell.sel{outline:3px solid #2a5db0}.gallery{display:flex;flex-wrap:wrap;gap:10px;margin:8px 0}

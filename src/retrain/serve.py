@@ -248,6 +248,8 @@ class _Service:
             "input": m.get("input"),
             "preprocessing": m.get("preprocessing"),
             "output": m.get("output"),
+            "kind": m.get("kind") or "single_label",
+            "thresholds": None if self.clf.thresholds is None else [float(t) for t in self.clf.thresholds],
             "quantization": m.get("quantization") or "float32",
             "fine_tuned": m.get("fine_tuned"),
             "calibration": m.get("calibration"),
@@ -474,6 +476,8 @@ async def _classify_admitted(service: _Service, request):
         result = {"filename": name, "predictions": [{"label": p.label, "score": p.score} for p in preds]}
         if preds.unknown_score is not None:  # absent for a model made before the unknown score
             result.update(unknown_score=preds.unknown_score, unknown=preds.unknown)
+        if preds.labels is not None:  # a multi-label model: the labels at or above their threshold
+            result["labels"] = preds.labels
         results.append(result)
     return _json({"results": results})
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from retrain.backbones import Preprocessing, get_backbone
 from retrain.errors import ModelFileError
-from retrain.export import get_manifest
+from retrain.export import get_manifest, is_multi_label
 from retrain.torch_modules import PixelsToFeatures
 
 HEAD_WEIGHTS = "final_retrain_ops/weights"
@@ -35,18 +35,22 @@ HEAD_BIASES = "final_retrain_ops/biases"
 
 
 class PixelsToProbabilities(nn.Module):
-    """uint8 RGB (N, H, W, 3) -> class probabilities (N, C): normalisation, backbone, new layer, softmax."""
+    """uint8 RGB (N, H, W, 3) -> class probabilities (N, C): normalisation, backbone, new layer, softmax
+    (``multi_label``: a sigmoid per label, as the multi-label ONNX model has)."""
 
-    def __init__(self, features: PixelsToFeatures, coef: np.ndarray, intercept: np.ndarray):
+    def __init__(
+        self, features: PixelsToFeatures, coef: np.ndarray, intercept: np.ndarray, multi_label: bool = False
+    ):
         super().__init__()
-        self.features = features
+        self.features, self.multi_label = features, multi_label
         self.head = nn.Linear(coef.shape[0], coef.shape[1])
         with torch.no_grad():
             self.head.weight.copy_(torch.from_numpy(np.array(coef.T, np.float32)))
             self.head.bias.copy_(torch.from_numpy(np.array(intercept, np.float32)))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(self.features(image)), dim=1)
+        logits = self.head(self.features(image))
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 
 def torch_classifier(graph: str | os.PathLike) -> tuple[PixelsToProbabilities, dict]:
@@ -82,6 +86,7 @@ def torch_classifier(graph: str | os.PathLike) -> tuple[PixelsToProbabilities, d
         PixelsToFeatures(net, Preprocessing.from_dict(manifest["preprocessing"])),
         inits[HEAD_WEIGHTS],
         inits[HEAD_BIASES],
+        multi_label=is_multi_label(manifest),
     )
     return module.eval(), manifest
 

@@ -99,6 +99,12 @@ def train(
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     timings: dict[str, float] = {}
     cpu_timings: dict[str, float] = {}  # CPU seconds, all threads
+    if cfg.multi_label or cfg.labels_file:  # one sigmoid output per label: its own stages
+        from retrain.multilabel import train_multi_label
+
+        if not cfg.multi_label:
+            log.info("--labels_file: several labels per photo, as with --multi_label")
+        return train_multi_label(dataclasses.replace(cfg, multi_label=True), spec, seed, t_start)
 
     dataset = _discover(cfg)
     # After discovery, so that a bad --image_dir leaves no empty run folder behind.
@@ -367,7 +373,8 @@ def _features(cfg: TrainConfig, spec: BackboneSpec, dataset: Dataset) -> Feature
     else:
         log.info("Bottlenecks: all %d reused from the cache in %s", table.cached, where)
     _report_skipped(table, strict=cfg.strict)
-    _report_duplicates(dataset, table)
+    if not cfg.multi_label:  # with --multi_label, a photo in several class folders carries each label
+        _report_duplicates(dataset, table)
     return table
 
 
@@ -394,7 +401,12 @@ def _report_duplicates(dataset: Dataset, table: FeatureTable) -> None:
     for key, classes in classes_of.items():
         if len(classes) > 1:
             names = ", ".join(printable(p) for p in example[key])
-            log.warning("The same image is in %d classes: %s", len(classes), names)
+            log.warning(
+                "The same image is in %d classes: %s (if a photo can carry several labels, train with "
+                "--multi_label)",
+                len(classes),
+                names,
+            )
 
 
 def _report_split(dataset: Dataset, *, already_said: int) -> None:

@@ -28,6 +28,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -316,7 +317,9 @@ def run_status(run_dir: Path) -> dict:
         info = {"status": "finished" if (run_dir / "metrics.json").exists() else "unknown", "settings": {}}
     if info.get("status") == "running" and not _pid_alive(info.get("pid"), run_dir):
         info["status"] = "interrupted"
-    if info.get("status") != "finished" and (run_dir / "metrics.json").exists():
+    # A run that wrote its metrics but whose worker is gone (killed after them) counts as finished; while
+    # its worker still writes the confusion matrix and the last events, it is running.
+    if info.get("status") not in ("finished", "running") and (run_dir / "metrics.json").exists():
         info["status"] = "finished"
     info["id"] = run_dir.name
     info["resumable"] = info["status"] in ("interrupted", "cancelled", "failed") and (
@@ -347,11 +350,13 @@ class Jobs:
         if not info:
             return None
         run_dir = self.project.runs / info.get("run", "")
-        if _pid_alive(info.get("pid"), run_dir):
-            return info
-        with contextlib.suppress(FileNotFoundError):
-            self.lock_path.unlink()
-        return None
+        if not _pid_alive(info.get("pid"), run_dir):
+            with contextlib.suppress(FileNotFoundError):
+                self.lock_path.unlink()
+            return None
+        if _read_json(run_dir / RUN_FILE).get("status", "running") != "running":
+            return None  # its worker wrote its end and is exiting: the run is over
+        return info
 
     def start(self, settings: dict, resume_run: str | None = None) -> str:
         with self._lock:
@@ -480,6 +485,8 @@ _STEP = re.compile(
     r"Step (\d+): Train accuracy = ([\d.]+)%, Cross entropy = ([\d.e+-]+)"
     r"(?:, Validation accuracy = ([\d.]+)%)?"
 )
+# retrain.fit's cross-fit: held-out accuracy for each number of steps it tried (the validation curve)
+_CROSSFIT = re.compile(r"Out-of-fold accuracy by number of steps \(N=(\d+), (\d+) folds\): (.*)")
 
 
 class _EventWriter(logging.Handler):
@@ -508,6 +515,10 @@ class _EventWriter(logging.Handler):
                 validation_accuracy=float(m[4]) / 100 if m[4] else None,
             )
             return
+        m = _CROSSFIT.match(msg)
+        if m:
+            points = [(int(a), float(b) / 100) for a, b in re.findall(r"(\d+): ([\d.]+)%", m[3])]
+            self.write(kind="crossfit", n=int(m[1]), folds=int(m[2]), points=points)
         if msg.startswith("Bottlenecks:"):
             self.write(kind="phase", phase="train")
         elif msg.startswith("Kept the weights") or msg.startswith("Final test accuracy"):
@@ -1131,8 +1142,9 @@ def _api_events(state: _State, request) -> dict:
         since = max(0, int(request.query_params.get("since", "0")))
     except ValueError:
         since = 0
+    status = run_status(run_dir)["status"]  # before the events: a run seen ended has written all of them
     events, offset = read_events(run_dir, since)
-    return {"run": run_dir.name, "status": run_status(run_dir)["status"], "events": events, "next": offset}
+    return {"run": run_dir.name, "status": status, "events": events, "next": offset}
 
 
 def _api_run(state: _State, request) -> dict:
@@ -1168,7 +1180,20 @@ async def _api_classify(state: _State, request) -> dict:
         raise HTTPError(400, "send exactly one photo")
     import asyncio
 
-    return await asyncio.get_running_loop().run_in_executor(None, _classify, state, model, files[0])
+    result = await asyncio.get_running_loop().run_in_executor(None, _classify, state, model, files[0])
+    return _with_label_set(state, model, result)
+
+
+def _with_label_set(state: _State, model: Path, result: dict) -> dict:
+    """A multi-label model's answer also has ``labels`` (those at or above their threshold, best first,
+    as :class:`retrain.predict.Ranked` chooses them) and each label's ``thresholds``."""
+    clf = state.models.get((str(model), model.stat().st_mtime_ns))
+    if clf is None or not getattr(clf, "multi_label", False):
+        return result
+    thresholds = dict(zip(clf.labels, (float(t) for t in clf.thresholds)))
+    result["labels"] = [p["label"] for p in result["predictions"] if p["score"] >= thresholds[p["label"]]]
+    result["thresholds"] = thresholds
+    return result
 
 
 def _classify(state: _State, model: Path, file: tuple[str | None, bytes]) -> dict:
@@ -1192,11 +1217,13 @@ def _classify(state: _State, model: Path, file: tuple[str | None, bytes]) -> dic
         for p in preds
     ]
     # Models with an open-world output (retrain's calibration work) say whether the photo fits no class.
+    threshold = getattr(clf, "unknown_threshold", None)
     return {
         "file": file[0],
         "predictions": out,
         "unknown": getattr(preds, "unknown", None),
         "unknown_score": getattr(preds, "unknown_score", None),
+        "unknown_threshold": threshold if threshold is not None and math.isfinite(threshold) else None,
     }
 
 
@@ -1256,7 +1283,8 @@ def _fixes(run_dir: Path) -> list[dict]:
 
 
 def _api_issues(state: _State, request) -> dict:
-    """One page of the run's suspected label errors (label_issues.csv, most suspect first) and duplicates."""
+    """One page of the run's suspected label errors (label_issues.csv, most suspect first; ``all=1``: every
+    photo of the run, the least believed label first) and its duplicates."""
     import csv
 
     run_dir = _run_dir(state, request)
@@ -1275,16 +1303,23 @@ def _api_issues(state: _State, request) -> dict:
             return list(csv.DictReader(f))
         return []
 
+    from retrain.runaudit import SUSPECT_SCORE
+
     issues = []
-    for row in read("label_issues.csv"):
+    for row in read("label_issues.csv"):  # every photo of the run, the least believed label first
         rel = _rel_to(root, row.get("path", ""))
         if rel:
+            try:
+                suspect = float(row.get("score", "")) >= SUSPECT_SCORE
+            except ValueError:
+                suspect = False
             issues.append(
                 {
                     "path": rel,
                     "given": row.get("given_label", ""),
                     "suggested": row.get("suggested_label", ""),
                     "score": row.get("score", ""),
+                    "suspect": suspect,
                     "decision": decided.get(rel),
                 }
             )
@@ -1305,6 +1340,8 @@ def _api_issues(state: _State, request) -> dict:
                 }
             )
     per = 24
+    everyone = request.query_params.get("all") == "1"  # else the suspects only
+    shown = issues if everyone else [i for i in issues if i["suspect"]]
     return {
         "available": available,
         "has_audit": (run_dir / "label_issues.csv").exists(),
@@ -1312,9 +1349,12 @@ def _api_issues(state: _State, request) -> dict:
         "image_dir": str(root),
         "classes": [c["name"] for c in _class_counts(root)],
         "page": page,
-        "pages": max(1, -(-len(issues) // per)),
+        "pages": max(1, -(-len(shown) // per)),
         "total": len(issues),
-        "issues": issues[page * per : (page + 1) * per],
+        "suspects": sum(1 for i in issues if i["suspect"]),
+        "suspect_score": round(SUSPECT_SCORE, 4),
+        "all": everyone,
+        "issues": shown[page * per : (page + 1) * per],
         "duplicates": dups[:200],
     }
 
