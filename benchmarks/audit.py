@@ -55,7 +55,7 @@ def head_params() -> dict:
         learning_rate=d.learning_rate,
         batch_size=d.train_batch_size,
         optimizer=d.optimizer,
-        weight_decay=d.weight_decay,
+        weight_decay=d.weight_decay or 0.0,
         class_balance=d.class_balance,
     )
 

@@ -103,6 +103,34 @@ def test_fold_fits_follow_the_head_they_stand_for():
     assert marks[-1] == 300 and abs(ours - theirs) < 0.1
 
 
+def test_a_weight_decay_grid_fits_each_value_as_its_own_run_would():
+    # One batched loop over G decays x M jobs gives, for each decay, what a loop at that decay alone gives.
+    from retrain.crossfit import fit_and_score_many
+
+    X, y = blobs(n_per_class=30, spread=1.0, seed=2)
+    jobs = [(np.arange(0, 90, 2), np.arange(1, 90, 2), 7), (np.arange(1, 90, 2), np.arange(0, 90, 2), 8)]
+    params = {"steps": 120}
+    marks, both = fit_and_score_many(X, y, jobs, n_classes=3, head_params=params, weight_decays=[0.0, 0.3])
+    assert len(both) == 4
+    for g, decay in enumerate((0.0, 0.3)):
+        _, alone = fit_and_score_many(X, y, jobs, n_classes=3, head_params={**params, "weight_decay": decay})
+        for m in range(2):
+            np.testing.assert_allclose(both[g * 2 + m], alone[m], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(both[0], both[2])  # the decay changed the fit
+
+
+def test_cross_fit_chooses_the_weight_decay_and_says_what_each_scored():
+    X, y = blobs(n_per_class=30, spread=1.2, seed=6)
+    cf = cross_fit(X, y, n_classes=3, head_params={"steps": 300}, folds=5, seed=0, weight_decays=[0.0, 50.0])
+    # A decay of 50 leaves the layer almost no weights: worse out of fold, so not chosen.
+    assert cf.weight_decay == 0.0 and set(cf.decay_accuracy) == {0.0, 50.0}
+    assert cf.decay_accuracy[0.0] == cf.accuracy == max(cf.decay_accuracy.values()) > cf.decay_accuracy[50.0]
+    # The logits are those of the chosen point: the same as a cross-fit at that decay alone.
+    alone = cross_fit(X, y, n_classes=3, head_params={"steps": 300}, folds=5, seed=0, weight_decays=[0.0])
+    assert alone.best_steps == cf.best_steps
+    np.testing.assert_allclose(alone.logits, cf.logits, rtol=1e-4, atol=1e-5)
+
+
 def test_score_at_scores_only_the_steps_asked_for_with_the_same_fit():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 8)).astype(np.float32)

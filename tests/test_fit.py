@@ -85,3 +85,24 @@ def test_test_images_never_reach_the_default_layer_but_do_with_final_fit_all(
     m = runs["all", 1].metrics
     assert m["final_fit_count"] == 36 and m["test_accuracy"] == runs["train+val", 1].test_accuracy
     assert "7 test images included" in caplog.text and "was measured before" in caplog.text
+
+
+def test_the_cross_fit_chooses_the_weight_decay_unless_the_flag_gives_one(colour_dir, fast_config, caplog):
+    from retrain.fit import WEIGHT_DECAYS
+
+    caplog.set_level(logging.INFO, logger="retrain")
+    chosen = retrain.train(colour_dir, **fast_config).metrics
+    assert chosen["weight_decay"] == chosen["crossfit"]["weight_decay"] in WEIGHT_DECAYS
+    assert set(chosen["crossfit"]["weight_decay_accuracy"]) == {f"{d:g}" for d in WEIGHT_DECAYS}
+    assert f"weight decay {chosen['weight_decay']:g} (chosen by the cross-fit" in caplog.text
+    config = json.loads((Path(fast_config["output_dir"]) / "config.json").read_text())
+    assert config["weight_decay"] == chosen["weight_decay"]  # the run's config says what it used
+    caplog.clear()
+    out = str(Path(fast_config["output_dir"]).with_name("explicit"))
+    given = retrain.train(colour_dir, **{**fast_config, "output_dir": out}, weight_decay=0.02).metrics
+    assert given["weight_decay"] == given["crossfit"]["weight_decay"] == 0.02
+    assert list(given["crossfit"]["weight_decay_accuracy"]) == ["0.02"]
+    assert "weight decay 0.02 (" in caplog.text and "chosen by the cross-fit" not in caplog.text
+    out = str(Path(fast_config["output_dir"]).with_name("train"))
+    plain = retrain.train(colour_dir, **{**fast_config, "output_dir": out}, final_fit="train").metrics
+    assert plain["weight_decay"] == 0.0  # retrain.py's way: no decay unless asked for

@@ -42,7 +42,9 @@ class TrainConfig:
     validation_batch_size: int = 100
     test_batch_size: int = -1
     optimizer: str = "adam"
-    weight_decay: float = 0.0
+    weight_decay: float | None = (
+        None  # None: chosen by the cross-fit (retrain.fit.WEIGHT_DECAYS); 0 with --final_fit train
+    )
     class_balance: str = "sample"
     final_fit: str = "train+val"  # what the exported layer learns from: train, train+val or all (see fit.py)
     seed: int | None = None
@@ -200,7 +202,10 @@ _RULES = {
     "validation_batch_size": ((lambda n: n == -1 or n >= 1), "-1 (all validation images) or at least 1"),
     "test_batch_size": ((lambda n: n == -1 or n >= 1), "-1 (all test images) or at least 1"),
     "optimizer": _one_of("adam", "sgd", "momentum"),
-    "weight_decay": ((lambda x: math.isfinite(x) and x >= 0), "a number of at least 0"),
+    "weight_decay": (
+        (lambda x: x is None or (math.isfinite(x) and x >= 0)),
+        "None (chosen by the cross-fit) or a number of at least 0",
+    ),
     "class_balance": _one_of("sample", "weight", "none"),
     "final_fit": _one_of("train", "train+val", "all"),
     "seed": ((lambda n: n is None or 0 <= n < 2**31), "None (random) or a whole number from 0 to 2147483647"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -35,7 +35,7 @@ class CrossFit:
     ``logits`` (N, C) are those of the layer that did not see the row, after ``best_steps`` steps;
     ``proba`` is their softmax. ``fold`` (N,) names the fold each row was held out in.
     ``curve_steps`` (S,) are the step counts scored; ``curve_accuracy`` and ``curve_loss`` (S,)
-    the out-of-fold accuracy and mean cross entropy at each.
+    the out-of-fold accuracy and mean cross entropy at each, at the chosen ``weight_decay``.
     """
 
     logits: np.ndarray
@@ -45,6 +45,8 @@ class CrossFit:
     curve_loss: np.ndarray
     best_steps: int
     seconds: float
+    weight_decay: float = 0.0  # the L2 strength the logits (and the final layer) were fitted with
+    decay_accuracy: dict[float, float] = field(default_factory=dict)  # each decay tried: its best accuracy
 
     @property
     def proba(self) -> np.ndarray:
@@ -131,6 +133,7 @@ def fit_and_score_many(
     n_classes: int,
     head_params: dict,
     stop: Callable[[list[np.ndarray], int], bool] | None = None,
+    weight_decays: Sequence[float] | None = None,
     score_at: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Fit one layer per job ``(train_idx, score_idx, seed)``, all in one loop, and score each job's rows.
@@ -141,6 +144,10 @@ def fit_and_score_many(
     Returns (step counts (S,), per job logits (S, len(score_idx), C)). After each checkpoint ``i``,
     ``stop(outputs, i)`` may end all fits early; the arrays returned then end at that checkpoint.
     ``score_at`` replaces the step counts of :func:`checkpoint_steps` (e.g. ``[steps]``: only the end).
+
+    ``weight_decays`` (G values; default: ``head_params``' one) fits every job once per value, on the
+    same batches (the same seed draws the same images), and returns G x M outputs, value-major:
+    output ``g * M + m`` is job ``m`` at ``weight_decays[g]``. The batches are gathered once for all G.
     """
     head = SoftmaxHead(**{**head_params, "keep_best": False})  # validates the parameters
     X = np.ascontiguousarray(X, dtype=np.float32)
@@ -148,16 +155,23 @@ def fit_and_score_many(
     marks = checkpoint_steps(head.steps)
     if score_at is not None:
         marks = np.unique(np.clip(np.asarray(score_at, dtype=np.int64), 1, head.steps))
-    M, C, B, d = len(jobs), n_classes, head.batch_size, X.shape[1]
+    decays = np.array([head.weight_decay] if weight_decays is None else weight_decays, dtype=np.float32)
+    G, M, C, B, d = len(decays), len(jobs), n_classes, head.batch_size, X.shape[1]
     rngs = [np.random.default_rng(seed) for _, _, seed in jobs]
     samplers = [ClassBalancedSampler(y[train_idx], C, head.class_balance) for train_idx, _, _ in jobs]
-    P = np.zeros((M, C, d + 1), dtype=np.float32)  # per layer: class weights, then the bias column
+    # Per layer: class weights, then the bias column; layer (g, m) is job m at weight decay g.
+    P = np.zeros((G, M, C, d + 1), dtype=np.float32)
     for m, rng in enumerate(rngs):
-        P[m, :, :d] = np.clip(rng.normal(0.0, 0.001, size=(d, C)), -0.002, 0.002).T
+        P[:, m, :, :d] = np.clip(rng.normal(0.0, 0.001, size=(d, C)), -0.002, 0.002).T
     moments = (np.zeros_like(P), np.zeros_like(P))
-    update = _Optimizer(head.optimizer, P, moments, head.learning_rate, head.weight_decay, d)
+    decay = decays[:, None, None, None] if np.any(decays != decays[0]) else float(decays[0])
+    update = _Optimizer(head.optimizer, P, moments, head.learning_rate, decay, d)
     eye = np.eye(C, dtype=np.float32)
-    outputs = [np.empty((len(marks), len(score_idx), C), dtype=np.float32) for _, score_idx, _ in jobs]
+    outputs = [
+        np.empty((len(marks), len(score_idx), C), dtype=np.float32)
+        for _ in range(G)
+        for _, score_idx, _ in jobs
+    ]
     xb = np.empty((M, B, d), dtype=np.float32)  # each layer's batch
     yb, wb = np.empty((M, B), dtype=np.int64), np.empty((M, B), dtype=np.float32)  # its labels, loss weights
     rows = np.empty((M, B), dtype=np.int64)  # the rows of X in each layer's batch
@@ -170,19 +184,19 @@ def fit_and_score_many(
                 rows[m], wb[m] = train_idx[local], sampler.weights[local]
             np.take(X, rows.reshape(-1), axis=0, out=xb.reshape(M * B, d))  # one gather for all layers
             np.take(y, rows, out=yb)
-            z = np.matmul(P[:, :, :d], xb.transpose(0, 2, 1))  # (M, C, B)
-            z += P[:, :, d:]
-            z -= z.max(axis=1, keepdims=True)
+            z = np.matmul(P[..., :d], xb.transpose(0, 2, 1))  # (G, M, C, B)
+            z += P[..., d:]
+            z -= z.max(axis=2, keepdims=True)
             np.exp(z, out=z)
-            z /= z.sum(axis=1, keepdims=True)  # softmax over classes
+            z /= z.sum(axis=2, keepdims=True)  # softmax over classes
             z -= eye[yb].transpose(0, 2, 1)
             z *= (wb / wb.sum(axis=1, keepdims=True))[:, None, :]  # the gradient wrt the logits
-            np.matmul(z, xb, out=gP[:, :, :d])
-            z.sum(axis=2, out=gP[:, :, d])
+            np.matmul(z, xb, out=gP[..., :d])
+            z.sum(axis=3, out=gP[..., d])
             step += 1
             update(gP, step)
             if mark < len(marks) and step == marks[mark]:
-                for (_, score_idx, _), out, Pm in zip(jobs, outputs, P):
+                for (_, score_idx, _), out, Pm in zip(jobs * G, outputs, P.reshape(G * M, C, d + 1)):
                     out[mark] = X[score_idx] @ Pm[:, :d].T + Pm[:, d]
                 mark += 1
                 if stop is not None and mark < len(marks) and stop(outputs, mark - 1):
@@ -200,14 +214,17 @@ def cross_fit(
     groups: Sequence[Hashable] | None = None,
     seed: int = 0,
     patience: int = PATIENCE,
+    weight_decays: Sequence[float] | None = None,
 ) -> CrossFit:
     """Out-of-fold logits for every row of ``X`` (N, D) with labels ``y`` (N,).
 
     ``folds`` layers are fitted, each on all rows but one fold, with ``head_params`` (keyword
-    arguments of :class:`SoftmaxHead`); the step count with the best out-of-fold accuracy (ties:
-    lower cross entropy, then fewer steps) is ``best_steps``, and ``logits`` are taken there.
-    The fits stop once ``patience`` checkpoints in a row brought no better score. With fewer
-    groups than folds, the number of folds drops to the number of groups.
+    arguments of :class:`SoftmaxHead`), once per value of ``weight_decays`` (default: only
+    ``head_params``' own), all in one batched loop on the same batches. The (weight decay, step count)
+    with the best out-of-fold accuracy (ties: lower cross entropy, then less decay and fewer steps) is
+    ``(weight_decay, best_steps)``, and ``logits`` are taken there. The fits stop once ``patience``
+    checkpoints in a row brought no better score at any weight decay. With fewer groups than folds,
+    the number of folds drops to the number of groups.
     """
     t0 = time.perf_counter()
     X = np.ascontiguousarray(X, dtype=np.float32)
@@ -218,31 +235,44 @@ def cross_fit(
     k = min(folds, len(np.unique(group_ids(groups, n))))
     if k < 2:
         raise ValueError("cross-fitting needs at least 2 distinct groups")
+    decays = [float(head_params.get("weight_decay", 0.0))] if weight_decays is None else sorted(weight_decays)
     fold = assign_folds(y, k, groups=groups, seed=seed)
     jobs = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f), seed + 1000 * (f + 1)) for f in range(k)]
-    logits = np.empty((len(checkpoint_steps(head_params.get("steps", 4000))), n, n_classes), np.float32)
-    scores: list[tuple[float, float]] = []  # (out-of-fold accuracy, -cross entropy) per checkpoint
+    S, G = len(checkpoint_steps(head_params.get("steps", 4000))), len(decays)
+    logits = np.empty((G, S, n, n_classes), np.float32)
+    scores: list[list[tuple[float, float]]] = [[] for _ in decays]  # per decay, per checkpoint
+
+    def best_point() -> tuple[int, int]:
+        """(decay index, checkpoint) of the best score; the first of equals: less decay, fewer steps."""
+        return max(
+            ((g, i) for i in range(len(scores[0])) for g in range(G)),
+            key=lambda gi: (scores[gi[0]][gi[1]], -gi[1]),
+        )
 
     def score(outputs: list[np.ndarray], i: int) -> bool:
-        for (_, score_idx, _), out in zip(jobs, outputs):
-            logits[i, score_idx] = out[i]
-        scores.append((float((logits[i].argmax(axis=1) == y).mean()), -_mean_cross_entropy(logits[i], y)))
-        best = max(range(len(scores)), key=lambda j: scores[j])  # first of equals: fewer steps
-        return i - best >= patience
+        for g in range(G):
+            for (_, score_idx, _), out in zip(jobs, outputs[g * k : (g + 1) * k]):
+                logits[g, i, score_idx] = out[i]
+            accuracy = float((logits[g, i].argmax(axis=1) == y).mean())
+            scores[g].append((accuracy, -_mean_cross_entropy(logits[g, i], y)))
+        return i - best_point()[1] >= patience
 
-    marks, scored = fit_and_score_many(X, y, jobs, n_classes=n_classes, head_params=head_params, stop=score)
-    if len(scores) < len(marks):  # the last checkpoint is not offered to stop()
+    marks, scored = fit_and_score_many(
+        X, y, jobs, n_classes=n_classes, head_params=head_params, stop=score, weight_decays=decays
+    )
+    if len(scores[0]) < len(marks):  # the last checkpoint is not offered to stop()
         score(scored, len(marks) - 1)
-    accuracy, loss = np.array([a for a, _ in scores]), np.array([-nl for _, nl in scores])
-    best = max(range(len(scores)), key=lambda j: scores[j])
+    g, best = best_point()
     return CrossFit(
-        logits=logits[best].copy(),
+        logits=logits[g, best].copy(),
         fold=fold,
         curve_steps=marks,
-        curve_accuracy=accuracy,
-        curve_loss=loss,
+        curve_accuracy=np.array([a for a, _ in scores[g]]),
+        curve_loss=np.array([-nl for _, nl in scores[g]]),
         best_steps=int(marks[best]),
         seconds=time.perf_counter() - t0,
+        weight_decay=decays[g],
+        decay_accuracy={d: max(a for a, _ in scores[j]) for j, d in enumerate(decays)},
     )
 
 

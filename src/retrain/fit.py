@@ -9,7 +9,8 @@ before it is scored, so the printed test accuracy stays an honest estimate.
 
 ``--final_fit`` says what the exported layer is fitted on:
 
-* ``train+val`` (default): training + validation, steps chosen by the cross-fit;
+* ``train+val`` (default): training + validation, steps chosen by the cross-fit (and the weight decay, from
+  :data:`WEIGHT_DECAYS`, unless ``--weight_decay`` gives one);
 * ``train``: retrain.py's way: the training split, ``--how_many_training_steps`` steps, the weights of
   the step with the best validation accuracy;
 * ``all``: as ``train+val``, then, after the test accuracy is printed, fitted again with the test images
@@ -34,6 +35,9 @@ from retrain.errors import RetrainError
 log = logging.getLogger("retrain")
 
 FINAL_FITS = ("train", "train+val", "all")
+# The L2 strengths (--weight_decay) the cross-fit chooses from when the flag is not given: all fitted at
+# once on the same batches (crossfit.fit_and_score_many), so the grid costs a few batched products.
+WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
 def labelled_groups(keys: Sequence[bytes], paths: Sequence[str]) -> list[int]:
@@ -56,6 +60,7 @@ class FitPlan:
     steps: int
     with_validation: bool
     cross: CrossFit | None
+    weight_decay: float = 0.0  # the final layer's L2 strength: the flag's, or the cross-fit's choice
 
     @property
     def validation_accuracy(self) -> float | None:
@@ -73,24 +78,37 @@ def plan_final_fit(
     mode: str = "train+val",
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
+    weight_decays: Sequence[float] | None = None,
 ) -> FitPlan:
     """Cross-fit training + validation rows ``X`` (N, D), ``y`` (N,) once and decide the final fit.
 
     ``head_params`` are the final layer's :class:`~retrain.head.SoftmaxHead` arguments; their
-    ``steps`` is the most the cross-fit tries (``--how_many_training_steps``).
+    ``steps`` is the most the cross-fit tries (``--how_many_training_steps``). ``weight_decays``: the
+    L2 strengths the cross-fit chooses from (default: only ``head_params``' ``weight_decay``).
     """
     if mode not in FINAL_FITS:
         raise RetrainError(f"--final_fit must be one of {', '.join(FINAL_FITS)}, got {mode!r}")
     try:
         cross = cross_fit(
-            X, y, n_classes=n_classes, head_params=head_params, folds=folds, groups=groups, seed=seed
+            X,
+            y,
+            n_classes=n_classes,
+            head_params=head_params,
+            folds=folds,
+            groups=groups,
+            seed=seed,
+            weight_decays=weight_decays,
         )
     except ValueError as exc:
         log.warning("No cross-fit (%s): the final layer trains for all %d steps", exc, head_params["steps"])
         cross = None
     with_validation = mode != "train" and cross is not None
     steps = cross.best_steps if with_validation else int(head_params["steps"])
-    plan = FitPlan(mode=mode, steps=steps, with_validation=with_validation, cross=cross)
+    if cross is not None:
+        decay = cross.weight_decay
+    else:  # nothing to choose by: the flag's value, or no decay
+        decay = float(head_params.get("weight_decay") or 0.0) if weight_decays is None else min(weight_decays)
+    plan = FitPlan(mode=mode, steps=steps, with_validation=with_validation, cross=cross, weight_decay=decay)
     _log_plan(plan, len(y), folds)
     return plan
 
@@ -103,12 +121,17 @@ def _log_plan(plan: FitPlan, n: int, folds: int) -> None:
     curve = ", ".join(f"{s}: {100 * a:.1f}%" for s, a in zip(cross.curve_steps, cross.curve_accuracy))
     log.info("Out-of-fold accuracy by number of steps (N=%d, %d folds): %s", n, k, curve)
     where = f"all {n}" if plan.with_validation else "the training split only (--final_fit train)"
+    decay = f"weight decay {cross.weight_decay:g}"
+    if len(cross.decay_accuracy) > 1:
+        tried = ", ".join(f"{d:g}: {100 * a:.1f}%" for d, a in cross.decay_accuracy.items())
+        decay += f" (chosen by the cross-fit; best out-of-fold accuracy by weight decay: {tried})"
     log.info(
-        "Cross-fitting %d folds on %d training+validation images: best at %d steps (out-of-fold accuracy %.1f%%, "
-        "%.1f s); final layer fitted on %s",
+        "Cross-fitting %d folds on %d training+validation images: best at %d steps, %s (out-of-fold accuracy "
+        "%.1f%%, %.1f s); final layer fitted on %s",
         k,
         n,
         cross.best_steps,
+        decay,
         100 * cross.accuracy,
         cross.seconds,
         where,

@@ -270,7 +270,7 @@ class _Optimizer:
 
     def __call__(self, g: np.ndarray, t: int) -> None:
         P, t1, t2 = self.P, self.t1, self.t2
-        if self.weight_decay:
+        if np.any(self.weight_decay):  # a number, or one per layer (an array that broadcasts against P)
             g[..., : self.d] += self.weight_decay * P[..., : self.d]
         if self.name == "sgd":
             np.multiply(g, self.lr, out=t1)

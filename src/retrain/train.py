@@ -125,6 +125,9 @@ def train(
     # out-of-fold predictions serve calibration, the unknown score and the audit.
     plan = _plan_final_fit(cfg, splits, seed, timings)
     crossfit = plan.cross
+    cfg = dataclasses.replace(
+        cfg, weight_decay=plan.weight_decay
+    )  # the flag's value or the cross-fit's choice
     frozen = splits  # bottleneck features, before any fine-tuning: what the audit compares
     head = _fit_head(cfg, spec, seed, splits, paths, timings, history, plan)
     validation_accuracy = (
@@ -179,6 +182,7 @@ def train(
         "train_count": len(splits.train.y),
         "final_fit": plan.mode,
         "final_fit_count": fitted_count,
+        "weight_decay": plan.weight_decay,
         "skipped_files": len(table.skipped),
         "seed": seed,
         "test": test.metrics,
@@ -191,6 +195,8 @@ def train(
             "folds": int(crossfit.fold.max()) + 1,
             "count": len(crossfit.fold),
             "seconds": round(crossfit.seconds, 3),
+            "weight_decay": crossfit.weight_decay,
+            "weight_decay_accuracy": {f"{d:g}": a for d, a in crossfit.decay_accuracy.items()},
         }
     report = crossfit is not None and not cfg.no_report
     if report:
@@ -421,14 +427,14 @@ def head_params(cfg: TrainConfig) -> dict:
         learning_rate=cfg.learning_rate,
         batch_size=cfg.train_batch_size,
         optimizer=cfg.optimizer,
-        weight_decay=cfg.weight_decay,
+        weight_decay=cfg.weight_decay or 0.0,  # None (to be chosen) until the cross-fit chose it
         class_balance=cfg.class_balance,
     )
 
 
 def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[str, float]):
     """The run's one cross-fit over training + validation and what the final layer is fitted on (retrain.fit)."""
-    from retrain.fit import labelled_groups, plan_final_fit
+    from retrain.fit import WEIGHT_DECAYS, labelled_groups, plan_final_fit
 
     mode = cfg.final_fit
     if cfg.fine_tune and mode != "train":
@@ -439,6 +445,8 @@ def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[s
         )
         mode = "train"
     labelled = splits.train + splits.validation
+    # Without --weight_decay the cross-fit chooses it, except for retrain.py's way (and fine-tuning): none.
+    decays = (WEIGHT_DECAYS if mode != "train" else (0.0,)) if cfg.weight_decay is None else None
     plan = plan_final_fit(
         labelled.X,
         labelled.y,
@@ -447,6 +455,7 @@ def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[s
         head_params=head_params(cfg),
         mode=mode,
         seed=seed,
+        weight_decays=decays,
     )
     timings["cross_fit"] = plan.cross.seconds if plan.cross is not None else 0.0
     return plan
