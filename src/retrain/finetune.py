@@ -27,6 +27,7 @@ had reached, with the same random state, so it ends where an uninterrupted run w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -494,18 +495,21 @@ class _Tuner:
         self.warmup_steps = round(recipe.warmup_epochs * self.steps_per_epoch)
 
     def log_estimate(self, seconds_so_far: float) -> float:
-        """Time two training batches (without an optimizer step) and log what all the epochs will take."""
+        """Time three training steps on a copy of the network and log what all the epochs will take."""
+        top, head = copy.deepcopy(self.top), copy.deepcopy(self.head)
+        params = list(top.parameters()) + list(head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=0.0)  # the copy's weights do not change, nor do ours
         rows = np.arange(min(self.batch, len(self.inputs.pool)))
-        x = self._tensor(self.inputs.pool[rows])
         y = torch.zeros(len(rows), dtype=torch.int64, device=self.device)
         times = []
-        for _ in range(2):
+        for _ in range(3):
             t0 = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(self.head(self.top(x)), y)
+            loss = torch.nn.functional.cross_entropy(head(top(self._tensor(self.inputs.pool[rows]))), y)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            optimizer.step()
             times.append(time.perf_counter() - t0)
-        self.optimizer.zero_grad(set_to_none=True)
-        per_image = min(times) / len(rows)
+        per_image = min(times[1:]) / len(rows)
         # an epoch: every training draw forward + backward, the validation images forward (~1/3 of that)
         seconds = self.cfg.fine_tune_epochs * per_image * (len(self.y_train) + len(self.y_val) / 3)
         quality = "best quality: " if self.recipe == BEST_RECIPE else ""
