@@ -165,7 +165,10 @@ def run_set(folder: Path, args, work: Path) -> dict:
         print(json.dumps(row), file=sys.stderr, flush=True)
         for name in args.configs:
             overrides, recipe_overrides = CONFIGS[name]
-            cfg = finetune.apply_quality(dataclasses.replace(TrainConfig(), **overrides))
+            # the recipe first, then the variant's settings (apply_quality keeps only non-default values)
+            quality = {k: v for k, v in overrides.items() if k == "quality"}
+            cfg = finetune.apply_quality(dataclasses.replace(TrainConfig(), **quality))
+            cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k != "quality"})
             recipe = finetune.recipe_for(cfg)
             if recipe_overrides is not None:
                 recipe = dataclasses.replace(
