@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -330,3 +331,75 @@ def test_resume_refuses_a_fine_tuning_checkpoint_from_other_settings(colour_dir:
     assert _report(Path(fast_config["output_dir"]))["resumed_after_epoch"] == 2 and again.test_accuracy == 1.0
     with pytest.raises(RetrainError, match=r"checkpoint .* belongs to a run with other settings.*remove it"):
         retrain.train(colour_dir, **fast_config, **{**flags, "fine_tune_learning_rate": 1e-3}, resume=True)
+
+
+# -- --quality best ----------------------------------------------------------------------------------
+
+
+def test_quality_best_resolves_to_the_measured_recipe():
+    from retrain.cli import training_parser
+    from retrain.config import ConfigError, TrainConfig
+    from retrain.finetune import BEST_RECIPE, BEST_SETTINGS, Recipe, apply_quality, recipe_for
+
+    ns = training_parser().parse_args(["--quality", "best"])
+    cfg = apply_quality(TrainConfig(**vars(ns)).validate())
+    assert {k: getattr(cfg, k) for k in BEST_SETTINGS} == BEST_SETTINGS and cfg.fine_tune
+    assert recipe_for(cfg) == BEST_RECIPE and BEST_RECIPE.schedule == "cosine"
+    # a fine-tuning flag the user changed from its default still applies
+    ns = training_parser().parse_args(
+        ["--quality", "best", "--fine_tune_blocks", "9", "--fine_tune_epochs", "2"]
+    )
+    cfg = apply_quality(TrainConfig(**vars(ns)))
+    assert (cfg.fine_tune_blocks, cfg.fine_tune_epochs) == ("9", 2)
+    assert cfg.fine_tune_learning_rate == BEST_SETTINGS["fine_tune_learning_rate"]
+    # the default run and the old --fine_tune are unchanged
+    assert (
+        apply_quality(TrainConfig()) == TrainConfig() and recipe_for(TrainConfig(fine_tune=True)) == Recipe()
+    )
+    with pytest.raises(ConfigError, match="--quality 'fast' is not allowed"):
+        TrainConfig(quality="fast").validate()
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from retrain.finetune import BEST_RECIPE, Recipe
+
+    f = [BEST_RECIPE.factor(s, 100, 10) for s in range(100)]
+    assert f[0] < f[5] < f[9] < 1.0 and f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.01
+    assert {Recipe().factor(s, 100, 10) for s in range(100)} == {1.0}
+
+
+def test_quality_best_prints_an_estimate_first_and_fine_tunes(
+    tmp_path: Path, colour_dir: Path, fast_config, caplog
+):
+    caplog.set_level(logging.INFO, logger="retrain")
+    retrain.train(
+        colour_dir,
+        **{**fast_config, "architecture": TINY_BN, "quiet": False},
+        quality="best",
+        fine_tune_epochs=2,
+        fine_tune_learning_rate=3e-3,
+    )
+    text = caplog.text
+    assert "best quality: fine-tuning 2 backbone blocks for up to 2 epochs of" in text
+    estimate = text.index("best quality: fine-tuning")
+    assert "on this CPU" in text[estimate:] and estimate < text.index("Fine-tune epoch 1/2")
+    report = _report(Path(fast_config["output_dir"]))
+    assert report["unfrozen_blocks"] == 2 and report["epochs_run"] == 2  # blocks "6" = all of this one's 2
+
+
+def test_quality_best_keeps_the_frozen_model_when_validation_gets_worse(
+    tmp_path: Path, colour_dir: Path, fast_config, caplog
+):
+    caplog.set_level(logging.INFO, logger="retrain")
+    cfg = {**fast_config, "architecture": TINY_BN, "quiet": False}
+    # --fine_tune fits the new layer on the training split alone, as --final_fit train does
+    frozen = retrain.train(colour_dir, **{**cfg, "output_dir": str(tmp_path / "frozen")}, final_fit="train")
+    # a learning rate that wrecks the network: every epoch is worse than the start on validation
+    best = retrain.train(colour_dir, **cfg, quality="best", fine_tune_epochs=2, fine_tune_learning_rate=50.0)
+    report = _report(Path(cfg["output_dir"]))
+    assert report["best_epoch"] == 0 and report["epochs_run"] == 2
+    assert report["history"][1]["validation_accuracy"] < report["history"][0]["validation_accuracy"]
+    assert "keeping the model with the frozen backbone" in caplog.text
+    assert retrain.load(best.output_graph).manifest.get("fine_tuned") is not True
+    assert best.test_accuracy == frozen.test_accuracy

@@ -295,6 +295,14 @@ def training_parser() -> _Parser:
         default=d.fine_tune_patience,
         help="stop after this many epochs without validation improvement",
     )
+    _add(
+        g,
+        "quality",
+        default=d.quality,
+        choices=("default", "best"),
+        help="'best': fine-tune with the measured recipe (more accurate far from ImageNet, minutes to an hour "
+        "on a CPU; the time estimate is printed first); fine_tune_* flags you give still apply",
+    )
     g = p.add_argument_group("outputs")
     _add(
         g,

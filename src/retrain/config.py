@@ -67,6 +67,7 @@ class TrainConfig:
     fine_tune_epochs: int = 10
     fine_tune_learning_rate: float = 1e-4
     fine_tune_patience: int = 3
+    quality: str = "default"  # "best": fine-tune with the measured recipe (finetune.BEST_SETTINGS)
     resume: bool = False
     # -- outputs -------------------------------------------------------------------------------
     output_dir: str = ""  # default: ./retrain_runs/<time>; other outputs default inside it
@@ -217,6 +218,7 @@ _RULES = {
     "fine_tune_epochs": ((lambda n: n >= 1), "a whole number of at least 1"),
     "fine_tune_learning_rate": (_positive, "a number above 0 (e.g. 0.0001)"),
     "fine_tune_patience": ((lambda n: n >= 1), "a whole number of at least 1"),
+    "quality": _one_of("default", "best"),
     "intermediate_store_frequency": ((lambda n: n >= 0), "a whole number of at least 0 (0 = never)"),
     "final_tensor_name": (
         (lambda s: bool(s.strip()) and s != "image"),

@@ -27,6 +27,7 @@ had reached, with the same random state, so it ends where an uninterrupted run w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -56,13 +57,65 @@ from retrain.torch_modules import NormalizePixels
 
 log = logging.getLogger("retrain")
 
-CHECKPOINT_VERSION = 2  # 2: the pixel normalisation's buffers moved into their own module
+CHECKPOINT_VERSION = 3  # 2: the pixel normalisation's buffers moved into their own module; 3: the recipe
 HEAD_LR_MULTIPLIER = 10  # the new layer learns this many times faster than the backbone
 MAX_BATCH = 64  # images per fine-tuning step: cfg.train_batch_size, at most this
 # Cached activations go to float16 above this share of the machine's memory, and are refused above
 # FP16_MEMORY_SHARE (the message says how to make them fit).
 FP32_MEMORY_SHARE = 0.25
 FP16_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the fine-tuning epochs train. ``Recipe()`` is the original ``--fine_tune``; ``BEST_RECIPE`` is
+    ``--quality best``'s (chosen by measurement, docs/finetune.md)."""
+
+    optimizer: str = "adam"  # "adam": --weight_decay as L2 on the new layer only; "adamw": decoupled, all
+    head_lr_multiplier: float = HEAD_LR_MULTIPLIER  # the new layer's learning rate / the backbone's
+    schedule: str = "constant"  # "cosine": linear warm-up, then cosine decay to 0 at the last epoch
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0  # with "adamw": decoupled weight decay of backbone and new layer
+
+    def factor(self, step: int, total: int, warmup: int) -> float:
+        """Learning-rate multiplier before optimizer step ``step`` (0-based) of ``total``."""
+        if self.schedule != "cosine":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+BEST_RECIPE = Recipe(
+    optimizer="adamw",
+    head_lr_multiplier=1.0,
+    schedule="cosine",
+    warmup_epochs=1.0,
+    label_smoothing=0.1,
+    weight_decay=0.01,
+)
+# --quality best: these settings, unless a flag changed them from its default.
+BEST_SETTINGS = {
+    "fine_tune": True,
+    "fine_tune_blocks": "6",
+    "fine_tune_epochs": 8,
+    "fine_tune_learning_rate": 3e-4,
+    "fine_tune_patience": 100,
+}
+
+
+def apply_quality(cfg: TrainConfig) -> TrainConfig:
+    """``--quality best`` -> the fine-tuning settings of BEST_SETTINGS, for each flag left at its default."""
+    if getattr(cfg, "quality", "default") != "best":
+        return cfg
+    defaults = TrainConfig()
+    changes = {k: v for k, v in BEST_SETTINGS.items() if getattr(cfg, k) == getattr(defaults, k)}
+    return dataclasses.replace(cfg, **changes)
+
+
+def recipe_for(cfg: TrainConfig) -> Recipe:
+    return BEST_RECIPE if getattr(cfg, "quality", "default") == "best" else Recipe()
 
 
 @dataclass
@@ -153,13 +206,14 @@ def fine_tune(
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     summaries_dir: str | os.PathLike | None = None,
+    recipe: Recipe | None = None,
 ) -> FineTuned:
     """Fine-tune the top of the backbone together with ``head`` (fitted on ``splits.train``'s features).
 
     ``config`` gives the ``fine_tune_*`` settings, ``class_balance``, ``train_batch_size``,
     ``weight_decay``, the distortion flags, ``device`` and ``resume``. ``checkpoint``: where the
     state is saved after every epoch (and read back with ``config.resume``); ``summaries_dir``:
-    TensorBoard curves. Both optional. The splits' features are recomputed with the fine-tuned
+    TensorBoard curves. Both optional. ``recipe``: how the epochs train (default: ``recipe_for(config)``). The splits' features are recomputed with the fine-tuned
     network, so a test accuracy measured on the returned splits is the fine-tuned model's.
     """
     from retrain.devices import resolve_device
@@ -171,7 +225,10 @@ def fine_tune(
     _check_settings(cfg)
     device = torch.device(resolve_device(cfg.device))
     net = spec.build().eval()
-    k = first_unfrozen_block(cfg.fine_tune_blocks, len(net.blocks))
+    blocks = cfg.fine_tune_blocks
+    if cfg.quality == "best" and str(blocks).isdigit() and int(blocks) > len(net.blocks):
+        blocks = "all"  # a backbone with fewer blocks than the recipe's: all of them
+    k = first_unfrozen_block(blocks, len(net.blocks))
     top = _TopOfNet(list(net.blocks)[k:], spec.preprocessing if k == 0 else None)
     _check_contract(spec.name, net, spec.preprocessing.input_size)
 
@@ -202,7 +259,9 @@ def fine_tune(
         val.y,
         checkpoint=checkpoint,
         summaries_dir=summaries_dir,
+        recipe=recipe or recipe_for(cfg),
     )
+    tuner.log_estimate(time.perf_counter() - t0)
     result = tuner.fit()
     n_blocks = len(net.blocks)
     if result.best_epoch == 0:
@@ -397,8 +456,9 @@ class _Tuner:
         *,
         checkpoint: str | os.PathLike | None,
         summaries_dir: str | os.PathLike | None,
+        recipe: Recipe = Recipe(),
     ):
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.recipe = cfg, device, recipe
         self.summaries_dir = summaries_dir
         self.labels = list(labels)
         self.inputs, self.copies = inputs, copies
@@ -412,16 +472,16 @@ class _Tuner:
         for p in self.backbone_params:
             p.requires_grad_(True)
         lr = cfg.fine_tune_learning_rate
-        self.optimizer = torch.optim.Adam(
-            [
-                {"params": self.backbone_params, "lr": lr},
-                {
-                    "params": list(self.head.parameters()),
-                    "lr": HEAD_LR_MULTIPLIER * lr,
-                    "weight_decay": cfg.weight_decay,
-                },
-            ]
-        )
+        head_group = {"params": list(self.head.parameters()), "lr": recipe.head_lr_multiplier * lr}
+        if recipe.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(
+                [{"params": self.backbone_params, "lr": lr}, head_group], weight_decay=recipe.weight_decay
+            )
+        else:
+            head_group["weight_decay"] = cfg.weight_decay
+            self.optimizer = torch.optim.Adam([{"params": self.backbone_params, "lr": lr}, head_group])
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.step = 0  # optimizer steps taken, for the schedule
         self.batch = max(1, min(cfg.train_batch_size, MAX_BATCH))
         self.y_train = np.asarray(y_train, np.int64)
         self.y_val = np.asarray(y_val, np.int64)
@@ -430,6 +490,42 @@ class _Tuner:
         self.rng = np.random.default_rng([seed, 7])
         self.path = Path(checkpoint) if checkpoint is not None else None
         self.fingerprint = self._fingerprint(head, spec)
+        self.steps_per_epoch = -(-len(self.y_train) // self.batch)
+        self.total_steps = self.steps_per_epoch * cfg.fine_tune_epochs
+        self.warmup_steps = round(recipe.warmup_epochs * self.steps_per_epoch)
+
+    def log_estimate(self, seconds_so_far: float) -> float:
+        """Time three training steps on a copy of the network and log what all the epochs will take."""
+        top, head = copy.deepcopy(self.top), copy.deepcopy(self.head)
+        params = list(top.parameters()) + list(head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=0.0)  # the copy's weights do not change, nor do ours
+        rows = np.arange(min(16, self.batch, len(self.inputs.pool)))  # small: the timing itself stays cheap
+        y = torch.zeros(len(rows), dtype=torch.int64, device=self.device)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(head(top(self._tensor(self.inputs.pool[rows]))), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - t0)
+        per_image = min(times[1:]) / len(rows)
+        # an epoch: every training draw forward + backward, the validation images forward (~1/3 of that)
+        seconds = self.cfg.fine_tune_epochs * per_image * (len(self.y_train) + len(self.y_val) / 3)
+        quality = "best quality: " if self.recipe == BEST_RECIPE else ""
+        log.info(
+            "%sfine-tuning %d backbone blocks for up to %d epochs of %d images: about %s on this %s "
+            "(%.0f ms per image and epoch, measured; the frozen part took %.0f s)",
+            quality,
+            len(self.top.blocks),
+            self.cfg.fine_tune_epochs,
+            len(self.y_train),
+            _duration(seconds),
+            "GPU" if self.device.type == "cuda" else "CPU",
+            1000 * per_image,
+            seconds_so_far,
+        )
+        return seconds
 
     # -- one epoch ---------------------------------------------------------------------------
     def _epoch_rows(self) -> tuple[np.ndarray, np.ndarray]:
@@ -445,11 +541,17 @@ class _Tuner:
             y = torch.from_numpy(labels[sl]).to(self.device)
             w = torch.from_numpy(weights[sl]).to(self.device)
             logits = self.head(self.top(x))
-            nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            nll = torch.nn.functional.cross_entropy(
+                logits, y, reduction="none", label_smoothing=self.recipe.label_smoothing
+            )
             loss = (nll * w).sum() / w.sum()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            factor = self.recipe.factor(self.step, self.total_steps, self.warmup_steps)
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * factor
             self.optimizer.step()
+            self.step += 1
             total_loss += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
         return total_loss / len(rows), correct / len(rows)
@@ -611,6 +713,8 @@ class _Tuner:
                 float(cfg.random_brightness),
             ],
             "head_and_labels": digest.hexdigest(),
+            "recipe": dataclasses.asdict(self.recipe),
+            "epochs": cfg.fine_tune_epochs if self.recipe.schedule != "constant" else None,
         }
 
     def _save_checkpoint(self, history, best, epoch, bad_epochs, done) -> None:
@@ -620,6 +724,7 @@ class _Tuner:
             "version": CHECKPOINT_VERSION,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "epoch": epoch,
+            "step": self.step,
             "bad_epochs": bad_epochs,
             "done": done,
             "weights": self._weights(),
@@ -653,6 +758,7 @@ class _Tuner:
         self._set_weights(state["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = json.loads(state["rng"])
+        self.step = int(state["step"])
         history = [EpochReport(**r) for r in state["history"]]
         best = {
             "epoch": state["best_epoch"],
@@ -678,6 +784,14 @@ def _rows(
     images, weights = sampler.epoch(rng)
     rows = images * copies + rng.integers(0, copies, size=len(images)) if copies else images
     return rows, weights
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _score(acc: float | None, loss: float | None) -> tuple[float, float]:

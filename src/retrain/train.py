@@ -94,6 +94,9 @@ def train(
     if image_dir is not None:
         cfg.image_dir = os.fspath(image_dir)
     cfg.validate()  # every value, before any work
+    from retrain.finetune import apply_quality
+
+    cfg = apply_quality(cfg)  # --quality best: the fine-tuning recipe's settings
     t_start = time.perf_counter()
     spec = resolve_backbone(cfg)
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
