@@ -108,26 +108,23 @@ def render(run_dir: Path, metrics: dict, audit: dict, fine_tune: dict | None) ->
     )
 
 
-class _Context:
-    """The run's arrays plus the set of images whose thumbnails the page embeds."""
+class RowImages:
+    """Rows of a run shown as images: their printable paths, and the thumbnails the page embeds (only of
+    the rows it shows). Subclasses set ``paths`` and ``image_dir``; ``thumb`` marks a row as wanted and
+    ``make_thumbnails`` reads the wanted images once, in parallel, at the end."""
 
-    def __init__(self, run_dir: Path, metrics: dict, audit: dict):
-        self.run_dir, self.metrics, self.a = run_dir, metrics, audit
-        self.labels: list[str] = audit["labels"]
-        self.paths: list[str] = audit["paths"]
-        self.y = audit["y"]
-        self.split = audit["split"]
-        self.proba = audit["proba"]
-        self.pred = self.proba.argmax(axis=1) if len(self.proba) else np.zeros(0, np.int64)
+    paths: list[str]
+    image_dir: str
+
+    def __init__(self) -> None:
         self.wanted: set[int] = set()
         self.thumbs: dict[int, str] = {}
-        self.cells: dict[str, list[int]] = {}
 
     def rel(self, i: int) -> str:
         """A row's path relative to the image folder (shorter to read), printable."""
-        path, root = self.paths[i], self.a["image_dir"]
-        shown = os.path.relpath(path, root) if path.startswith(root) else path
-        return printable(shown)
+        path, root = self.paths[i], self.image_dir
+        inside = root and path.startswith(root.rstrip(os.sep) + os.sep)
+        return printable(os.path.relpath(path, root) if inside else path)
 
     def thumb(self, i: int) -> str:
         """An <img> placeholder filled from the embedded thumbnails by the script (or a blank box)."""
@@ -140,6 +137,22 @@ class _Context:
             for i, uri in zip(rows, pool.map(lambda r: _thumbnail(self.paths[r]), rows)):
                 if uri:
                     self.thumbs[i] = uri
+
+
+class _Context(RowImages):
+    """The run's arrays plus the set of images whose thumbnails the page embeds."""
+
+    def __init__(self, run_dir: Path, metrics: dict, audit: dict):
+        super().__init__()
+        self.run_dir, self.metrics, self.a = run_dir, metrics, audit
+        self.labels: list[str] = audit["labels"]
+        self.paths = audit["paths"]
+        self.image_dir = audit["image_dir"]
+        self.y = audit["y"]
+        self.split = audit["split"]
+        self.proba = audit["proba"]
+        self.pred = self.proba.argmax(axis=1) if len(self.proba) else np.zeros(0, np.int64)
+        self.cells: dict[str, list[int]] = {}
 
     def script_data(self) -> dict:
         rows = sorted(set(self.wanted) | {i for cell in self.cells.values() for i in cell})

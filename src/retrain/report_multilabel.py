@@ -15,7 +15,6 @@ spurious labels. Sections that need single-label data say they are not available
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,8 @@ import numpy as np
 from retrain.audit import wilson_interval
 from retrain.cache import atomic_write_bytes
 from retrain.data import SPLITS, TESTING, TRAINING, VALIDATION, printable
-from retrain.devices import cpu_cores
 from retrain.errors import RetrainError
+from retrain.report import RowImages  # report.py imports this module only inside write_report
 
 NPZ_FILE = "multilabel.npz"  # retrain.multilabel.NPZ_FILE
 MAX_GALLERY = 60  # test images shown per gallery (the rest are counted)
@@ -125,10 +124,11 @@ def _headline(test: dict | None) -> str:
     )
 
 
-class _MLContext:
+class _MLContext(RowImages):
     """metrics.json's figures plus the per-image arrays of multilabel.npz, and the thumbnails to embed."""
 
     def __init__(self, run_dir: Path, metrics: dict, npz: dict | None, config: dict):
+        super().__init__()
         self.run_dir, self.metrics, self.npz = run_dir, metrics, npz
         parts = metrics.get("multi_label") or {}
         self.test, self.validation = parts.get("test"), parts.get("validation")
@@ -141,7 +141,7 @@ class _MLContext:
             raise RetrainError(
                 f"{printable(str(run_dir / NPZ_FILE))} and metrics.json name different labels; train again."
             )
-        self.paths: list[str] = npz["paths"] if npz else []
+        self.paths = npz["paths"] if npz else []
         self.truth = npz["truth"] if npz else np.zeros((0, len(self.labels)), bool)
         self.probs = npz["probs"] if npz else np.zeros((0, len(self.labels)), np.float32)
         self.split = npz["split"] if npz else np.zeros(0, str)
@@ -155,30 +155,6 @@ class _MLContext:
             except ValueError:  # paths on different drives
                 image_dir = ""
         self.image_dir = image_dir if image_dir and image_dir != os.sep else ""
-        self.wanted: set[int] = set()
-        self.thumbs: dict[int, str] = {}
-
-    def rel(self, i: int) -> str:
-        path, root = self.paths[i], self.image_dir
-        shown = (
-            os.path.relpath(path, root) if root and path.startswith(root.rstrip(os.sep) + os.sep) else path
-        )
-        return printable(shown)
-
-    def thumb(self, i: int) -> str:
-        from retrain.report import _e
-
-        self.wanted.add(int(i))
-        return f'<img class="th" data-row="{int(i)}" alt="{_e(self.rel(i))}">'
-
-    def make_thumbnails(self) -> None:
-        from retrain.report import _thumbnail
-
-        rows = sorted(self.wanted)
-        with ThreadPoolExecutor(max_workers=max(1, cpu_cores())) as pool:
-            for i, uri in zip(rows, pool.map(lambda r: _thumbnail(self.paths[r]), rows)):
-                if uri:
-                    self.thumbs[i] = uri
 
     def rows_of(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
