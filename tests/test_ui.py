@@ -302,7 +302,11 @@ def test_bad_settings_and_too_few_photos(client):
 def test_two_trainings_at_once_and_cancel_then_resume(client, tmp_path):
     photos = make_image_folder(tmp_path / "mine", per_class=10)
     client.post("/api/source", json={"image_dir": str(photos)})
-    slow = {"how_many_training_steps": 400000, "eval_step_interval": 1000}
+    slow = {
+        "how_many_training_steps": 400000,
+        "eval_step_interval": 1000,
+        "final_fit": "train",
+    }  # exact steps
     run = client.post("/api/train", json={"settings": slow}).json()["run"]
     second = client.post("/api/train", json={"settings": slow})  # e.g. from another tab
     assert second.status_code == 409 and "already running" in second.json()["error"]
@@ -335,7 +339,10 @@ def test_a_killed_worker_shows_as_interrupted(client, tmp_path):
     photos = make_image_folder(tmp_path / "mine", per_class=10)
     client.post("/api/source", json={"image_dir": str(photos)})
     run = client.post(
-        "/api/train", json={"settings": {"how_many_training_steps": 400000, "eval_step_interval": 1000}}
+        "/api/train",
+        json={
+            "settings": {"how_many_training_steps": 400000, "eval_step_interval": 1000, "final_fit": "train"}
+        },
     ).json()["run"]
     run_dir = client.app_state.project.runs / run
     deadline = time.monotonic() + 60
@@ -431,6 +438,7 @@ def test_cli_start_up_kill_mid_training_and_resume(tmp_path):
                 "settings": {
                     "architecture": TINY,
                     "how_many_training_steps": 400000,
+                    "final_fit": "train",  # exactly that many steps: the cross-fit would stop far sooner
                     "eval_step_interval": 1000,
                 }
             },

@@ -478,7 +478,8 @@ class _Tuner:
                 [{"params": self.backbone_params, "lr": lr}, head_group], weight_decay=recipe.weight_decay
             )
         else:
-            head_group["weight_decay"] = cfg.weight_decay
+            # None ("chosen by the cross-fit") means none here: fine-tuning runs no cross-fit.
+            head_group["weight_decay"] = cfg.weight_decay or 0.0
             self.optimizer = torch.optim.Adam([{"params": self.backbone_params, "lr": lr}, head_group])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.step = 0  # optimizer steps taken, for the schedule

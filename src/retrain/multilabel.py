@@ -313,7 +313,7 @@ def head_params(cfg: TrainConfig) -> dict:
         learning_rate=cfg.learning_rate,
         batch_size=cfg.train_batch_size,
         optimizer=cfg.optimizer,
-        weight_decay=cfg.weight_decay,
+        weight_decay=cfg.weight_decay or 0.0,  # None: the single-label cross-fit chooses it; none here
         class_balance=cfg.class_balance,
     )
 

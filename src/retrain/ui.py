@@ -66,6 +66,7 @@ TRAIN_SETTINGS = {
     "class_balance": str,
     "quantize": str,
     "fine_tune": bool,
+    "final_fit": str,  # train | train+val | all (retrain.fit); "train" makes the step count exact
 }
 RUN_FILE, EVENTS_FILE, CONFUSION_FILE = "ui_run.json", "events.jsonl", "confusion.json"
 
