@@ -319,3 +319,20 @@ def test_export_of_a_multi_label_model_compares_outputs_not_folder_accuracy(fold
     )
     assert report.comparison.accuracy is None and report.comparison.agreement == 1.0
     assert retrain.load(tmp_path / "m.onnx").multi_label
+
+
+def test_cross_fit_keeps_the_fewest_steps_within_its_tolerance_of_the_best_map():
+    from retrain.config import TrainConfig
+    from retrain.multilabel import head_params, ml_cross_fit
+
+    rng = np.random.default_rng(0)
+    Y = rng.random((300, 3)) < 0.3
+    X = (rng.normal(0, 1, (300, 16)) + Y @ rng.normal(0, 1, (3, 16)) * 0.3).astype(np.float32)
+    params = {**head_params(TrainConfig(multi_label=True)), "steps": 400}
+    exact = ml_cross_fit(X, Y, None, params=params, tolerance=0.0, patience=100)
+    loose = ml_cross_fit(X, Y, None, params=params, tolerance=0.5, patience=100)
+    top = max(exact.curve_map)
+    assert exact.map == top
+    assert loose.curve_map == exact.curve_map  # the same fits; only the choice differs
+    first_near = min(s for s, m in zip(loose.curve_steps, loose.curve_map) if m >= top - 0.5 * (1 - top))
+    assert loose.best_steps == first_near < exact.best_steps
