@@ -491,14 +491,14 @@ def test_requests_past_max_in_flight_get_503_with_retry_after(model):
 
     clf = load(model.output_graph)
     release, entered = threading.Event(), threading.Event()
-    real = clf.predict_proba
+    real = clf.predict  # what the server calls: probabilities and unknown scores in one run
 
     def slow_predict(x):  # holds the first requests in flight until the test lets them go
         entered.set()
         release.wait(30)
         return real(x)
 
-    clf.predict_proba = slow_predict
+    clf.predict = slow_predict
     app = create_app(clf, max_in_flight=2, max_wait_ms=0)
 
     async def go():
