@@ -56,6 +56,7 @@ from retrain.mlhead import (
     sigmoid,
     tune_thresholds,
 )
+from retrain.summaries import head_histograms, histogram_interval
 
 log = logging.getLogger("retrain")
 
@@ -669,8 +670,7 @@ class _Logger:
 
         train_dir, val_dir = new_run_dirs(paths.summaries_dir)
         self.train_writer, self.val_writer = EventWriter(train_dir), EventWriter(val_dir)
-        every = max(1, cfg.eval_step_interval)
-        self.histogram_every = every * max(1, cfg.how_many_training_steps // (100 * every))
+        self.histogram_every = histogram_interval(cfg.eval_step_interval, cfg.how_many_training_steps)
         self.history: dict[str, list] = defaultdict(list)
 
     def __call__(self, r: MLStep, head: SigmoidHead) -> None:
@@ -688,8 +688,7 @@ class _Logger:
         )
         self.train_writer.scalars({"example_f1": r.train_f1, "cross_entropy": r.cross_entropy}, r.step)
         if r.step % self.histogram_every == 0 or r.step == head.steps:
-            self.train_writer.histogram("final_retrain_ops/weights", head.coef_, r.step)
-            self.train_writer.histogram("final_retrain_ops/biases", head.intercept_, r.step)
+            head_histograms(self.train_writer, head, r.step)
         if r.validation_map is not None:
             self.val_writer.scalars(
                 {"mAP": r.validation_map, "cross_entropy": r.validation_cross_entropy}, r.step

@@ -163,3 +163,16 @@ def new_run_dirs(summaries_dir: str | os.PathLike) -> tuple[Path, Path]:
             base = root / f"run-{stamp}-{n}"
         train, val = base / "train", base / "validation"
     return train, val
+
+
+def histogram_interval(eval_step_interval: int, steps: int) -> int:
+    """Steps between weight histograms of the new layer: about 100 per run (TensorBoard shows no more, and
+    each costs a few ms), on evaluation steps."""
+    every = max(1, eval_step_interval)
+    return every * max(1, steps // (100 * every))
+
+
+def head_histograms(writer: EventWriter, head, step: int) -> None:
+    """The new layer's weights and biases (``head.coef_``, ``head.intercept_``), under retrain.py's names."""
+    writer.histogram("final_retrain_ops/weights", head.coef_, step)
+    writer.histogram("final_retrain_ops/biases", head.intercept_, step)

@@ -33,6 +33,7 @@ from retrain.errors import RetrainError, SkippedFilesError
 from retrain.features import FeatureTable, extract_features
 from retrain.head import SoftmaxHead, StepReport
 from retrain.splits import Split, Splits, split_features
+from retrain.summaries import head_histograms, histogram_interval
 
 log = logging.getLogger("retrain")
 
@@ -764,9 +765,7 @@ class _TrainingLogger:
         self.train_writer, self.val_writer = EventWriter(train_dir), EventWriter(val_dir)
         self.last_checkpoint = time.monotonic()
         self.interval = cfg.intermediate_store_frequency
-        # About 100 histogram snapshots per run: TensorBoard shows no more, and each costs a few ms.
-        every = max(1, cfg.eval_step_interval)
-        self.histogram_every = every * max(1, cfg.how_many_training_steps // (100 * every))
+        self.histogram_every = histogram_interval(cfg.eval_step_interval, cfg.how_many_training_steps)
 
     def __call__(self, r: StepReport, head: SoftmaxHead) -> None:
         val = (
@@ -791,8 +790,7 @@ class _TrainingLogger:
             self.history[name].append(getattr(r, name))
         self.train_writer.scalars({"accuracy": r.train_accuracy, "cross_entropy": r.cross_entropy}, r.step)
         if r.step % self.histogram_every == 0 or r.step == head.steps:
-            self.train_writer.histogram("final_retrain_ops/weights", head.coef_, r.step)
-            self.train_writer.histogram("final_retrain_ops/biases", head.intercept_, r.step)
+            head_histograms(self.train_writer, head, r.step)
         if r.validation_accuracy is not None:
             self.val_writer.scalars(
                 {"accuracy": r.validation_accuracy, "cross_entropy": r.validation_cross_entropy}, r.step
