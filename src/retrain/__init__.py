@@ -19,7 +19,6 @@ __version__ = "0.1.0"
 from retrain.config import TrainConfig as TrainConfig  # noqa: E402
 from retrain.data import discover as discover  # noqa: E402
 from retrain.errors import RetrainError as RetrainError  # noqa: E402
-from retrain.export import export_model as export_model  # noqa: E402
 from retrain.features import extract_features as extract_features  # noqa: E402
 from retrain.head import SoftmaxHead as SoftmaxHead  # noqa: E402
 from retrain.predict import Classifier as Classifier  # noqa: E402
@@ -38,6 +37,12 @@ def __getattr__(name: str):
         from retrain import finetune
 
         return getattr(finetune, name)
+    # Writing a model needs the onnx package (~0.7 s to import): loaded on first use, so that reading one
+    # (label_image, retrain.load, the server) never pays for it.
+    if name == "export_model":
+        from retrain.export import export_model
+
+        return export_model
     raise AttributeError(f"module 'retrain' has no attribute {name!r}")
 
 

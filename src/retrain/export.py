@@ -24,17 +24,21 @@ from retrain import __version__
 from retrain.cache import atomic_write_bytes
 from retrain.errors import ModelFileError, RetrainError
 from retrain.images import DECODE_VERSION
+from retrain.modelformat import (  # noqa: F401 - re-exported: writers and readers share these names
+    FEATURES_NAME,
+    INPUT_NAME,
+    MANIFEST_KEY,
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    MULTI_LABEL,
+    UNKNOWN_NAME,
+    is_multi_label,
+    manifest_from_metadata,
+)
 
 if TYPE_CHECKING:
     from retrain.backbones import BackboneSpec
 
-MANIFEST_KEY = "retrain.manifest"
-MODEL_FORMAT = "retrain-model"
-MODEL_FORMAT_VERSION = 1
-INPUT_NAME = "image"
-FEATURES_NAME = "features"
-UNKNOWN_NAME = "unknown_score"
-MULTI_LABEL = "multi_label"  # manifest "kind" of a model with one sigmoid output per label
 EXPORTER_VERSION = 1  # bump when the backbone export changes
 OPSET = 17
 
@@ -127,11 +131,6 @@ def make_manifest(
         manifest["thresholds"] = [round(float(t), 6) for t in thresholds]
         manifest["output"]["kind"] = "independent_probabilities"
     return manifest
-
-
-def is_multi_label(manifest: dict) -> bool:
-    """Whether a model's manifest describes independent per-label probabilities (sigmoid outputs)."""
-    return manifest.get("kind") == MULTI_LABEL
 
 
 def build_classifier(
@@ -350,13 +349,7 @@ def set_manifest(model: onnx.ModelProto, manifest: dict) -> None:
 
 
 def get_manifest(model: onnx.ModelProto, path: str = "model") -> dict:
-    for prop in model.metadata_props:
-        if prop.key == MANIFEST_KEY:
-            return json.loads(prop.value)
-    raise ModelFileError(
-        f"{path!r} is an ONNX model but was not written by retrain (no {MANIFEST_KEY!r} metadata), "
-        "so its labels and preprocessing are unknown. Use a model written by `retrain --output_graph`."
-    )
+    return manifest_from_metadata({prop.key: prop.value for prop in model.metadata_props}, path)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

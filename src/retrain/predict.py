@@ -17,6 +17,7 @@ import numpy as np
 from retrain.backbones import Preprocessing
 from retrain.errors import ModelFileError
 from retrain.images import ImageError, decode_image, read_image_bytes
+from retrain.modelformat import UNKNOWN_NAME, is_multi_label, manifest_from_metadata
 
 
 @dataclass(frozen=True)
@@ -59,70 +60,78 @@ class Ranked(list):
 ImageInput = str | os.PathLike | bytes | np.ndarray
 
 
+def _read_model_bytes(path: Path) -> bytes:
+    """The model file's bytes, or a one-line ModelFileError saying what is wrong with the path."""
+    try:
+        if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO would block the read
+            raise ModelFileError(f"{str(path)!r} is not a regular file; pass the model file itself")
+        if path.is_file() and path.stat().st_size == 0:
+            raise ModelFileError(f"model file {str(path)!r} is empty (0 bytes); was it fully written?")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ModelFileError(f"{str(path)!r} is a folder without model.onnx") from None
+
+
+def _onnx_engine(data: bytes, path: Path, threads: int | None):
+    """An ONNX Runtime session for ``data``; a file it refuses gets a ModelFileError that says whether the
+    file is not ONNX at all or an ONNX graph that cannot run (only then is the ``onnx`` package loaded)."""
+    from retrain.engines import OnnxEngine
+
+    try:
+        return OnnxEngine(data, threads=threads)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        import onnx
+
+        try:
+            onnx.load_from_string(data)
+        except Exception as parse_exc:  # noqa: BLE001 - onnx raises DecodeError and friends
+            raise ModelFileError(
+                f"{str(path)!r} is not an ONNX model written by retrain ({type(parse_exc).__name__}). "
+                "Pass the file written by `retrain --output_graph`."
+            ) from None
+        raise ModelFileError(
+            f"{str(path)!r} cannot be run by ONNX Runtime ({type(exc).__name__}: {str(exc)[:200]}); "
+            "the file is damaged or was edited: re-export the model with retrain"
+        ) from None
+
+
 class Classifier:
     """A loaded model: labels, preprocessing and an ONNX Runtime session (or LiteRT, for a ``.tflite``)."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
-        import onnx
-
-        from retrain.engines import OnnxEngine
-        from retrain.export import get_manifest
         from retrain.tflite import is_tflite
 
         path = Path(path)
         if path.is_dir():  # a --saved_model_dir folder
             path = path / "model.onnx"
-        try:
-            if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO would block onnx.load
-                raise ModelFileError(f"{str(path)!r} is not a regular file; pass the model file itself")
-            if path.is_file() and path.stat().st_size == 0:
-                raise ModelFileError(f"model file {str(path)!r} is empty (0 bytes); was it fully written?")
-            data = path.read_bytes()  # parsed here for the manifest, handed as is to ONNX Runtime
-            tflite = is_tflite(data)
-            model = None if tflite else onnx.load_from_string(data)
-        except ModelFileError:
-            raise
-        except FileNotFoundError:
-            raise ModelFileError(f"model file {str(path)!r} does not exist") from None
-        except IsADirectoryError:
-            raise ModelFileError(f"{str(path)!r} is a folder without model.onnx") from None
-        except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and friends
-            raise ModelFileError(
-                f"{str(path)!r} is not an ONNX model written by retrain ({type(exc).__name__}). "
-                "Pass the file written by `retrain --output_graph`."
-            ) from None
+        data = _read_model_bytes(path)
         self.path = path
-        try:
-            if tflite:
-                from retrain.tflite import TFLiteEngine, read_manifest
-
-                self.manifest = read_manifest(data, str(path))
-            else:
-                self.manifest = get_manifest(model, str(path))
-            self.labels: list[str] = [str(label) for label in self.manifest["labels"]]
-            self.preprocessing = Preprocessing.from_dict(self.manifest["preprocessing"])
-        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
-            raise ModelFileError(
-                f"{str(path)!r} has a damaged retrain manifest ({type(exc).__name__}: {exc}); "
-                "re-export the model with retrain"
-            ) from None
+        tflite = is_tflite(data)
         if tflite:  # LiteRT reports its own errors as one line (ModelFileError / missing runtime)
+            from retrain.tflite import TFLiteEngine, read_manifest
+
+            manifest = self._checked(lambda: read_manifest(data, str(path)))
             self._engine = TFLiteEngine(data, threads, str(path))
-            dims = [0, self._engine.n_outputs]
+            dims, self.has_unknown = [0, self._engine.n_outputs], self._engine.has_unknown
         else:
-            dims = (
-                [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
-                if model.graph.output
-                else []
+            self._engine = _onnx_engine(data, path, threads)
+            session = self._engine.session
+            manifest = self._checked(
+                lambda: manifest_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
             )
+            outputs = session.get_outputs()
+            dims = [d if isinstance(d, int) else 0 for d in outputs[0].shape] if outputs else []
+            # Models made before the unknown score have one output; they classify as before, without it.
+            self.has_unknown = any(o.name == UNKNOWN_NAME for o in outputs)
+        self.manifest = manifest
         if len(dims) == 2 and dims[1] and dims[1] != len(self.labels):
             raise ModelFileError(
                 f"{str(path)!r} has {dims[1]} outputs but its manifest lists {len(self.labels)} labels; "
                 "the file was edited: re-export the model with retrain"
             )
         self.input_size = self.preprocessing.input_size
-        from retrain.export import UNKNOWN_NAME, is_multi_label
-
         # A multi-label model: independent probabilities, a label is chosen at or above its threshold.
         self.multi_label = is_multi_label(self.manifest)
         self.thresholds: np.ndarray | None = None
@@ -136,24 +145,24 @@ class Classifier:
                     f"{str(path)!r} is a multi-label model whose manifest has {len(self.thresholds)} thresholds "
                     f"for {len(self.labels)} labels; re-export the model with retrain"
                 )
-
-        # Models made before the unknown score have one output; they classify as before, without it.
-        self.has_unknown = (
-            self._engine.has_unknown if tflite else any(o.name == UNKNOWN_NAME for o in model.graph.output)
-        )
         threshold = (self.manifest.get("unknown") or {}).get("threshold")
         # None in the manifest: the run had no held-out images to choose one from, so nothing is unknown.
         self.unknown_threshold: float | None = (
             (float("inf") if threshold is None else float(threshold)) if self.has_unknown else None
         )
+
+    def _checked(self, read_manifest) -> dict:
+        """The manifest from ``read_manifest()``, with the labels and preprocessing it must give."""
         try:
-            if not tflite:
-                self._engine = OnnxEngine(data, threads=threads)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            manifest = read_manifest()
+            self.labels: list[str] = [str(label) for label in manifest["labels"]]
+            self.preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
             raise ModelFileError(
-                f"{str(path)!r} cannot be run by ONNX Runtime ({type(exc).__name__}: {str(exc)[:200]}); "
-                "the file is damaged or was edited: re-export the model with retrain"
+                f"{str(self.path)!r} has a damaged retrain manifest ({type(exc).__name__}: {exc}); "
+                "re-export the model with retrain"
             ) from None
+        return manifest
 
     def __repr__(self) -> str:
         kind = ", multi_label=True" if self.multi_label else ""
