@@ -89,6 +89,19 @@ def test_fits_stop_once_more_steps_no_longer_help():
     assert len(cf.curve_steps) - 1 - best == 3  # stopped exactly `patience` checkpoints after the best
 
 
+def test_gains_within_the_tolerance_do_not_move_the_best_point_or_keep_the_fits_going():
+    # Overlapping classes: out-of-fold accuracy moves by a row or two between checkpoints. With a tolerance
+    # of 15 rows (5%) those gains count for nothing, so the fits stop sooner, at an earlier best.
+    X, y = blobs(n_per_class=100, d=64, spread=3.0, seed=3)
+    strict = cross_fit(X, y, n_classes=3, head_params={"steps": 4000}, seed=0, patience=3, tolerance=0.0)
+    loose = cross_fit(X, y, n_classes=3, head_params={"steps": 4000}, seed=0, patience=3, tolerance=0.05)
+    assert loose.best_steps < strict.best_steps and len(loose.curve_steps) < len(strict.curve_steps)
+    best = list(loose.curve_steps).index(loose.best_steps)
+    assert len(loose.curve_steps) - 1 - best == 3
+    # Nothing after the chosen point beat it by more than the tolerance.
+    assert loose.curve_accuracy[best + 1 :].max() <= loose.accuracy + 0.05
+
+
 def test_fold_fits_follow_the_head_they_stand_for():
     # The batched fold fits run SoftmaxHead's algorithm: a single-job fit scores like a SoftmaxHead fit.
     from retrain.crossfit import fit_and_score
