@@ -155,3 +155,18 @@ def test_score_at_scores_only_the_steps_asked_for_with_the_same_fit():
     end, (last,) = fit_and_score_many(X, y, job, n_classes=3, head_params={"steps": 50}, score_at=[50])
     assert list(end) == [50] and last.shape == (1, 20, 3)
     np.testing.assert_allclose(last[0], full[-1], rtol=1e-6)
+
+
+def test_two_threads_fit_exactly_what_one_thread_fits(monkeypatch):
+    # The fold layers are split between threads; each layer's arithmetic is unchanged, so are its scores.
+    import retrain.crossfit as crossfit
+
+    X, y = blobs(n_per_class=40, d=32, spread=2.0, seed=6)
+    runs = []
+    for threads in (1, 2):
+        monkeypatch.setattr(crossfit, "_fit_threads", lambda layers, work, n=threads: n)
+        runs.append(
+            cross_fit(X, y, n_classes=3, head_params={"steps": 200}, seed=1, weight_decays=[0.0, 0.1])
+        )
+    assert np.array_equal(runs[0].logits, runs[1].logits) and runs[0].best_steps == runs[1].best_steps
+    assert np.array_equal(runs[0].curve_accuracy, runs[1].curve_accuracy)
