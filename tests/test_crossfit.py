@@ -68,8 +68,10 @@ def test_copies_of_a_row_never_vouch_for_it():
     X = rng.normal(size=(60, 64)).astype(np.float32)
     y = rng.integers(0, 2, size=60)
     X2, y2, groups = np.concatenate([X, X]), np.concatenate([y, y]), list(range(60)) * 2
-    leaky = cross_fit(X2, y2, n_classes=2, head_params={"steps": 300}, folds=5, seed=0)
-    grouped = cross_fit(X2, y2, n_classes=2, head_params={"steps": 300}, folds=5, groups=groups, seed=0)
+    # Every checkpoint is scored (no early stop): memorising takes steps, and the stop rule is not under test.
+    full = {"head_params": {"steps": 300}, "folds": 5, "seed": 0, "patience": 20}
+    leaky = cross_fit(X2, y2, n_classes=2, **full)
+    grouped = cross_fit(X2, y2, n_classes=2, groups=groups, **full)
     assert (leaky.logits.argmax(1) == y2).mean() > 0.9
     assert (grouped.logits.argmax(1) == y2).mean() < 0.75
 
@@ -87,6 +89,19 @@ def test_fits_stop_once_more_steps_no_longer_help():
     assert len(cf.curve_accuracy) == len(cf.curve_loss) == len(cf.curve_steps)
     best = list(cf.curve_steps).index(cf.best_steps)
     assert len(cf.curve_steps) - 1 - best == 3  # stopped exactly `patience` checkpoints after the best
+
+
+def test_gains_within_the_tolerance_do_not_move_the_best_point_or_keep_the_fits_going():
+    # Overlapping classes: out-of-fold accuracy moves by a row or two between checkpoints. With a tolerance
+    # of 15 rows (5%) those gains count for nothing, so the fits stop sooner, at an earlier best.
+    X, y = blobs(n_per_class=100, d=64, spread=3.0, seed=3)
+    strict = cross_fit(X, y, n_classes=3, head_params={"steps": 4000}, seed=0, patience=3, tolerance=0.0)
+    loose = cross_fit(X, y, n_classes=3, head_params={"steps": 4000}, seed=0, patience=3, tolerance=0.05)
+    assert loose.best_steps < strict.best_steps and len(loose.curve_steps) < len(strict.curve_steps)
+    best = list(loose.curve_steps).index(loose.best_steps)
+    assert len(loose.curve_steps) - 1 - best == 3
+    # Nothing after the chosen point beat it by more than the tolerance.
+    assert loose.curve_accuracy[best + 1 :].max() <= loose.accuracy + 0.05
 
 
 def test_fold_fits_follow_the_head_they_stand_for():
@@ -140,3 +155,18 @@ def test_score_at_scores_only_the_steps_asked_for_with_the_same_fit():
     end, (last,) = fit_and_score_many(X, y, job, n_classes=3, head_params={"steps": 50}, score_at=[50])
     assert list(end) == [50] and last.shape == (1, 20, 3)
     np.testing.assert_allclose(last[0], full[-1], rtol=1e-6)
+
+
+def test_two_threads_fit_exactly_what_one_thread_fits(monkeypatch):
+    # The fold layers are split between threads; each layer's arithmetic is unchanged, so are its scores.
+    import retrain.crossfit as crossfit
+
+    X, y = blobs(n_per_class=40, d=32, spread=2.0, seed=6)
+    runs = []
+    for threads in (1, 2):
+        monkeypatch.setattr(crossfit, "_fit_threads", lambda layers, work, n=threads: n)
+        runs.append(
+            cross_fit(X, y, n_classes=3, head_params={"steps": 200}, seed=1, weight_decays=[0.0, 0.1])
+        )
+    assert np.array_equal(runs[0].logits, runs[1].logits) and runs[0].best_steps == runs[1].best_steps
+    assert np.array_equal(runs[0].curve_accuracy, runs[1].curve_accuracy)

@@ -186,8 +186,7 @@ def training_parser() -> _Parser:
         "weight_decay",
         type=float,
         default=d.weight_decay,
-        help="L2 penalty on the new layer's weights (default: chosen by the cross-fit from 0, 1e-4, 1e-3 and "
-        "1e-2; 0 with --final_fit train)",
+        help="L2 penalty on the new layer's weights (default: 0; the cross-fit's steps are chosen for it)",
     )
     _add(g, "train_batch_size", type=int, default=d.train_batch_size, help="images per training step")
     _add(g, "eval_step_interval", type=int, default=d.eval_step_interval, help="report every N steps")

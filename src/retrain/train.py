@@ -95,9 +95,12 @@ def train(
     if image_dir is not None:
         cfg.image_dir = os.fspath(image_dir)
     cfg.validate()  # every value, before any work
-    from retrain.finetune import apply_quality
+    if cfg.quality == "best":  # the fine-tuning recipe's settings; finetune.py imports torch, which a run
+        from retrain.finetune import (
+            apply_quality,
+        )  # without fine-tuning never needs (seconds of a warm rerun)
 
-    cfg = apply_quality(cfg)  # --quality best: the fine-tuning recipe's settings
+        cfg = apply_quality(cfg)
     t_start = time.perf_counter()
     spec = resolve_backbone(cfg)
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
@@ -127,13 +130,17 @@ def train(
     history: dict[str, list] = defaultdict(list)  # the training curves, for the report
     # One cross-fit on training + validation per run: it chooses the final layer's steps, and its
     # out-of-fold predictions serve calibration, the unknown score and the audit.
+    cpu0 = time.process_time()
     plan = _plan_final_fit(cfg, splits, seed, timings)
+    cpu_timings["cross_fit"] = time.process_time() - cpu0
     crossfit = plan.cross
     cfg = dataclasses.replace(
         cfg, weight_decay=plan.weight_decay
     )  # the flag's value or the cross-fit's choice
     frozen = splits  # bottleneck features, before any fine-tuning: what the audit compares
+    cpu0 = time.process_time()
     head = _fit_head(cfg, spec, seed, splits, paths, timings, history, plan)
+    cpu_timings["train_head"] = time.process_time() - cpu0
     validation_accuracy = (
         plan.validation_accuracy if plan.with_validation else _validation_accuracy(head, splits.validation)
     )
