@@ -99,6 +99,33 @@ def test_held_out_kinds_score_higher_than_known_ones():
     assert set(loco) == {0, 1, 2, 3} and min(loco.values()) > 0.95
 
 
+def test_leave_one_class_out_downdate_equals_its_covariance_refactorised():
+    """The fast path (one factorisation, a Woodbury downdate per class) gives the scores of the covariance it
+    stands for, kappa (S - a R_c^T R_c), and AUROCs within a point of refitting each class's statistics."""
+    from retrain.openset import _leave_one_class_out_scores, _Scatter, _shrunk_cov, _solve_scores, normalize
+
+    X, y = blobs(n_per_class=50, n_classes=4, d=64, spread=1.5)  # 25 fitted rows a class <= D / 2
+    Xk, yk = X[1::2], y[1::2]
+    sc = _Scatter(normalize(X[::2], np.float32), y[::2], 4)
+    fast = _leave_one_class_out_scores(sc, Xk, yk)
+    exact = _leave_one_class_out_scores(sc, Xk, yk, exact=True)
+    assert set(fast) == set(exact) == {0, 1, 2, 3}
+    n, d = len(sc.y), X.shape[1]
+    S, alpha = _shrunk_cov(sc.W, sc.sq, n - 4)
+    a = (1 - alpha) / (n - 4)
+    known_c = normalize(Xk, np.float32) - sc.center.astype(np.float32)
+    for c in range(4):
+        Rc = sc.R[sc.y == c]
+        W_c = sc.W - Rc.T @ Rc
+        mean_var = np.trace(W_c) / (n - len(Rc) - 3) / d
+        cov = S - a * (Rc.T @ Rc)
+        cov *= mean_var / (np.trace(cov) / d)
+        rows = np.concatenate([known_c[yk != c], sc.Xc[sc.y == c], known_c[yk == c]])
+        direct = _solve_scores(cov, sc.means[np.arange(4) != c], rows)
+        assert np.allclose(np.concatenate(fast[c]), direct, rtol=1e-3), c
+        assert abs(auroc(*fast[c]) - auroc(*exact[c])) < 0.01, c
+
+
 def test_random_features_give_chance_auroc():
     # The must-fail case: "unknown" rows drawn from the same distribution as the known ones.
     rng = np.random.default_rng(2)
