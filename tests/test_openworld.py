@@ -47,23 +47,29 @@ def test_temperature_fixes_overconfidence_and_keeps_every_prediction():
     assert np.array_equal(softmax(hot).argmax(1), softmax(hot, t).argmax(1))
 
 
-def test_a_temperature_that_worsens_held_out_ece_is_not_used():
-    from retrain.calibrate import calibrate
+def test_a_temperature_is_used_only_where_it_carries_over_to_rows_it_was_not_fitted_on():
+    from retrain.calibrate import calibrate, carries_over
 
-    # Top-1 calibrated exactly (90% sure and 90% right, 50% sure and 50% right), yet the cross entropy
-    # of the other classes' scores wants T = 0.89, which would move the ECE from 0 to 1.8%.
-    logits = np.log(
-        np.concatenate([np.tile([[0.9, 0.05, 0.05]], (100, 1)), np.tile([[0.5, 0.45, 0.05]], (100, 1))])
-    )
-    y = np.zeros(200, np.int64)
-    y[90:100] = 1
-    y[150:200] = 1
-    t = fit_temperature(logits, y)
-    assert t < 0.95 and reliability(softmax(logits, t), y).ece > reliability(softmax(logits), y).ece + 0.01
+    # 60 rows of class 0, every fifth a confident error: the rows dealt to one fold hold all the errors, so a
+    # temperature fitted on the other folds (no errors: sharpen) ruins that fold, and the others' the rest.
+    y = np.zeros(60, np.int64)
+    logits = np.tile([[4.0, 0.0, 0.0]], (60, 1))
+    logits[::5] = [0.0, 4.0, 0.0]
+    assert fit_temperature(logits, y) > 1.5 and not carries_over(logits, y)
     cal = calibrate(logits, y, fitted_on="out_of_fold")
     assert cal.temperature == 1.0 and cal.after["out_of_fold"].ece == cal.before["out_of_fold"].ece
-    hot = calibrate(logits * 3, y, fitted_on="out_of_fold")  # overconfident: the temperature is used
+    # The same errors spread over the folds: every fold agrees, and the temperature is used.
+    spread = np.tile([[4.0, 0.0, 0.0]], (60, 1))
+    spread[::6] = [0.0, 4.0, 0.0]
+    assert carries_over(spread, y) and calibrate(spread, y, fitted_on="out_of_fold").temperature > 1.5
+    # Overconfident logits: the temperature is used and the ECE falls.
+    rng = np.random.default_rng(3)
+    raw = rng.normal(0, 2, size=(500, 4))
+    labels = np.array([rng.choice(4, p=row) for row in softmax(raw)])
+    hot = calibrate(raw * 3, labels, fitted_on="out_of_fold")
     assert hot.temperature > 2 and hot.after["out_of_fold"].ece < hot.before["out_of_fold"].ece
+    # One row a class: nothing to test a temperature on.
+    assert not carries_over(raw[:4], np.arange(4))
 
 
 def test_reliability_bins_by_hand():
