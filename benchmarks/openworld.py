@@ -382,11 +382,20 @@ def main() -> None:
         help="only the calibration: test ECE over every known image, from this many outer folds (one run each)",
     )
     ap.add_argument(
-        "--save", type=Path, default=None, help="with --outer_folds: write the pooled logits here (.npz)"
+        "--save", type=Path, default=None, help="with --outer_folds: write the pooled logits here (pickle)"
+    )
+    ap.add_argument(
+        "--guards", type=Path, default=None, help="only compare the temperature rules on a --save file"
     )
     args = ap.parse_args()
     logging.getLogger("retrain").setLevel(logging.WARNING)
     bottleneck_dir = args.bottleneck_dir or args.data / ".cache"
+    if args.guards:
+        import pickle
+
+        for key, out in pickle.loads(args.guards.read_bytes()).items():
+            print(key, compare_guards(out))
+        return
     if args.outer_folds:
         outer_main(args, bottleneck_dir)
         return
@@ -406,6 +415,31 @@ def main() -> None:
         )
 
 
+def compare_guards(out: dict) -> dict:
+    """Pooled test ECE (%) of each rule for keeping the out-of-fold temperature, recomputed from a
+    :func:`calibration_outer` result exactly as a run computes it (same logits, labels and row order)."""
+    from retrain.calibrate import carries_over, fit_temperature, reliability, softmax
+
+    def in_sample_ece(z, y, t):  # the rule until 2026-12-02
+        return t if reliability(softmax(z, t), y).ece <= reliability(softmax(z), y).ece else 1.0
+
+    rules = {
+        "T=1": lambda z, y, t: 1.0,
+        "always": lambda z, y, t: t,
+        "in_sample_ece": in_sample_ece,
+        "carries_over": lambda z, y, t: t if carries_over(z, y) else 1.0,
+    }
+    result = {}
+    for name, rule in rules.items():
+        t_row = np.zeros(len(out["y"]))
+        for k, r in enumerate(out["runs"]):
+            t_row[out["fold"] == k] = rule(
+                r["oof_logits"], r["oof_y"], fit_temperature(r["oof_logits"], r["oof_y"])
+            )
+        result[name] = round(100 * reliability(softmax(out["logits_raw"] / t_row[:, None]), out["y"]).ece, 2)
+    return result
+
+
 def outer_main(args, bottleneck_dir: Path) -> None:
     import pickle
 
@@ -417,7 +451,7 @@ def outer_main(args, bottleneck_dir: Path) -> None:
                     name, SETS[name], args.data, bottleneck_dir, args.outer_folds, seed, Path(tmp)
                 )
                 saved[f"{name}-{seed}"] = out
-                rows.append({**outer_summary(name, out), "seed": seed})
+                rows.append({**outer_summary(name, out), "seed": seed, "guards": compare_guards(out)})
                 print(json.dumps(rows[-1]), flush=True)
                 if args.save:
                     args.save.write_bytes(pickle.dumps(saved))
