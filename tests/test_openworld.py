@@ -130,6 +130,23 @@ def test_leave_one_class_out_downdate_equals_its_covariance_refactorised():
         direct = _solve_scores(cov, sc.means[np.arange(4) != c], rows)
         assert np.allclose(np.concatenate(fast[c]), direct, rtol=1e-3), c
         assert abs(auroc(*fast[c]) - auroc(*exact[c])) < 0.01, c
+    # Classes of one image (no spread left without them) take the exact path: finite scores, no crash.
+    X1, y1 = np.concatenate([X[:2], X[y == 2][:30]]), np.r_[0, 1, np.full(30, 2)]
+    y1[0], y1[1] = 0, 1
+    model = fit_unknown(
+        X1, y1, np.arange(len(y1)) % 3, labels=list("abc"), X_test=X1[::4] + 0.01, y_test=y1[::4]
+    )
+    assert model.loco_auroc and all(np.isfinite(v) for v in model.loco_auroc.values())
+    rows = np.tile(X[:3], (4, 1))  # every class: copies of one image, no spread anywhere
+    flat = fit_unknown(
+        rows,
+        np.tile([0, 1, 2], 4),
+        np.arange(12) % 3,
+        labels=list("abc"),
+        X_test=rows,
+        y_test=np.tile([0, 1, 2], 4),
+    )
+    assert np.isfinite(flat.threshold) and all(np.isfinite(v) for v in flat.loco_auroc.values())
 
 
 def test_leave_one_class_out_compares_capped_evenly_spaced_rows():

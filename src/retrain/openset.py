@@ -303,9 +303,10 @@ def _leave_one_class_out_scores(sc: _Scatter, X_known: np.ndarray, y_known: np.n
         if not others.any() or not len(k_idx):
             continue
         keep = y_fit != c
+        scores = None
         if full is not None and small[c]:
             scores = _downdated_scores(full, sc, c, others, k_idx, u_fit, u_known)
-        else:
+        if scores is None:
             cov, _ = _shrunk_cov(sc.W - gram(sc.R[~keep]), sc.sq[keep], int(keep.sum() - others.sum()))
             rows = np.concatenate([known_c[k_idx], sc.Xc[u_fit], known_c[u_known]])
             scores = _solve_scores(cov, sc.means[others], rows)
@@ -332,23 +333,31 @@ class _Whitened:
         self.ZK = _times_upper(known_c, U)
 
 
-def _downdated_scores(full: _Whitened, sc: _Scatter, c: int, others, k_idx, u_fit, u_known) -> np.ndarray:
+def _downdated_scores(
+    full: _Whitened, sc: _Scatter, c: int, others, k_idx, u_fit, u_known
+) -> np.ndarray | None:
     """Scores of the :func:`loco_rows` rows under kappa (S - a R_c^T R_c): S without class c's scatter,
     kappa matching its trace to class c's left-out mean variance. With Q = R_c U and K = I - a Q Q^T
-    (n_c, n_c) = G G^T, Woodbury gives x (S - a R_c^T R_c)^-1 x^T = ||z||^2 + a ||G^-1 Q z^T||^2."""
+    (n_c, n_c) = G G^T, Woodbury gives x (S - a R_c^T R_c)^-1 x^T = ||z||^2 + a ||G^-1 Q z^T||^2.
+    None where there is no spread to scale by (the full data's or the rest's): the exact path handles those."""
     d = len(sc.W)
     rows_c = sc.y == c
+    trace_c = full.trace_w - float(sc.sq[rows_c].sum())  # trace of W without class c
+    dof_c = len(sc.y) - int(rows_c.sum()) - int(others.sum())
+    if not (full.b > 0 and trace_c / max(dof_c, 1) / d > 1e-12):
+        return None
     Q = full.ZR[rows_c]  # (n_c, D): class c's whitened residuals, every one of them
     K = np.eye(len(Q), dtype=np.float32) - np.float32(full.a) * (Q @ Q.T)
-    P = _inverse_cholesky(K) @ Q  # (n_c, D)
+    try:
+        P = _inverse_cholesky(K) @ Q  # (n_c, D)
+    except np.linalg.LinAlgError:  # K is positive definite in exact arithmetic; float32 may disagree
+        return None
     # class c's scored rows: (r + mu_c) U
     Z = np.concatenate([full.ZK[k_idx], full.ZR[u_fit] + full.ZM[c], full.ZK[u_known]])
     M = full.ZM[others]
     pz, pm = Z @ P.T, M @ P.T
     d2 = (Z * Z).sum(axis=1, keepdims=True) - 2 * Z @ M.T + (M * M).sum(axis=1)
     d2 += full.a * ((pz * pz).sum(axis=1, keepdims=True) - 2 * pz @ pm.T + (pm * pm).sum(axis=1))
-    trace_c = full.trace_w - float(sc.sq[rows_c].sum())  # trace of W without class c
-    dof_c = len(sc.y) - len(Q) - int(others.sum())
     kappa = (trace_c / max(dof_c, 1) / d) / (full.a * trace_c / d + full.b)  # its mean variance / ours
     return np.sqrt(np.maximum(d2.min(axis=1), 0.0) / kappa / d)
 
