@@ -264,6 +264,11 @@ LOCO_MAX_KNOWN = 600
 LOCO_MAX_UNKNOWN = 400
 
 
+# A class of at most this many images per feature dimension leaves the statistics by a Woodbury downdate
+# (its n_c x n_c system costs less than a D x D refactorisation); larger ones are refitted.
+DOWNDATE_MAX = 0.5
+
+
 def loco_rows(y_fit: np.ndarray, y_known: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of the leave-one-class-out comparison for class ``c``: known = ``y_known`` rows of other
     classes (at most LOCO_MAX_KNOWN); unknown = ``y_fit`` rows of ``c`` (at most LOCO_MAX_UNKNOWN), then
@@ -294,7 +299,7 @@ def _leave_one_class_out_scores(sc: _Scatter, X_known: np.ndarray, y_known: np.n
     known_c = normalize(X_known, np.float32) - sc.center.astype(np.float32)
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     present = sc.counts > 0
-    small = sc.counts <= len(sc.W) // 2  # the classes a downdate serves
+    small = sc.counts <= DOWNDATE_MAX * len(sc.W)  # the classes a downdate serves
     full = None if exact or not small[present].any() else _Whitened(sc, known_c, small[y_fit])
     for c in np.flatnonzero(present):
         others = present.copy()
