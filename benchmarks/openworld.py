@@ -176,6 +176,99 @@ def one_set(name: str, held_out: str, data: Path, bottleneck_dir: Path, seed: in
     }
 
 
+def outer_folder(src: Path, held_out: str, dst: Path, leave: set[str]) -> Path:
+    """``dst`` with a symlink per image of every class but ``held_out``, except the files in ``leave``."""
+    for cls in sorted(p for p in src.iterdir() if p.is_dir() and p.name != held_out):
+        for f in image_files(cls):
+            if str(f) in leave:
+                continue
+            target = dst / cls.name / f.relative_to(cls)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(f)
+    return dst
+
+
+def calibration_outer(
+    name: str, held_out: str, data: Path, bottleneck_dir: Path, folds: int, seed: int, work: Path
+) -> dict:
+    """Test ECE over every known image of a set: ``folds`` stratified outer folds (copies of an image
+    together), one default run per fold on the others (no test split of its own), its exported layer
+    on the fold's cached features. Returns the pooled logits before the temperature, labels and the
+    temperatures, and per run the out-of-fold logits and labels the temperature was fitted on."""
+    import retrain
+    from retrain.crossfit import assign_folds
+    from retrain.data import discover
+    from retrain.splits import split_features
+
+    classes = sorted(p.name for p in (data / name).iterdir() if p.is_dir() and p.name != held_out)
+    paths = [str(f) for c in classes for f in image_files(data / name / c)]
+    y = np.array([classes.index(Path(p).parent.name) for p in paths])
+    table = retrain.extract_features(paths, bottleneck_dir=bottleneck_dir)
+    X = table.matrix(paths)
+    fold = assign_folds(y, folds, groups=[table.keys[p] for p in paths], seed=seed)
+    logits_raw = np.zeros((len(y), len(classes)), np.float32)
+    temperature = np.zeros(len(y))
+    runs = []
+    for k in range(folds):
+        test = fold == k
+        folder = outer_folder(
+            data / name, held_out, work / f"{name}-outer-{seed}-{k}", set(np.array(paths)[test])
+        )
+        res = retrain.train(
+            folder,
+            bottleneck_dir=str(bottleneck_dir),
+            output_dir=str(work / f"{name}-outer-run-{seed}-{k}"),
+            seed=seed,
+            testing_percentage=0,
+            quiet=True,
+        )
+        assert res.labels == classes, (res.labels, classes)
+        W, b = layer_of(res.output_graph)
+        t = res.metrics["calibration"]["temperature"]
+        logits_raw[test] = (X[test] @ W + b) * t  # the exported logits times T: the layer before 1/T
+        temperature[test] = t
+        ds = discover(folder)
+        fpaths = [r.path for r in ds.records]
+        sp = split_features(
+            ds, retrain.extract_features(fpaths, bottleneck_dir=bottleneck_dir), testing_percentage=0
+        )
+        fit = sp.train + sp.validation
+        oof = res.cross_fit.logits
+        assert len(oof) == len(fit.y)
+        runs.append(
+            {"oof_logits": oof, "oof_y": fit.y, "fit_logits_raw": (fit.X @ W + b) * t, "temperature": t}
+        )
+    return {"logits_raw": logits_raw, "y": y, "temperature": temperature, "fold": fold, "runs": runs}
+
+
+def outer_summary(name: str, out: dict) -> dict:
+    """Pooled test ECE before/after the runs' temperatures, its floor, accuracy, and the out-of-fold view."""
+    from retrain.calibrate import reliability, softmax
+
+    z, y, t = out["logits_raw"], out["y"], out["temperature"][:, None]
+    before, after = softmax(z), softmax(z / t)
+    conf = after.max(axis=1)
+    correct = after.argmax(axis=1) == y
+    return {
+        "set": name,
+        "images": len(y),
+        "accuracy": float(correct.mean()),
+        "ece_before": reliability(before, y).ece,
+        "ece_after": reliability(after, y).ece,
+        "ece_floor": ece_floor(after),
+        "mean_confidence_after": float(conf.mean()),
+        "temperatures": sorted({round(float(v), 3) for v in out["temperature"]}),
+        "oof_ece_before": float(
+            np.mean([reliability(softmax(r["oof_logits"]), r["oof_y"]).ece for r in out["runs"]])
+        ),
+        "oof_ece_after": float(
+            np.mean(
+                [reliability(softmax(r["oof_logits"], r["temperature"]), r["oof_y"]).ece for r in out["runs"]]
+            )
+        ),
+    }
+
+
 def leaked_test(duplicates_csv: Path) -> set[str]:
     """Test images with a copy in training or validation (the run's duplicates.csv)."""
     import csv
@@ -282,9 +375,30 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument(
+        "--outer_folds",
+        type=int,
+        default=0,
+        help="only the calibration: test ECE over every known image, from this many outer folds (one run each)",
+    )
+    ap.add_argument(
+        "--save", type=Path, default=None, help="with --outer_folds: write the pooled logits here (pickle)"
+    )
+    ap.add_argument(
+        "--guards", type=Path, default=None, help="only compare the temperature rules on a --save file"
+    )
     args = ap.parse_args()
     logging.getLogger("retrain").setLevel(logging.WARNING)
     bottleneck_dir = args.bottleneck_dir or args.data / ".cache"
+    if args.guards:
+        import pickle
+
+        for key, out in pickle.loads(args.guards.read_bytes()).items():
+            print(key, compare_guards(out))
+        return
+    if args.outer_folds:
+        outer_main(args, bottleneck_dir)
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="openworld-") as tmp:
         for name in args.sets.split(","):
@@ -299,6 +413,50 @@ def main() -> None:
         args.json.write_text(
             json.dumps({"rows": rows, "fitting_cost": cost, "inference": inference}, indent=2)
         )
+
+
+def compare_guards(out: dict) -> dict:
+    """Pooled test ECE (%) of each rule for keeping the out-of-fold temperature, recomputed from a
+    :func:`calibration_outer` result exactly as a run computes it (same logits, labels and row order)."""
+    from retrain.calibrate import carries_over, fit_temperature, reliability, softmax
+
+    def in_sample_ece(z, y, t):  # the rule until 2026-12-02
+        return t if reliability(softmax(z, t), y).ece <= reliability(softmax(z), y).ece else 1.0
+
+    rules = {
+        "T=1": lambda z, y, t: 1.0,
+        "always": lambda z, y, t: t,
+        "in_sample_ece": in_sample_ece,
+        "carries_over": lambda z, y, t: t if carries_over(z, y) else 1.0,
+    }
+    result = {}
+    for name, rule in rules.items():
+        t_row = np.zeros(len(out["y"]))
+        for k, r in enumerate(out["runs"]):
+            t_row[out["fold"] == k] = rule(
+                r["oof_logits"], r["oof_y"], fit_temperature(r["oof_logits"], r["oof_y"])
+            )
+        result[name] = round(100 * reliability(softmax(out["logits_raw"] / t_row[:, None]), out["y"]).ece, 2)
+    return result
+
+
+def outer_main(args, bottleneck_dir: Path) -> None:
+    import pickle
+
+    saved, rows = {}, []
+    with tempfile.TemporaryDirectory(prefix="openworld-outer-") as tmp:
+        for name in args.sets.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                out = calibration_outer(
+                    name, SETS[name], args.data, bottleneck_dir, args.outer_folds, seed, Path(tmp)
+                )
+                saved[f"{name}-{seed}"] = out
+                rows.append({**outer_summary(name, out), "seed": seed, "guards": compare_guards(out)})
+                print(json.dumps(rows[-1]), flush=True)
+                if args.save:
+                    args.save.write_bytes(pickle.dumps(saved))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 def print_table(rows: list[dict], cost: dict, inference: dict) -> None:

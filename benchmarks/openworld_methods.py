@@ -58,8 +58,8 @@ def maha(Xf, yf, Q, C):
 
     mu = np.stack([Xf[yf == c].mean(0) for c in range(C)])
     R = Xf - mu[yf]
-    S, _ = _shrunk_cov(R.T @ R, R, len(R))  # as measured; the exported statistics use len(R) - C
-    Wt = np.linalg.inv(np.linalg.cholesky(S)).T
+    S, _ = _shrunk_cov(R.T @ R, (R * R).sum(1), len(R))  # as measured; the exported statistics use len(R) - C
+    Wt = np.linalg.inv(np.linalg.cholesky(S.astype(np.float64))).T
     Z, M = Q @ Wt, mu @ Wt
     return ((Z * Z).sum(1)[:, None] - 2 * Z @ M.T + (M * M).sum(1)).min(1)
 

@@ -39,15 +39,20 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     if len(y) == 0:
         return 1.0
     n = len(y)
+    # max(z / T) = max(z) / T for T > 0: shift once, not at every one of the ~40 evaluations.
+    zc = logits - logits.max(axis=1, keepdims=True)  # (N, C)
+    zy = zc[np.arange(n), y].mean()
 
     def loss(log_t: float) -> float:
-        return _nll(logits, y, np.exp(log_t)) + log_t**2 / (2 * PRIOR_SD**2 * n)
+        inv = np.exp(-log_t)
+        nll = np.log(np.exp(zc * inv).sum(axis=1)).mean() - zy * inv
+        return float(nll) + log_t**2 / (2 * PRIOR_SD**2 * n)
 
     lo, hi = np.log(T_MIN), np.log(T_MAX)
     ratio = (np.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = loss(a), loss(b)
-    for _ in range(60):  # the bracket shrinks to 0.618^60 of log(400): far below float precision of T
+    for _ in range(40):  # the bracket shrinks to 0.618^40 of log(400), 1.5e-8: far below any T that matters
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
@@ -150,18 +155,41 @@ def calibrate(
     """Fit T on ``fit_logits`` (N, C) / ``fit_y`` and measure ECE before and after on ``fitted_on`` and
     on each ``measure`` entry (name -> (logits, labels)). ``enabled=False`` keeps T = 1 but still measures.
 
-    A temperature that would raise the ECE of the held-out rows it was fitted on is not used (T = 1):
-    it minimises their cross entropy, which on few or very confident rows can sharpen past calibration.
+    A temperature is used only if it carries over to rows it was not fitted on (:func:`carries_over`):
+    on few held-out rows, or rows whose confidence differs from part to part, the T that minimises their
+    cross entropy can sharpen or soften past calibration.
     """
     t = fit_temperature(fit_logits, fit_y) if enabled else 1.0
-    if t != 1.0 and len(fit_y):
-        raw, scaled = (
-            reliability(softmax(fit_logits), fit_y).ece,
-            reliability(softmax(fit_logits, t), fit_y).ece,
-        )
-        t = t if scaled <= raw else 1.0
+    if t != 1.0 and not carries_over(fit_logits, fit_y):
+        t = 1.0
     sets = {fitted_on: (fit_logits, fit_y), **(measure or {})}
     sets = {name: (z, y) for name, (z, y) in sets.items() if len(y)}
     before = {name: reliability(softmax(z), y) for name, (z, y) in sets.items()}
     after = {name: reliability(softmax(z, t), y) for name, (z, y) in sets.items()}
     return Calibration(t, fitted_on, len(fit_y), before, after)
+
+
+GUARD_FOLDS = 5
+
+
+def carries_over(logits: np.ndarray, y: np.ndarray, folds: int = GUARD_FOLDS) -> bool:
+    """Whether temperatures fitted on the other folds of the held-out rows lower the cross entropy of each
+    fold's rows (summed over folds) below that of T = 1: the temperature's own held-out test.
+
+    Cross entropy, not ECE: a proper score, and far less noisy than 15 bins of ECE on a few hundred rows
+    (on the pooled held-out images of five photo sets, docs/openworld.md, the in-sample ECE test was
+    worse than no test at all). Folds are stratified by label, rows dealt in turn.
+    """
+    logits = np.asarray(logits, np.float64)
+    y = np.asarray(y, np.int64)
+    fold = np.zeros(len(y), np.int64)
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        fold[rows] = np.arange(len(rows)) % folds
+    if len(np.unique(fold)) < 2:
+        return False  # one row a class: nothing to test a temperature on
+    scaled = np.empty_like(logits)
+    for f in np.unique(fold):
+        held = fold == f
+        scaled[held] = logits[held] / fit_temperature(logits[~held], y[~held])
+    return _nll(scaled, y, 1.0) < _nll(logits, y, 1.0)
