@@ -21,8 +21,9 @@ from retrain.export import get_manifest
 from retrain.mlhead import (
     SigmoidHead,
     average_precision,
-    best_f1_threshold,
     example_f1,
+    label_f1_curve,
+    threshold_grid,
     multilabel_metrics,
     tune_thresholds,
 )
@@ -121,22 +122,65 @@ def test_average_precision_and_example_f1_by_hand():
     }
 
 
-def test_threshold_moves_only_when_held_out_f1_says_so():
+def _two_labels(rng, n):
+    """Label a: confident, well-separated scores; label b: its positives scored low (0.2-0.4), as a rare or
+    hard label's are. Every image has at least one label."""
+    truth = np.c_[rng.random(n) < 0.5, rng.random(n) < 0.4]
+    truth[~truth.any(axis=1), 0] = True
+    a = np.where(truth[:, 0], rng.uniform(0.8, 1, n), rng.uniform(0, 0.2, n))
+    b = np.where(truth[:, 1], rng.uniform(0.2, 0.4, n), rng.uniform(0, 0.25, n))
+    return np.c_[a, b].astype(np.float32), truth
+
+
+def test_thresholds_stay_at_half_when_any_threshold_is_as_good():
     rng = np.random.default_rng(0)
-    truth = np.r_[np.ones(20, bool), np.zeros(80, bool)]
-    # Confident, separable scores: 0.5 is as good as anything, so it stays.
-    sure = np.where(truth, rng.uniform(0.9, 1, 100), rng.uniform(0, 0.1, 100))
-    assert best_f1_threshold(sure, truth)[0] == 0.5
-    # Positives scored low (a rare label): the threshold comes down to where F1 is best, or within one
-    # positive's worth of it (1/20) nearest 0.5.
-    low = np.where(truth, rng.uniform(0.2, 0.4, 100), rng.uniform(0, 0.1, 100))
-    threshold, f1 = best_f1_threshold(low, truth)
-    assert 0.1 < threshold < 0.4 and f1 >= 1 - 1 / 20
-    assert best_f1_threshold(low, truth, tolerance=0.0) == (pytest.approx(low[truth].min()), 1.0)
-    # A label with 2 held-out positives takes the shared (pooled) threshold.
-    probs = np.c_[low, np.where(np.arange(100) < 2, 0.3, 0.05)]
-    thresholds, sources = tune_thresholds(probs, np.c_[truth, np.arange(100) < 2])
-    assert sources == ["tuned", "shared"] and thresholds[0] == pytest.approx(threshold)
+    truth = np.c_[np.r_[np.ones(20, bool), np.zeros(80, bool)], np.r_[np.zeros(50, bool), np.ones(50, bool)]]
+    sure = np.where(truth, rng.uniform(0.9, 1, truth.shape), rng.uniform(0, 0.1, truth.shape))
+    thresholds, sources = tune_thresholds(sure, truth)
+    # A flat top of the F1 curve: the point of it nearest 0.5, not one of its ends.
+    assert thresholds == pytest.approx([0.5, 0.5], abs=1e-6) and sources == ["tuned", "tuned"]
+
+
+def test_tuned_thresholds_beat_half_on_new_images():
+    rng = np.random.default_rng(0)
+    held, held_truth = _two_labels(rng, 300)
+    thresholds, sources = tune_thresholds(held, held_truth)
+    assert sources == ["tuned", "tuned"]
+    assert 0.1 < thresholds[1] < 0.25  # b's comes down among its positives
+    assert 0.2 < thresholds[0] < 0.8  # a's stays in the gap between its negatives and positives
+    new, new_truth = _two_labels(rng, 2000)  # images the thresholds never saw
+    assert example_f1(new >= thresholds, new_truth) > example_f1(new >= 0.5, new_truth) + 0.1
+
+
+def test_a_label_with_few_positives_takes_the_shared_threshold_and_few_pull_toward_it():
+    rng = np.random.default_rng(1)
+    probs, truth = _two_labels(rng, 300)
+    probs = np.c_[probs, np.where(np.arange(300) < 3, 0.3, 0.05)]
+    truth = np.c_[truth, np.arange(300) < 3]
+    thresholds, sources = tune_thresholds(probs, truth)
+    assert sources == ["tuned", "tuned", "shared"]
+    shared = thresholds[2]
+    # With a huge weight on the shared threshold every tuned one is pulled onto it.
+    pulled, _ = tune_thresholds(probs, truth, shrink=1e9)
+    assert pulled == pytest.approx([shared] * 3, abs=1e-6)
+    # No positives anywhere: 0.5 for all.
+    assert tune_thresholds(probs, np.zeros_like(truth))[0].tolist() == [0.5] * 3
+
+
+def test_label_f1_curve_is_the_example_f1_at_each_threshold():
+    rng = np.random.default_rng(2)
+    probs = rng.random((60, 3)).astype(np.float32)
+    truth = rng.random((60, 3)) < 0.4
+    others = np.array([0.3, 0.6, 0.5], np.float32)
+    grid = threshold_grid()
+    curve = label_f1_curve(probs, truth, others, 1, grid)
+    for g, value in zip(grid[::10], curve[::10]):
+        t = others.copy()
+        t[1] = 1 / (1 + np.exp(-g))
+        z = np.log(probs / (1 - probs))
+        pred = probs >= t
+        pred[:, 1] = z[:, 1] >= g
+        assert value == pytest.approx(example_f1(pred, truth))
 
 
 def test_sigmoid_head_learns_independent_labels_and_keeps_its_best_step():

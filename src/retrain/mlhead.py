@@ -125,34 +125,23 @@ def multilabel_metrics(
 
 
 # -- thresholds ----------------------------------------------------------------------------------------
-def best_f1_threshold(
-    scores: np.ndarray, truth: np.ndarray, tolerance: float | None = None
-) -> tuple[float, float]:
-    """(threshold, F1) for calling ``scores >= threshold`` positive, tuned on held-out scores.
+# Thresholds are chosen to maximise what the run reports, example-based F1, on held-out probabilities:
+# first one shared threshold for all labels, then each label's own, one label at a time with the others
+# fixed, pulled toward the shared one as if the shared one had SHRINK_POSITIVES positives of its own.
+# The F1 curves are smoothed first (SMOOTHING, in log-odds): a held-out F1 curve is a staircase of
+# single images, and its exact arg-max does not carry over to new photos (docs/multilabel.md, Measured).
+MIN_POSITIVES = 5  # held-out positives a label needs for a threshold of its own (else the shared one)
+SHRINK_POSITIVES = 30  # weight of the shared threshold, in positives, in a label's own (log-odds average)
+SMOOTHING = 0.2  # standard deviation, in log-odds, of the Gaussian the F1 curves are smoothed with
+ROUNDS = 2  # passes over the labels (a label's best threshold depends on the others')
+THRESHOLD_RANGE = (0.02, 0.98)  # tuned thresholds are kept inside this, away from 0 and 1
+_GRID_STEP = 0.05  # candidate thresholds: every 0.05 in log-odds across THRESHOLD_RANGE
 
-    Among the thresholds whose F1 is within ``tolerance`` of the best (default: one positive's worth,
-    1 / positives), the one nearest 0.5 in log-odds: a flat stretch of the F1 curve is noise, and a
-    threshold chosen at its far end does not carry over to new photos (docs/multilabel.md).
-    """
-    truth = np.asarray(truth, bool)
-    order = np.argsort(-scores, kind="stable")
-    s, t = scores[order], truth[order]
-    n_pos = int(t.sum())
-    if n_pos == 0:
-        return 0.5, 0.0
-    tol = 1.0 / n_pos if tolerance is None else tolerance
-    tp = np.cumsum(t)
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last of each run of equal scores
-    f1 = 2 * tp[last] / (last + 1 + n_pos)
-    cand = np.clip(s[last], *THRESHOLD_RANGE)
-    at_half = s >= 0.5
-    f1_half = 2 * int((at_half & t).sum()) / (int(at_half.sum()) + n_pos)
-    best = float(f1.max())
-    if f1_half >= best - tol:
-        return 0.5, f1_half
-    ok = np.flatnonzero(f1 >= best - tol)
-    i = ok[np.argmin(np.abs(_logit(cand[ok])))]
-    return float(cand[i]), float(f1[i])
+
+def threshold_grid() -> np.ndarray:
+    """Candidate thresholds as log-odds, evenly spaced across THRESHOLD_RANGE."""
+    lo, hi = _logit(np.array(THRESHOLD_RANGE))
+    return np.linspace(lo, hi, int(round((hi - lo) / _GRID_STEP)) + 1)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -160,20 +149,80 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def _smooth(curve: np.ndarray) -> np.ndarray:
+    """``curve`` (on threshold_grid()) convolved with a Gaussian of SMOOTHING log-odds, edges held."""
+    w = SMOOTHING / _GRID_STEP
+    half = int(np.ceil(3 * w))
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / w) ** 2)
+    return np.convolve(np.pad(curve, half, mode="edge"), kernel / kernel.sum(), mode="valid")
+
+
+def _peak(curve: np.ndarray, grid: np.ndarray, center: float) -> float:
+    """The log-odds where the smoothed ``curve`` is highest; on a flat top (scores far apart, so that many
+    thresholds are equally good) the point of it nearest ``center``, not one of its ends."""
+    c = _smooth(curve)
+    top = np.flatnonzero(c >= c.max() - 1e-9)
+    return float(grid[top[np.argmin(np.abs(grid[top] - center))]])
+
+
+def shared_f1_curve(probs: np.ndarray, truth: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Example F1 of ``probs >= sigmoid(z)`` for every label, at each log-odds ``z`` of ``grid``."""
+    z = _logit(np.asarray(probs, np.float64))
+    return np.array([example_f1(z >= g, truth) for g in grid])
+
+
+def label_f1_curve(
+    probs: np.ndarray, truth: np.ndarray, thresholds: np.ndarray, j: int, grid: np.ndarray
+) -> np.ndarray:
+    """Example F1 at each log-odds of ``grid`` as label ``j``'s threshold, the others at ``thresholds``.
+
+    Exact and O(N log N): an image's F1 changes only by whether label j is called, so the curve is
+    the images' F1 without j plus the cumulated change of those whose score is at or above each point."""
+    pred = probs >= thresholds[None, :]
+    pred[:, j] = False
+    inter = (pred & truth).sum(axis=1).astype(np.float64)
+    size = (pred.sum(axis=1) + truth.sum(axis=1)).astype(np.float64)
+    f_without = np.where(size == 0, 1.0, 2 * inter / np.maximum(size, 1))
+    f_with = 2 * (inter + truth[:, j]) / (size + 1)
+    z = _logit(np.asarray(probs[:, j], np.float64))
+    order = np.argsort(-z, kind="stable")
+    gain = np.r_[0.0, np.cumsum((f_with - f_without)[order])]
+    called = np.searchsorted(-z[order], -grid, side="right")  # images with z >= each grid point
+    return (f_without.sum() + gain[called]) / len(probs)
+
+
 def tune_thresholds(
-    probs: np.ndarray, truth: np.ndarray, *, min_positives: int = MIN_POSITIVES
+    probs: np.ndarray,
+    truth: np.ndarray,
+    *,
+    min_positives: int = MIN_POSITIVES,
+    shrink: float = SHRINK_POSITIVES,
 ) -> tuple[np.ndarray, list[str]]:
-    """Per label, the threshold maximising its F1 on held-out ``probs`` (:func:`best_f1_threshold`); labels
-    with fewer than ``min_positives`` held-out positives (or no negatives) take one shared threshold, chosen
-    the same way on all labels pooled (micro F1). Returns (thresholds (L,), per label "tuned" or "shared")."""
+    """Per-label thresholds maximising example-based F1 on held-out ``probs`` (N, L) against ``truth``.
+
+    1. shared: the one threshold for every label with the best (smoothed) example F1;
+    2. ROUNDS passes over the labels with at least ``min_positives`` held-out positives and one negative:
+       the label's best threshold with the others fixed, averaged in log-odds with the shared one,
+       weights its positives and ``shrink`` — a label with few positives stays near the shared value;
+    3. the other labels keep the shared one.
+
+    Returns (thresholds (L,) float32, per label "tuned" or "shared")."""
+    probs = np.asarray(probs, np.float32)
     truth = np.asarray(truth, bool)
     L = truth.shape[1]
-    shared = best_f1_threshold(probs.ravel(), truth.ravel())[0] if truth.any() else 0.5
-    out, source = np.full(L, shared, np.float32), ["shared"] * L
-    for j in range(L):
-        if truth[:, j].sum() >= min_positives and (~truth[:, j]).any():
-            out[j], source[j] = best_f1_threshold(probs[:, j], truth[:, j])[0], "tuned"
-    return out, source
+    if not truth.any():
+        return np.full(L, 0.5, np.float32), ["shared"] * L
+    grid = threshold_grid()
+    shared = _peak(shared_f1_curve(probs, truth, grid), grid, 0.0)
+    z = np.full(L, shared)
+    positives = truth.sum(axis=0)
+    own = [j for j in range(L) if positives[j] >= min_positives and (~truth[:, j]).any()]
+    for _ in range(ROUNDS):
+        for j in own:
+            best = _peak(label_f1_curve(probs, truth, sigmoid(z), j, grid), grid, shared)
+            z[j] = (positives[j] * best + shrink * shared) / (positives[j] + shrink)
+    thresholds = np.clip(sigmoid(z), *THRESHOLD_RANGE).astype(np.float32)
+    return thresholds, ["tuned" if j in own else "shared" for j in range(L)]
 
 
 # -- training ------------------------------------------------------------------------------------------
