@@ -23,8 +23,8 @@ from retrain.mlhead import (
     average_precision,
     example_f1,
     label_f1_curve,
-    threshold_grid,
     multilabel_metrics,
+    threshold_grid,
     tune_thresholds,
 )
 
