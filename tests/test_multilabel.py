@@ -24,6 +24,7 @@ from retrain.mlhead import (
     example_f1,
     label_f1_curve,
     multilabel_metrics,
+    shared_f1_curve,
     threshold_grid,
     tune_thresholds,
 )
@@ -167,7 +168,7 @@ def test_a_label_with_few_positives_takes_the_shared_threshold_and_few_pull_towa
     assert tune_thresholds(probs, np.zeros_like(truth))[0].tolist() == [0.5] * 3
 
 
-def test_label_f1_curve_is_the_example_f1_at_each_threshold():
+def test_f1_curves_are_the_example_f1_at_each_threshold():
     rng = np.random.default_rng(2)
     probs = rng.random((60, 3)).astype(np.float32)
     truth = rng.random((60, 3)) < 0.4
@@ -181,6 +182,9 @@ def test_label_f1_curve_is_the_example_f1_at_each_threshold():
         pred = probs >= t
         pred[:, 1] = z[:, 1] >= g
         assert value == pytest.approx(example_f1(pred, truth))
+    shared = shared_f1_curve(probs, truth, grid)
+    z = np.log(probs / (1 - probs))
+    assert shared == pytest.approx([example_f1(z >= g, truth) for g in grid])
 
 
 def test_sigmoid_head_learns_independent_labels_and_keeps_its_best_step():

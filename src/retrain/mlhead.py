@@ -166,9 +166,22 @@ def _peak(curve: np.ndarray, grid: np.ndarray, center: float) -> float:
 
 
 def shared_f1_curve(probs: np.ndarray, truth: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Example F1 of ``probs >= sigmoid(z)`` for every label, at each log-odds ``z`` of ``grid``."""
+    """Example F1 of ``probs >= sigmoid(z)`` for every label, at each log-odds ``z`` of ``grid`` (ascending).
+
+    In O(N L + N G): a score's bin (how many grid points are at or below it) says at which points it is
+    called; per image, the counts of called labels and of called true labels are reversed cumulative
+    sums over the bins."""
     z = _logit(np.asarray(probs, np.float64))
-    return np.array([example_f1(z >= g, truth) for g in grid])
+    truth = np.asarray(truth, bool)
+    n, G = len(z), len(grid)
+    bins = np.searchsorted(grid, z, side="right")  # z >= grid[k] exactly for k < bins
+    flat = (np.arange(n)[:, None] * (G + 1) + bins).ravel()
+    called = np.bincount(flat, minlength=n * (G + 1)).reshape(n, G + 1)
+    hits = np.bincount(flat, weights=truth.ravel(), minlength=n * (G + 1)).reshape(n, G + 1)
+    called = np.cumsum(called[:, ::-1], axis=1)[:, ::-1][:, 1:]  # (N, G): labels called at grid[k]
+    hits = np.cumsum(hits[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    size = called + truth.sum(axis=1)[:, None]
+    return np.where(size == 0, 1.0, 2 * hits / np.maximum(size, 1)).mean(axis=0)
 
 
 def label_f1_curve(
@@ -262,8 +275,13 @@ def fit_sigmoid_layers(
 ) -> np.ndarray:
     """Train one sigmoid layer per job ``(train_idx, seed)`` on rows of ``X`` (N, D), ``Y`` (N, L) bool.
 
-    Each step draws ``batch_size`` rows of the job's subset uniformly (the labels of a multi-label
-    photo are not one class to balance; ``class_balance="weight"`` weights positives instead).
+    The layers share their batches: each step draws rows uniformly from the union of the jobs' rows,
+    enough that every job gets ``batch_size`` of its own on average, and each layer learns from those
+    of them that are its own (a cross-fit's fold never sees its held-out rows). One gather and two
+    matrix products serve all the layers, instead of one of each per layer: the cross-fit's 5 folds
+    cost about 2 single fits, not 5 (docs/multilabel.md, Speed). With one job this is plain
+    mini-batch training, ``batch_size`` rows a step drawn by the job's seed. The labels of a
+    multi-label photo are not one class to balance; ``class_balance="weight"`` weights positives.
     At the steps in ``every`` (or where ``every(step)`` is true) and at the last one,
     ``on_step(step, P)`` sees the parameters P (M, L, D+1) (weights, then the bias column); if it
     returns True, training stops. Returns P.
@@ -271,7 +289,7 @@ def fit_sigmoid_layers(
     _check_params(steps, learning_rate, batch_size, optimizer, class_balance)
     X = np.ascontiguousarray(X, dtype=np.float32)
     Yf = np.asarray(Y, dtype=np.float32)
-    M, L, B, d = len(jobs), Yf.shape[1], batch_size, X.shape[1]
+    M, L, d = len(jobs), Yf.shape[1], X.shape[1]
     rngs = [np.random.default_rng(seed) for _, seed in jobs]
     P = np.zeros((M, L, d + 1), dtype=np.float32)
     pos_w = np.empty((M, L), np.float32)
@@ -282,29 +300,38 @@ def fit_sigmoid_layers(
         prior = np.clip(Yf[idx].mean(axis=0), 1e-3, 1 - 1e-3)
         P[m, :, d] = np.log(prior / (1 - prior))  # start at each label's frequency: fewer steps wasted
         pos_w[m] = positive_weights(Yf[idx], class_balance)
+    union = np.unique(np.concatenate([idx for idx, _ in jobs])) if M > 1 else np.asarray(jobs[0][0])
+    member = np.zeros((M, len(X)), np.float32)
+    for m, (idx, _) in enumerate(jobs):
+        member[m, idx] = 1.0
+    member = np.ascontiguousarray(member[:, union].T)  # (U, M): row u is in job m's training rows
+    share = member.mean(axis=0).min()  # the smallest job's share of the union
+    B = batch_size if M == 1 else int(np.ceil(batch_size / share))
     marks = set(every) if not callable(every) else None
     moments = (np.zeros_like(P), np.zeros_like(P))
     update = _Optimizer(optimizer, P, moments, learning_rate, weight_decay, d)
-    xb = np.empty((M, B, d), np.float32)
-    yb = np.empty((M, B, L), np.float32)
+    W = P[:, :, :d].reshape(M * L, d)  # a view: the weights of every layer, one row per (layer, label)
     gP = np.empty_like(P)
+    gW = gP[:, :, :d].reshape(M * L, d)
+    xb = np.empty((B, d), np.float32)
+    yb = np.empty((B, L), np.float32)
     with threadpool_limits(1, user_api="blas"):
         for step in range(1, steps + 1):
-            for m, ((idx, _), rng) in enumerate(zip(jobs, rngs)):
-                rows = idx[rng.integers(0, len(idx), size=B)]
-                np.take(X, rows, axis=0, out=xb[m])
-                np.take(Yf, rows, axis=0, out=yb[m])
-            z = np.matmul(P[:, :, :d], xb.transpose(0, 2, 1))  # (M, L, B)
-            z += P[:, :, d:]
-            p = sigmoid(z)
-            yt = yb.transpose(0, 2, 1)  # (M, L, B)
-            # d(BCE)/dz = p - y, positives weighted: w_pos * (p - 1) for y = 1.
-            g = p - yt
+            pick = rngs[0].integers(0, len(union), size=B)
+            np.take(X, union[pick], axis=0, out=xb)
+            np.take(Yf, union[pick], axis=0, out=yb)
+            own = member[pick]  # (B, M)
+            z = (xb @ W.T).reshape(B, M, L)
+            z += P[:, :, d]
+            # d(BCE)/dz = p - y, positives weighted: w_pos * (p - 1) for y = 1; each layer averages its own rows.
+            g = sigmoid(z)
+            g -= yb[:, None, :]
             if class_balance == "weight":
-                g *= 1 + (pos_w[:, :, None] - 1) * yt
-            g *= 1.0 / B
-            np.matmul(g, xb, out=gP[:, :, :d])
-            g.sum(axis=2, out=gP[:, :, d])
+                g *= 1 + (pos_w[None, :, :] - 1) * yb[:, None, :]
+            g *= (own / np.maximum(own.sum(axis=0), 1.0))[:, :, None]
+            g2 = g.reshape(B, M * L)
+            np.matmul(g2.T, xb, out=gW)
+            g.sum(axis=0, out=gP[:, :, d])
             update(gP, step)
             due = step == steps or (step in marks if marks is not None else every(step))
             if due and on_step is not None and on_step(step, P):

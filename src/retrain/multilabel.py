@@ -522,10 +522,12 @@ def ml_cross_fit(
     steps, maps, losses, probs_at = [], [], [], []
     last_gain = [0]  # the checkpoint that last raised the best mAP by more than the tolerance
 
+    X_held = [X[rows] for rows in held]  # gathered once, not at every checkpoint
+
     def on_step(step: int, P: np.ndarray) -> bool:
         probs = np.empty(Y.shape, np.float32)
         for f, rows in enumerate(held):
-            probs[rows] = sigmoid(X[rows] @ P[f, :, :d].T + P[f, :, d])
+            probs[rows] = sigmoid(X_held[f] @ P[f, :, :d].T + P[f, :, d])
         m = mean_average_precision(probs, Y) or 0.0
         if steps and m > max(maps) + tolerance * (1 - max(maps)):
             last_gain[0] = len(steps)
