@@ -51,7 +51,9 @@ def average_precisions(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Average precision per label (L,) of scores ``probs`` (N, L) against ``truth`` (N, L), scikit-learn's
     definition: the sum over distinct thresholds of (R_n - R_{n-1}) P_n; NaN for a label no image has.
     All labels at once (one sort), because the final layer's every evaluation takes it."""
-    probs = np.asarray(probs, np.float64)
+    probs = np.asarray(probs)
+    if probs.dtype != np.float32:  # float32 scores are sorted as they are (a cross-fit checkpoint's)
+        probs = probs.astype(np.float64)
     truth = np.asarray(truth, bool)
     n = len(probs)
     if n == 0:

@@ -30,7 +30,7 @@ MAX_GALLERY = 60  # test images shown per gallery (the rest are counted)
 WEAK_AP = 0.7  # a label below this test AP gets a tip
 _SOURCES = {
     "tuned": "tuned: best F1 on held-out images",
-    "shared": "shared: too few held-out positives, one threshold tuned on all labels pooled",
+    "shared": "shared: too few held-out positives, the one threshold tuned for all labels together",
     "flag": "--multi_label_threshold",
     "default": "0.5: no held-out images to tune on",
 }
