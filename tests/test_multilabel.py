@@ -309,6 +309,17 @@ def test_labels_file_with_bom_crlf_duplicates_and_an_unreadable_photo(tmp_path, 
     assert result.metrics["image_count"] == len(sets)
 
 
+def test_a_label_on_every_photo_is_a_warning_and_the_run_goes_on(tmp_path, caplog):
+    sets = make_file_set(tmp_path, n=24)
+    rows = [f"c{i:03d}.jpg,{';'.join(sorted({*s, 'red'}))},x" for i, s in enumerate(sets)]
+    csv = _write_csv(tmp_path / "labels.csv", rows)
+    with caplog.at_level(logging.INFO, logger="retrain"):
+        result = retrain.train(tmp_path / "img", labels_file=str(csv), **_config(tmp_path, "run"))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "label(s) 'red' are on every image: the model will always say them" in text
+    assert result.metrics["kind"] == "multi_label" and (tmp_path / "run").is_dir()
+
+
 def test_labels_file_problems_are_one_message_and_nothing_is_written(tmp_path, capsys):
     make_file_set(tmp_path, n=6)
     outside = tmp_path / "outside.jpg"
