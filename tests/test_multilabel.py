@@ -22,6 +22,7 @@ from retrain.mlhead import (
     SigmoidHead,
     average_precision,
     example_f1,
+    fit_sigmoid_layers,
     label_f1_curve,
     multilabel_metrics,
     shared_f1_curve,
@@ -185,6 +186,23 @@ def test_f1_curves_are_the_example_f1_at_each_threshold():
     shared = shared_f1_curve(probs, truth, grid)
     z = np.log(probs / (1 - probs))
     assert shared == pytest.approx([example_f1(z >= g, truth) for g in grid])
+
+
+def test_layers_sharing_batches_never_learn_from_rows_that_are_not_theirs():
+    # Feature 0 is non-zero only on rows 0-19, which job 0 does not have: its weight on feature 0 gets no
+    # gradient at all (Adam leaves it where it started), while job 1, which has them, learns it.
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 1, (200, 4)).astype(np.float32)
+    X[:, 0] = 0
+    X[:20, 0] = 3
+    Y = np.c_[np.arange(200) < 20, rng.random(200) < 0.3]
+    jobs = [(np.arange(20, 200), 0), (np.arange(200), 1)]
+    start = fit_sigmoid_layers(X, Y, jobs, steps=1, learning_rate=1e-12)
+    P = fit_sigmoid_layers(X, Y, jobs, steps=300, batch_size=20)
+    assert np.array_equal(P[0, :, 0], start[0, :, 0])
+    assert P[1, 0, 0] > 0.5
+    # Both layers learn the second label from the rows they share.
+    assert P[0, 1, 1:4] == pytest.approx(P[1, 1, 1:4], abs=0.5) and np.abs(P[0, 1, 1:4]).max() > 0.05
 
 
 def test_sigmoid_head_learns_independent_labels_and_keeps_its_best_step():
