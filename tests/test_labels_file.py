@@ -64,3 +64,19 @@ def test_real_multilabel_set_reads():
         pytest.skip("benchmark photos not present")
     got = read_labels_file(root / "labels.csv", root / "images")
     assert len(got) == 400 and all(got.values())
+
+
+def test_absolute_paths_and_links_leading_out_are_outside(tmp_path, image_dir):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "c.jpg").write_bytes(b"x")
+    (image_dir / "link.jpg").symlink_to(elsewhere / "c.jpg")
+    f = tmp_path / "labels.csv"
+    f.write_text(
+        f"path,labels\na.jpg,dog\n{elsewhere / 'c.jpg'},cat\nlink.jpg,cat\n{image_dir / 'b.jpg'},cat\n"
+    )
+    with pytest.raises(RetrainError) as err:
+        read_labels_file(f, image_dir)
+    msg = str(err.value)
+    assert "line 3" in msg and "line 4" in msg and msg.count("outside --image_dir") == 2
+    assert "line 5" not in msg  # an absolute path inside --image_dir is that photo

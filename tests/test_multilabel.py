@@ -21,9 +21,12 @@ from retrain.export import get_manifest
 from retrain.mlhead import (
     SigmoidHead,
     average_precision,
-    best_f1_threshold,
     example_f1,
+    fit_sigmoid_layers,
+    label_f1_curve,
     multilabel_metrics,
+    shared_f1_curve,
+    threshold_grid,
     tune_thresholds,
 )
 
@@ -121,22 +124,85 @@ def test_average_precision_and_example_f1_by_hand():
     }
 
 
-def test_threshold_moves_only_when_held_out_f1_says_so():
+def _two_labels(rng, n):
+    """Label a: confident, well-separated scores; label b: its positives scored low (0.2-0.4), as a rare or
+    hard label's are. Every image has at least one label."""
+    truth = np.c_[rng.random(n) < 0.5, rng.random(n) < 0.4]
+    truth[~truth.any(axis=1), 0] = True
+    a = np.where(truth[:, 0], rng.uniform(0.8, 1, n), rng.uniform(0, 0.2, n))
+    b = np.where(truth[:, 1], rng.uniform(0.2, 0.4, n), rng.uniform(0, 0.25, n))
+    return np.c_[a, b].astype(np.float32), truth
+
+
+def test_thresholds_stay_at_half_when_any_threshold_is_as_good():
     rng = np.random.default_rng(0)
-    truth = np.r_[np.ones(20, bool), np.zeros(80, bool)]
-    # Confident, separable scores: 0.5 is as good as anything, so it stays.
-    sure = np.where(truth, rng.uniform(0.9, 1, 100), rng.uniform(0, 0.1, 100))
-    assert best_f1_threshold(sure, truth)[0] == 0.5
-    # Positives scored low (a rare label): the threshold comes down to where F1 is best, or within one
-    # positive's worth of it (1/20) nearest 0.5.
-    low = np.where(truth, rng.uniform(0.2, 0.4, 100), rng.uniform(0, 0.1, 100))
-    threshold, f1 = best_f1_threshold(low, truth)
-    assert 0.1 < threshold < 0.4 and f1 >= 1 - 1 / 20
-    assert best_f1_threshold(low, truth, tolerance=0.0) == (pytest.approx(low[truth].min()), 1.0)
-    # A label with 2 held-out positives takes the shared (pooled) threshold.
-    probs = np.c_[low, np.where(np.arange(100) < 2, 0.3, 0.05)]
-    thresholds, sources = tune_thresholds(probs, np.c_[truth, np.arange(100) < 2])
-    assert sources == ["tuned", "shared"] and thresholds[0] == pytest.approx(threshold)
+    truth = np.c_[np.r_[np.ones(20, bool), np.zeros(80, bool)], np.r_[np.zeros(50, bool), np.ones(50, bool)]]
+    sure = np.where(truth, rng.uniform(0.9, 1, truth.shape), rng.uniform(0, 0.1, truth.shape))
+    thresholds, sources = tune_thresholds(sure, truth)
+    # A flat top of the F1 curve: the point of it nearest 0.5, not one of its ends.
+    assert thresholds == pytest.approx([0.5, 0.5], abs=1e-6) and sources == ["tuned", "tuned"]
+
+
+def test_tuned_thresholds_beat_half_on_new_images():
+    rng = np.random.default_rng(0)
+    held, held_truth = _two_labels(rng, 300)
+    thresholds, sources = tune_thresholds(held, held_truth)
+    assert sources == ["tuned", "tuned"]
+    assert 0.1 < thresholds[1] < 0.25  # b's comes down among its positives
+    assert 0.2 < thresholds[0] < 0.8  # a's stays in the gap between its negatives and positives
+    new, new_truth = _two_labels(rng, 2000)  # images the thresholds never saw
+    assert example_f1(new >= thresholds, new_truth) > example_f1(new >= 0.5, new_truth) + 0.1
+
+
+def test_a_label_with_few_positives_takes_the_shared_threshold_and_few_pull_toward_it():
+    rng = np.random.default_rng(1)
+    probs, truth = _two_labels(rng, 300)
+    probs = np.c_[probs, np.where(np.arange(300) < 3, 0.3, 0.05)]
+    truth = np.c_[truth, np.arange(300) < 3]
+    thresholds, sources = tune_thresholds(probs, truth)
+    assert sources == ["tuned", "tuned", "shared"]
+    shared = thresholds[2]
+    # With a huge weight on the shared threshold every tuned one is pulled onto it.
+    pulled, _ = tune_thresholds(probs, truth, shrink=1e9)
+    assert pulled == pytest.approx([shared] * 3, abs=1e-6)
+    # No positives anywhere: 0.5 for all.
+    assert tune_thresholds(probs, np.zeros_like(truth))[0].tolist() == [0.5] * 3
+
+
+def test_f1_curves_are_the_example_f1_at_each_threshold():
+    rng = np.random.default_rng(2)
+    probs = rng.random((60, 3)).astype(np.float32)
+    truth = rng.random((60, 3)) < 0.4
+    others = np.array([0.3, 0.6, 0.5], np.float32)
+    grid = threshold_grid()
+    curve = label_f1_curve(probs, truth, others, 1, grid)
+    for g, value in zip(grid[::10], curve[::10]):
+        t = others.copy()
+        t[1] = 1 / (1 + np.exp(-g))
+        z = np.log(probs / (1 - probs))
+        pred = probs >= t
+        pred[:, 1] = z[:, 1] >= g
+        assert value == pytest.approx(example_f1(pred, truth))
+    shared = shared_f1_curve(probs, truth, grid)
+    z = np.log(probs / (1 - probs))
+    assert shared == pytest.approx([example_f1(z >= g, truth) for g in grid])
+
+
+def test_layers_sharing_batches_never_learn_from_rows_that_are_not_theirs():
+    # Feature 0 is non-zero only on rows 0-19, which job 0 does not have: its weight on feature 0 gets no
+    # gradient at all (Adam leaves it where it started), while job 1, which has them, learns it.
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 1, (200, 4)).astype(np.float32)
+    X[:, 0] = 0
+    X[:20, 0] = 3
+    Y = np.c_[np.arange(200) < 20, rng.random(200) < 0.3]
+    jobs = [(np.arange(20, 200), 0), (np.arange(200), 1)]
+    start = fit_sigmoid_layers(X, Y, jobs, steps=1, learning_rate=1e-12)
+    P = fit_sigmoid_layers(X, Y, jobs, steps=300, batch_size=20)
+    assert np.array_equal(P[0, :, 0], start[0, :, 0])
+    assert P[1, 0, 0] > 0.5
+    # Both layers learn the second label from the rows they share.
+    assert P[0, 1, 1:4] == pytest.approx(P[1, 1, 1:4], abs=0.5) and np.abs(P[0, 1, 1:4]).max() > 0.05
 
 
 def test_sigmoid_head_learns_independent_labels_and_keeps_its_best_step():
@@ -259,6 +325,17 @@ def test_labels_file_with_bom_crlf_duplicates_and_an_unreadable_photo(tmp_path, 
     manifest = get_manifest(onnx.load(str(result.output_graph)))
     assert manifest["thresholds"] == [0.4, 0.4, 0.4]
     assert result.metrics["image_count"] == len(sets)
+
+
+def test_a_label_on_every_photo_is_a_warning_and_the_run_goes_on(tmp_path, caplog):
+    sets = make_file_set(tmp_path, n=24)
+    rows = [f"c{i:03d}.jpg,{';'.join(sorted({*s, 'red'}))},x" for i, s in enumerate(sets)]
+    csv = _write_csv(tmp_path / "labels.csv", rows)
+    with caplog.at_level(logging.INFO, logger="retrain"):
+        result = retrain.train(tmp_path / "img", labels_file=str(csv), **_config(tmp_path, "run"))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "label(s) 'red' are on every image: the model will always say them" in text
+    assert result.metrics["kind"] == "multi_label" and (tmp_path / "run").is_dir()
 
 
 def test_labels_file_problems_are_one_message_and_nothing_is_written(tmp_path, capsys):

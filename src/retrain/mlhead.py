@@ -51,7 +51,9 @@ def average_precisions(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Average precision per label (L,) of scores ``probs`` (N, L) against ``truth`` (N, L), scikit-learn's
     definition: the sum over distinct thresholds of (R_n - R_{n-1}) P_n; NaN for a label no image has.
     All labels at once (one sort), because the final layer's every evaluation takes it."""
-    probs = np.asarray(probs, np.float64)
+    probs = np.asarray(probs)
+    if probs.dtype != np.float32:  # float32 scores are sorted as they are (a cross-fit checkpoint's)
+        probs = probs.astype(np.float64)
     truth = np.asarray(truth, bool)
     n = len(probs)
     if n == 0:
@@ -125,34 +127,23 @@ def multilabel_metrics(
 
 
 # -- thresholds ----------------------------------------------------------------------------------------
-def best_f1_threshold(
-    scores: np.ndarray, truth: np.ndarray, tolerance: float | None = None
-) -> tuple[float, float]:
-    """(threshold, F1) for calling ``scores >= threshold`` positive, tuned on held-out scores.
+# Thresholds are chosen to maximise what the run reports, example-based F1, on held-out probabilities:
+# first one shared threshold for all labels, then each label's own, one label at a time with the others
+# fixed, pulled toward the shared one as if the shared one had SHRINK_POSITIVES positives of its own.
+# The F1 curves are smoothed first (SMOOTHING, in log-odds): a held-out F1 curve is a staircase of
+# single images, and its exact arg-max does not carry over to new photos (docs/multilabel.md, Measured).
+MIN_POSITIVES = 5  # held-out positives a label needs for a threshold of its own (else the shared one)
+SHRINK_POSITIVES = 30  # weight of the shared threshold, in positives, in a label's own (log-odds average)
+SMOOTHING = 0.2  # standard deviation, in log-odds, of the Gaussian the F1 curves are smoothed with
+ROUNDS = 2  # passes over the labels (a label's best threshold depends on the others')
+THRESHOLD_RANGE = (0.02, 0.98)  # tuned thresholds are kept inside this, away from 0 and 1
+_GRID_STEP = 0.05  # candidate thresholds: every 0.05 in log-odds across THRESHOLD_RANGE
 
-    Among the thresholds whose F1 is within ``tolerance`` of the best (default: one positive's worth,
-    1 / positives), the one nearest 0.5 in log-odds: a flat stretch of the F1 curve is noise, and a
-    threshold chosen at its far end does not carry over to new photos (docs/multilabel.md).
-    """
-    truth = np.asarray(truth, bool)
-    order = np.argsort(-scores, kind="stable")
-    s, t = scores[order], truth[order]
-    n_pos = int(t.sum())
-    if n_pos == 0:
-        return 0.5, 0.0
-    tol = 1.0 / n_pos if tolerance is None else tolerance
-    tp = np.cumsum(t)
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last of each run of equal scores
-    f1 = 2 * tp[last] / (last + 1 + n_pos)
-    cand = np.clip(s[last], *THRESHOLD_RANGE)
-    at_half = s >= 0.5
-    f1_half = 2 * int((at_half & t).sum()) / (int(at_half.sum()) + n_pos)
-    best = float(f1.max())
-    if f1_half >= best - tol:
-        return 0.5, f1_half
-    ok = np.flatnonzero(f1 >= best - tol)
-    i = ok[np.argmin(np.abs(_logit(cand[ok])))]
-    return float(cand[i]), float(f1[i])
+
+def threshold_grid() -> np.ndarray:
+    """Candidate thresholds as log-odds, evenly spaced across THRESHOLD_RANGE."""
+    lo, hi = _logit(np.array(THRESHOLD_RANGE))
+    return np.linspace(lo, hi, int(round((hi - lo) / _GRID_STEP)) + 1)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -160,20 +151,93 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def _smooth(curve: np.ndarray) -> np.ndarray:
+    """``curve`` (on threshold_grid()) convolved with a Gaussian of SMOOTHING log-odds, edges held."""
+    w = SMOOTHING / _GRID_STEP
+    half = int(np.ceil(3 * w))
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / w) ** 2)
+    return np.convolve(np.pad(curve, half, mode="edge"), kernel / kernel.sum(), mode="valid")
+
+
+def _peak(curve: np.ndarray, grid: np.ndarray, center: float) -> float:
+    """The log-odds where the smoothed ``curve`` is highest; on a flat top (scores far apart, so that many
+    thresholds are equally good) the point of it nearest ``center``, not one of its ends."""
+    c = _smooth(curve)
+    top = np.flatnonzero(c >= c.max() - 1e-9)
+    return float(grid[top[np.argmin(np.abs(grid[top] - center))]])
+
+
+def shared_f1_curve(probs: np.ndarray, truth: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Example F1 of ``probs >= sigmoid(z)`` for every label, at each log-odds ``z`` of ``grid`` (ascending).
+
+    In O(N L + N G): a score's bin (how many grid points are at or below it) says at which points it is
+    called; per image, the counts of called labels and of called true labels are reversed cumulative
+    sums over the bins."""
+    z = _logit(np.asarray(probs, np.float64))
+    truth = np.asarray(truth, bool)
+    n, G = len(z), len(grid)
+    bins = np.searchsorted(grid, z, side="right")  # z >= grid[k] exactly for k < bins
+    flat = (np.arange(n)[:, None] * (G + 1) + bins).ravel()
+    called = np.bincount(flat, minlength=n * (G + 1)).reshape(n, G + 1)
+    hits = np.bincount(flat, weights=truth.ravel(), minlength=n * (G + 1)).reshape(n, G + 1)
+    called = np.cumsum(called[:, ::-1], axis=1)[:, ::-1][:, 1:]  # (N, G): labels called at grid[k]
+    hits = np.cumsum(hits[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    size = called + truth.sum(axis=1)[:, None]
+    return np.where(size == 0, 1.0, 2 * hits / np.maximum(size, 1)).mean(axis=0)
+
+
+def label_f1_curve(
+    probs: np.ndarray, truth: np.ndarray, thresholds: np.ndarray, j: int, grid: np.ndarray
+) -> np.ndarray:
+    """Example F1 at each log-odds of ``grid`` as label ``j``'s threshold, the others at ``thresholds``.
+
+    Exact and O(N log N): an image's F1 changes only by whether label j is called, so the curve is
+    the images' F1 without j plus the cumulated change of those whose score is at or above each point."""
+    pred = probs >= thresholds[None, :]
+    pred[:, j] = False
+    inter = (pred & truth).sum(axis=1).astype(np.float64)
+    size = (pred.sum(axis=1) + truth.sum(axis=1)).astype(np.float64)
+    f_without = np.where(size == 0, 1.0, 2 * inter / np.maximum(size, 1))
+    f_with = 2 * (inter + truth[:, j]) / (size + 1)
+    z = _logit(np.asarray(probs[:, j], np.float64))
+    order = np.argsort(-z, kind="stable")
+    gain = np.r_[0.0, np.cumsum((f_with - f_without)[order])]
+    called = np.searchsorted(-z[order], -grid, side="right")  # images with z >= each grid point
+    return (f_without.sum() + gain[called]) / len(probs)
+
+
 def tune_thresholds(
-    probs: np.ndarray, truth: np.ndarray, *, min_positives: int = MIN_POSITIVES
+    probs: np.ndarray,
+    truth: np.ndarray,
+    *,
+    min_positives: int = MIN_POSITIVES,
+    shrink: float = SHRINK_POSITIVES,
 ) -> tuple[np.ndarray, list[str]]:
-    """Per label, the threshold maximising its F1 on held-out ``probs`` (:func:`best_f1_threshold`); labels
-    with fewer than ``min_positives`` held-out positives (or no negatives) take one shared threshold, chosen
-    the same way on all labels pooled (micro F1). Returns (thresholds (L,), per label "tuned" or "shared")."""
+    """Per-label thresholds maximising example-based F1 on held-out ``probs`` (N, L) against ``truth``.
+
+    1. shared: the one threshold for every label with the best (smoothed) example F1;
+    2. ROUNDS passes over the labels with at least ``min_positives`` held-out positives and one negative:
+       the label's best threshold with the others fixed, averaged in log-odds with the shared one,
+       weights its positives and ``shrink`` — a label with few positives stays near the shared value;
+    3. the other labels keep the shared one.
+
+    Returns (thresholds (L,) float32, per label "tuned" or "shared")."""
+    probs = np.asarray(probs, np.float32)
     truth = np.asarray(truth, bool)
     L = truth.shape[1]
-    shared = best_f1_threshold(probs.ravel(), truth.ravel())[0] if truth.any() else 0.5
-    out, source = np.full(L, shared, np.float32), ["shared"] * L
-    for j in range(L):
-        if truth[:, j].sum() >= min_positives and (~truth[:, j]).any():
-            out[j], source[j] = best_f1_threshold(probs[:, j], truth[:, j])[0], "tuned"
-    return out, source
+    if not truth.any():
+        return np.full(L, 0.5, np.float32), ["shared"] * L
+    grid = threshold_grid()
+    shared = _peak(shared_f1_curve(probs, truth, grid), grid, 0.0)
+    z = np.full(L, shared)
+    positives = truth.sum(axis=0)
+    own = [j for j in range(L) if positives[j] >= min_positives and (~truth[:, j]).any()]
+    for _ in range(ROUNDS):
+        for j in own:
+            best = _peak(label_f1_curve(probs, truth, sigmoid(z), j, grid), grid, shared)
+            z[j] = (positives[j] * best + shrink * shared) / (positives[j] + shrink)
+    thresholds = np.clip(sigmoid(z), *THRESHOLD_RANGE).astype(np.float32)
+    return thresholds, ["tuned" if j in own else "shared" for j in range(L)]
 
 
 # -- training ------------------------------------------------------------------------------------------
@@ -213,8 +277,13 @@ def fit_sigmoid_layers(
 ) -> np.ndarray:
     """Train one sigmoid layer per job ``(train_idx, seed)`` on rows of ``X`` (N, D), ``Y`` (N, L) bool.
 
-    Each step draws ``batch_size`` rows of the job's subset uniformly (the labels of a multi-label
-    photo are not one class to balance; ``class_balance="weight"`` weights positives instead).
+    The layers share their batches: each step draws rows uniformly from the union of the jobs' rows,
+    enough that every job gets ``batch_size`` of its own on average, and each layer learns from those
+    of them that are its own (a cross-fit's fold never sees its held-out rows). One gather and two
+    matrix products serve all the layers, instead of one of each per layer: the cross-fit's 5 folds
+    cost about 2 single fits, not 5 (docs/multilabel.md, Speed). With one job this is plain
+    mini-batch training, ``batch_size`` rows a step drawn by the job's seed. The labels of a
+    multi-label photo are not one class to balance; ``class_balance="weight"`` weights positives.
     At the steps in ``every`` (or where ``every(step)`` is true) and at the last one,
     ``on_step(step, P)`` sees the parameters P (M, L, D+1) (weights, then the bias column); if it
     returns True, training stops. Returns P.
@@ -222,7 +291,7 @@ def fit_sigmoid_layers(
     _check_params(steps, learning_rate, batch_size, optimizer, class_balance)
     X = np.ascontiguousarray(X, dtype=np.float32)
     Yf = np.asarray(Y, dtype=np.float32)
-    M, L, B, d = len(jobs), Yf.shape[1], batch_size, X.shape[1]
+    M, L, d = len(jobs), Yf.shape[1], X.shape[1]
     rngs = [np.random.default_rng(seed) for _, seed in jobs]
     P = np.zeros((M, L, d + 1), dtype=np.float32)
     pos_w = np.empty((M, L), np.float32)
@@ -233,29 +302,38 @@ def fit_sigmoid_layers(
         prior = np.clip(Yf[idx].mean(axis=0), 1e-3, 1 - 1e-3)
         P[m, :, d] = np.log(prior / (1 - prior))  # start at each label's frequency: fewer steps wasted
         pos_w[m] = positive_weights(Yf[idx], class_balance)
+    union = np.unique(np.concatenate([idx for idx, _ in jobs])) if M > 1 else np.asarray(jobs[0][0])
+    member = np.zeros((M, len(X)), np.float32)
+    for m, (idx, _) in enumerate(jobs):
+        member[m, idx] = 1.0
+    member = np.ascontiguousarray(member[:, union].T)  # (U, M): row u is in job m's training rows
+    share = member.mean(axis=0).min()  # the smallest job's share of the union
+    B = batch_size if M == 1 else int(np.ceil(batch_size / share))
     marks = set(every) if not callable(every) else None
     moments = (np.zeros_like(P), np.zeros_like(P))
     update = _Optimizer(optimizer, P, moments, learning_rate, weight_decay, d)
-    xb = np.empty((M, B, d), np.float32)
-    yb = np.empty((M, B, L), np.float32)
+    W = P[:, :, :d].reshape(M * L, d)  # a view: the weights of every layer, one row per (layer, label)
     gP = np.empty_like(P)
+    gW = gP[:, :, :d].reshape(M * L, d)
+    xb = np.empty((B, d), np.float32)
+    yb = np.empty((B, L), np.float32)
     with threadpool_limits(1, user_api="blas"):
         for step in range(1, steps + 1):
-            for m, ((idx, _), rng) in enumerate(zip(jobs, rngs)):
-                rows = idx[rng.integers(0, len(idx), size=B)]
-                np.take(X, rows, axis=0, out=xb[m])
-                np.take(Yf, rows, axis=0, out=yb[m])
-            z = np.matmul(P[:, :, :d], xb.transpose(0, 2, 1))  # (M, L, B)
-            z += P[:, :, d:]
-            p = sigmoid(z)
-            yt = yb.transpose(0, 2, 1)  # (M, L, B)
-            # d(BCE)/dz = p - y, positives weighted: w_pos * (p - 1) for y = 1.
-            g = p - yt
+            pick = rngs[0].integers(0, len(union), size=B)
+            np.take(X, union[pick], axis=0, out=xb)
+            np.take(Yf, union[pick], axis=0, out=yb)
+            own = member[pick]  # (B, M)
+            z = (xb @ W.T).reshape(B, M, L)
+            z += P[:, :, d]
+            # d(BCE)/dz = p - y, positives weighted: w_pos * (p - 1) for y = 1; each layer averages its own rows.
+            g = sigmoid(z)
+            g -= yb[:, None, :]
             if class_balance == "weight":
-                g *= 1 + (pos_w[:, :, None] - 1) * yt
-            g *= 1.0 / B
-            np.matmul(g, xb, out=gP[:, :, :d])
-            g.sum(axis=2, out=gP[:, :, d])
+                g *= 1 + (pos_w[None, :, :] - 1) * yb[:, None, :]
+            g *= (own / np.maximum(own.sum(axis=0), 1.0))[:, :, None]
+            g2 = g.reshape(B, M * L)
+            np.matmul(g2.T, xb, out=gW)
+            g.sum(axis=0, out=gP[:, :, d])
             update(gP, step)
             due = step == steps or (step in marks if marks is not None else every(step))
             if due and on_step is not None and on_step(step, P):

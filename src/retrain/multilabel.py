@@ -12,8 +12,8 @@ The stages mirror the single-label run (retrain.train) on the same cached featur
    by out-of-fold mAP and gives every one of those images probabilities from a layer that never saw it;
 3. the final sigmoid layer (:class:`retrain.mlhead.SigmoidHead`) on training + validation for that
    many steps (``--final_fit train``: on training alone, best step by validation mAP);
-4. per-label thresholds maximising F1 on the held-out probabilities (``--multi_label_threshold``: one
-   for all);
+4. per-label thresholds maximising example-based F1 on the held-out probabilities, each pulled toward one
+   shared threshold (:func:`retrain.mlhead.tune_thresholds`; ``--multi_label_threshold``: one for all);
 5. metrics on the test split, ``multilabel.npz``, the model (sigmoid output, manifest with the
    thresholds), ``metrics.json`` and the report.
 """
@@ -522,10 +522,12 @@ def ml_cross_fit(
     steps, maps, losses, probs_at = [], [], [], []
     last_gain = [0]  # the checkpoint that last raised the best mAP by more than the tolerance
 
+    X_held = [X[rows] for rows in held]  # gathered once, not at every checkpoint
+
     def on_step(step: int, P: np.ndarray) -> bool:
         probs = np.empty(Y.shape, np.float32)
         for f, rows in enumerate(held):
-            probs[rows] = sigmoid(X[rows] @ P[f, :, :d].T + P[f, :, d])
+            probs[rows] = sigmoid(X_held[f] @ P[f, :, :d].T + P[f, :, d])
         m = mean_average_precision(probs, Y) or 0.0
         if steps and m > max(maps) + tolerance * (1 - max(maps)):
             last_gain[0] = len(steps)
@@ -566,7 +568,7 @@ def choose_thresholds(
         for lab, t, s in zip(labels, thresholds, sources)
     )
     log.info(
-        "Per-label thresholds (maximum F1 on %d held-out images; * = shared, too few positives): %s",
+        "Per-label thresholds (best example F1 on %d held-out images; * = shared, too few positives): %s",
         len(truth),
         shown,
     )

@@ -29,8 +29,8 @@ NPZ_FILE = "multilabel.npz"  # retrain.multilabel.NPZ_FILE
 MAX_GALLERY = 60  # test images shown per gallery (the rest are counted)
 WEAK_AP = 0.7  # a label below this test AP gets a tip
 _SOURCES = {
-    "tuned": "tuned: best F1 on held-out images",
-    "shared": "shared: too few held-out positives, one threshold tuned on all labels pooled",
+    "tuned": "tuned: best example F1 on held-out images, pulled toward the shared threshold",
+    "shared": "shared: too few held-out positives, the one threshold tuned for all labels together",
     "flag": "--multi_label_threshold",
     "default": "0.5: no held-out images to tune on",
 }
