@@ -344,8 +344,10 @@ def test_quality_best_resolves_to_the_measured_recipe():
 
     ns = training_parser().parse_args(["--quality", "best"])
     cfg = apply_quality(TrainConfig(**vars(ns)).validate())
-    assert {k: getattr(cfg, k) for k in BEST_SETTINGS} == BEST_SETTINGS and cfg.fine_tune
-    assert recipe_for(cfg) == BEST_RECIPE and BEST_RECIPE.schedule == "cosine"
+    # best mode runs its own fine-tuning stage (retrain.quality): --fine_tune's train-only path stays off
+    assert {k: getattr(cfg, k) for k in BEST_SETTINGS} == BEST_SETTINGS and not cfg.fine_tune
+    assert recipe_for(cfg) == BEST_RECIPE and BEST_RECIPE.schedule == "cosine" and BEST_RECIPE.keep == "last"
+    assert not apply_quality(TrainConfig(quality="best", fine_tune=True)).fine_tune
     # a fine-tuning flag the user changed from its default still applies
     ns = training_parser().parse_args(
         ["--quality", "best", "--fine_tune_blocks", "9", "--fine_tune_epochs", "2"]
@@ -382,11 +384,21 @@ def test_quality_best_prints_an_estimate_first_and_fine_tunes(
         fine_tune_learning_rate=3e-3,
     )
     text = caplog.text
+    # the whole run's estimate comes before any features are computed, the measured one before epoch 1
+    up_front = text.index("best quality: about")
+    assert up_front < text.index("Bottlenecks:") and "fine-tuning 6 blocks for 2 epochs" in text
+    assert "(--architecture was given, so no backbone choice)" in text
     assert "best quality: fine-tuning 2 backbone blocks for up to 2 epochs of" in text
     estimate = text.index("best quality: fine-tuning")
     assert "on this CPU" in text[estimate:] and estimate < text.index("Fine-tune epoch 1/2")
     report = _report(Path(fast_config["output_dir"]))
     assert report["unfrozen_blocks"] == 2 and report["epochs_run"] == 2  # blocks "6" = all of this one's 2
+    assert report["best_epoch"] == 2  # the recipe keeps the last epoch, chosen by no score
+    assert report["backbone_choice"]["backbone"] == TINY_BN
+    verdict = (
+        "keeping the fine-tuned network" if report["fine_tuned"] else "keeping the frozen-backbone model"
+    )
+    assert f"on the same {report['validation_images']} validation images" in text and verdict in text
 
 
 def test_quality_best_keeps_the_frozen_model_when_validation_gets_worse(
@@ -394,13 +406,17 @@ def test_quality_best_keeps_the_frozen_model_when_validation_gets_worse(
 ):
     caplog.set_level(logging.INFO, logger="retrain")
     cfg = {**fast_config, "architecture": TINY_BN, "quiet": False}
-    # --fine_tune fits the new layer on the training split alone, as --final_fit train does
-    frozen = retrain.train(colour_dir, **{**cfg, "output_dir": str(tmp_path / "frozen")}, final_fit="train")
+    # the model fine-tuning has to beat: the default run's, fitted on training + validation
+    frozen = retrain.train(colour_dir, **{**cfg, "output_dir": str(tmp_path / "frozen")})
     # a learning rate that wrecks the network: every epoch is worse than the start on validation
     best = retrain.train(colour_dir, **cfg, quality="best", fine_tune_epochs=2, fine_tune_learning_rate=50.0)
     report = _report(Path(cfg["output_dir"]))
-    assert report["best_epoch"] == 0 and report["epochs_run"] == 2
+    assert report["best_epoch"] == 2 and report["epochs_run"] == 2 and report["fine_tuned"] is False
+    assert report["fine_tuned_validation_accuracy"] <= report["frozen_validation_accuracy"]
     assert report["history"][1]["validation_accuracy"] < report["history"][0]["validation_accuracy"]
-    assert "keeping the model with the frozen backbone" in caplog.text
+    assert "keeping the frozen-backbone model fitted on all training+validation images" in caplog.text
     assert retrain.load(best.output_graph).manifest.get("fine_tuned") is not True
     assert best.test_accuracy == frozen.test_accuracy
+    same = ("accuracy", "best_steps", "weight_decay")
+    assert best.metrics["final_fit"] == "train+val"
+    assert [best.metrics["crossfit"][k] for k in same] == [frozen.metrics["crossfit"][k] for k in same]

@@ -299,8 +299,10 @@ def training_parser() -> _Parser:
         "quality",
         default=d.quality,
         choices=("default", "best"),
-        help="'best': fine-tune with the measured recipe (more accurate far from ImageNet, minutes to an hour "
-        "on a CPU; the time estimate is printed first); fine_tune_* flags you give still apply",
+        help="'best': choose the backbone (EfficientNet-Lite0, MobileNet V2, EfficientNet-Lite2) by cross-fit "
+        "accuracy on training+validation, then fine-tune with the measured recipe and keep it only if it beats "
+        "the frozen model on validation (minutes to an hour on a CPU; the time estimate is printed first); "
+        "--architecture and fine_tune_* flags you give still apply",
     )
     g = p.add_argument_group("outputs")
     _add(

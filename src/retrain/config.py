@@ -67,7 +67,7 @@ class TrainConfig:
     fine_tune_epochs: int = 10
     fine_tune_learning_rate: float = 1e-4
     fine_tune_patience: int = 3
-    quality: str = "default"  # "best": fine-tune with the measured recipe (finetune.BEST_SETTINGS)
+    quality: str = "default"  # "best": backbone by cross-fit, then fine-tuning if it wins (retrain.quality)
     resume: bool = False
     # -- outputs -------------------------------------------------------------------------------
     output_dir: str = ""  # default: ./retrain_runs/<time>; other outputs default inside it

@@ -77,6 +77,10 @@ class Recipe:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     weight_decay: float = 0.0  # with "adamw": decoupled weight decay of backbone and new layer
+    # "best": the epoch with the best validation score (epoch 0 = before fine-tuning); "last": the last epoch,
+    # chosen by no score, so that its validation accuracy is an unbiased estimate (best mode compares it
+    # with the frozen model's, retrain.quality)
+    keep: str = "best"
 
     def factor(self, step: int, total: int, warmup: int) -> float:
         """Learning-rate multiplier before optimizer step ``step`` (0-based) of ``total``."""
@@ -94,10 +98,12 @@ BEST_RECIPE = Recipe(
     warmup_epochs=1.0,
     label_smoothing=0.1,
     weight_decay=0.01,
+    keep="last",
 )
-# --quality best: these settings, unless a flag changed them from its default.
+# --quality best: these settings, unless a flag changed them from its default. Best mode runs its own
+# fine-tuning stage (retrain.quality), so --fine_tune itself stays off: the default run's frozen model
+# (new layer on training + validation) is what fine-tuning has to beat.
 BEST_SETTINGS = {
-    "fine_tune": True,
     "fine_tune_blocks": "6",
     "fine_tune_epochs": 8,
     "fine_tune_learning_rate": 3e-4,
@@ -111,7 +117,7 @@ def apply_quality(cfg: TrainConfig) -> TrainConfig:
         return cfg
     defaults = TrainConfig()
     changes = {k: v for k, v in BEST_SETTINGS.items() if getattr(cfg, k) == getattr(defaults, k)}
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, fine_tune=False, **changes)
 
 
 def recipe_for(cfg: TrainConfig) -> Recipe:
@@ -629,14 +635,18 @@ class _Tuner:
         finally:
             if writer is not None:
                 writer.close()
-        self._set_weights(best["weights"])
+        if self.recipe.keep == "last":
+            best = {"epoch": epoch}  # the weights are the last epoch's already
+        else:
+            self._set_weights(best["weights"])
         stopped_early = epoch < cfg.fine_tune_epochs
         if not len(self.y_val):
             log.warning("No validation images: fine-tuning ran all %d epochs and keeps the last one", epoch)
         else:
             log.info(
-                "Kept the weights of fine-tuning epoch %d (validation accuracy %.1f%% before, %.1f%% after)",
+                "Kept the weights of fine-tuning epoch %d%s (validation accuracy %.1f%% before, %.1f%% after)",
                 best["epoch"],
+                ", the last" if self.recipe.keep == "last" else "",
                 100 * history[0].validation_accuracy,
                 100 * history[best["epoch"]].validation_accuracy,
             )

@@ -117,7 +117,17 @@ def train(
     # After discovery, so that a bad --image_dir leaves no empty run folder behind.
     paths = _resolve_paths(cfg, reserve=True)
     _check_writable(paths, cfg)
+    best_mode = cfg.quality == "best"
+    if best_mode:  # --quality best: the time estimate first (retrain.quality)
+        from retrain import quality
+
+        quality.log_estimate(cfg, len(dataset.records), chooses=not quality.why_not_choose(cfg))
     table = _features(cfg, spec, dataset)
+    if best_mode:  # the backbone whose features cross-fit best on training + validation
+        t0 = time.perf_counter()
+        spec, table, choice = quality.choose_backbone(cfg, dataset, spec, table, seed)
+        cfg = dataclasses.replace(cfg, architecture=spec.name)
+        timings["choose_backbone"] = time.perf_counter() - t0
     timings["features"], cpu_timings["features"] = table.seconds, table.cpu_seconds
     splits = split_features(
         dataset,
@@ -162,6 +172,24 @@ def train(
         atomic_write_bytes(paths.run_dir / "fine_tune.json", json.dumps(tuned.report(), indent=2).encode())
         if tuned.backbone_onnx is not None:
             head, backbone_onnx, splits = tuned.head, tuned.backbone_onnx, tuned.splits
+            validation_accuracy = _validation_accuracy(head, splits.validation, log_it=False)
+    elif best_mode:  # fine-tuning, kept only if it beats this frozen model on validation
+        t0 = time.perf_counter()
+        best = quality.fine_tune_or_keep(
+            cfg,
+            spec,
+            seed,
+            splits,
+            plan,
+            head,
+            checkpoint=_finetune_checkpoint(paths.checkpoint),
+            summaries_dir=paths.summaries_dir,
+        )
+        timings["fine_tune"] = time.perf_counter() - t0
+        best.report["backbone_choice"] = choice.to_dict()
+        atomic_write_bytes(paths.run_dir / "fine_tune.json", json.dumps(best.report, indent=2).encode())
+        if best.backbone_onnx is not None:
+            head, backbone_onnx, splits = best.head, best.backbone_onnx, best.splits
             validation_accuracy = _validation_accuracy(head, splits.validation, log_it=False)
 
     test = evaluate(
