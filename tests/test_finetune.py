@@ -413,7 +413,6 @@ def test_quality_best_keeps_the_frozen_model_when_validation_gets_worse(
     report = _report(Path(cfg["output_dir"]))
     assert report["best_epoch"] == 2 and report["epochs_run"] == 2 and report["fine_tuned"] is False
     assert report["fine_tuned_validation_accuracy"] <= report["frozen_validation_accuracy"]
-    assert report["history"][1]["validation_accuracy"] < report["history"][0]["validation_accuracy"]
     assert "keeping the frozen-backbone model fitted on all training+validation images" in caplog.text
     assert retrain.load(best.output_graph).manifest.get("fine_tuned") is not True
     assert best.test_accuracy == frozen.test_accuracy
