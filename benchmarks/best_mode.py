@@ -117,7 +117,8 @@ def run_set(folder: Path, args, work: Path) -> dict:
             _run,
             row=row,
             train_dir=train_dir,
-            prefix=work / f"run-{folder.name}-{seed}",
+            # --no_fine_tune's "best" is another model: its own folders, so a full run's are not reused
+            prefix=work / f"run-{folder.name}-{seed}{'-frozen' if args.no_fine_tune else ''}",
             seed=seed,
             test=scored,
         )

@@ -26,9 +26,25 @@ def test_no_backbone_choice_when_the_user_named_one_or_features_come_from_elsewh
     assert quality.CANDIDATES[0] == TrainConfig().architecture  # ties go to the default (cheapest) backbone
 
 
-def test_the_backbone_with_the_best_out_of_fold_accuracy_is_chosen(
-    tmp_path: Path, colour_dir: Path, monkeypatch, caplog
-):
+def _hits(right: int, n: int = 40) -> dict[str, bool]:
+    return {f"img{i}.jpg": i < right for i in range(n)}
+
+
+def test_another_backbone_only_replaces_the_default_when_it_is_clearly_better():
+    assert quality.clearly_better(_hits(20), _hits(30)) == 10  # 10 wins, 0 losses: 10 > sqrt(10)
+    assert quality.clearly_better(_hits(30), _hits(20)) == 0  # worse
+    assert quality.clearly_better(_hits(20), _hits(21)) == 0  # 1 > sqrt(1) is false: noise
+    # 8 more right overall, but from 20 wins against 12 losses: 8 > sqrt(32) = 5.7, clearly better
+    base = {f"img{i}.jpg": i < 12 for i in range(40)}
+    other = {f"img{i}.jpg": 12 <= i < 32 for i in range(40)}
+    assert quality.clearly_better(base, other) == 8
+    # 3 more from 10 wins, 7 losses: 3 < sqrt(17) = 4.1, not clearly better
+    other = {f"img{i}.jpg": (i < 5) or (12 <= i < 22) for i in range(40)}
+    assert quality.clearly_better(base, other) == 0
+    assert quality.clearly_better({}, {}) == 0
+
+
+def test_the_clearly_better_backbone_is_chosen(tmp_path: Path, colour_dir: Path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="retrain")
     cfg = TrainConfig(bottleneck_dir=str(tmp_path / "b"), how_many_training_steps=100, quiet=True)
     ds = discover(colour_dir)
@@ -37,29 +53,30 @@ def test_the_backbone_with_the_best_out_of_fold_accuracy_is_chosen(
 
     spec = get_backbone(TINY)
     # rig the scores: the second candidate wins, whatever the features say
-    scores = iter([0.5, 0.75])
-    monkeypatch.setattr(quality, "out_of_fold_accuracy", lambda *a: (next(scores), 17))
+    scores = iter([_hits(20), _hits(30)])
+    monkeypatch.setattr(quality, "out_of_fold_hits", lambda *a: next(scores))
     chosen, table, choice = quality.choose_backbone(cfg, ds, spec, spec_table, 0, candidates=(TINY, TINY_BN))
     assert chosen.name == TINY_BN and choice.name == TINY_BN and table is not spec_table
-    assert choice.out_of_fold == {TINY: 0.5, TINY_BN: 0.75} and choice.images == 17
-    assert f"best quality: backbone {TINY_BN}: out-of-fold accuracy 75.0% on the 17 training+validation" in (
+    assert choice.out_of_fold == {TINY: 0.5, TINY_BN: 0.75} and choice.images == 40
+    assert f"best quality: backbone {TINY_BN}: out-of-fold accuracy 75.0% on the 40 training+validation" in (
         caplog.text
     )
-    assert f"vs {TINY} 50.0%" in caplog.text
-    # a tie goes to the earlier (cheaper) candidate, and the run's own table is reused for it
-    monkeypatch.setattr(quality, "out_of_fold_accuracy", lambda *a: (0.6, 17))
+    assert f"vs {TINY} 50.0%; 10 more images right than {TINY}" in caplog.text
+    # a small lead is noise: the default backbone is kept, and the run's own table is reused for it
+    scores = iter([_hits(20), _hits(21)])
     chosen, table, _ = quality.choose_backbone(cfg, ds, spec, spec_table, 0, candidates=(TINY, TINY_BN))
     assert chosen.name == TINY and table is spec_table
+    assert "no other backbone is clearly better" in caplog.text
 
 
 def test_the_real_cross_fit_scores_each_candidate(tmp_path: Path, colour_dir: Path):
     cfg = TrainConfig(bottleneck_dir=str(tmp_path / "b"), how_many_training_steps=100)
     ds = discover(colour_dir)
     table = extract_features(ds, architecture=TINY, bottleneck_dir=cfg.bottleneck_dir)
-    acc, n = quality.out_of_fold_accuracy(cfg, ds, table, 0)
-    assert 0.0 <= acc <= 1.0 and 0 < n < len(
-        ds.records
-    )  # training + validation only: the test split is left out
+    hits = quality.out_of_fold_hits(cfg, ds, table, 0)
+    # training + validation only: the test split is left out
+    assert 0 < len(hits) < len(ds.records) and set(hits.values()) <= {True, False}
+    assert set(hits) <= {str(r.path) for r in ds.records}
 
 
 def test_the_frozen_model_is_scored_on_the_validation_rows_of_the_cross_fit():
