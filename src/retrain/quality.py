@@ -129,7 +129,8 @@ def choose_backbone(
     cfg: TrainConfig, dataset, spec: BackboneSpec, table, seed: int, candidates: Sequence[str] = CANDIDATES
 ):
     """(spec, feature table, BackboneChoice): the first candidate (the default backbone) unless another's
-    features cross-fit clearly better on training + validation (:func:`clearly_better`; the largest gain wins). ``spec`` / ``table`` are the run's own backbone and its features (one of the candidates)."""
+    features cross-fit clearly better on training + validation (:func:`clearly_better`; the largest gain
+    wins). ``spec`` / ``table`` are the run's own backbone and its features (one of the candidates)."""
     from retrain.features import extract_features
 
     reason = why_not_choose(cfg)
@@ -166,13 +167,13 @@ def choose_backbone(
         log.info("best quality: backbone %s (%s)", spec.name, choice.reason)
         return spec, table, choice
     gains = {n: clearly_better(hits[default], hits[n]) for n in candidates[1:]}
-    best = max(gains, key=lambda n: (gains[n], -candidates.index(n)), default=default)
-    choice.name = best if gains.get(best, 0) > 0 else default
+    winner = max(gains, key=gains.get, default=default)  # max keeps the first (cheaper) of equal gains
+    choice.name = winner if gains.get(winner, 0) > 0 else default
     others = ", ".join(f"{n} {100 * a:.1f}%" for n, a in choice.out_of_fold.items() if n != choice.name)
     verdict = (
         f"{gains[choice.name]} more images right than {default}"
         if choice.name != default
-        else "no other backbone is clearly better (by more than one standard deviation of the paired difference)"
+        else f"no other backbone is clearly better (by more than {CLEARLY:g} sd of the paired difference)"
     )
     log.info(
         "best quality: backbone %s: out-of-fold accuracy %.1f%% on the %d training+validation images, vs %s; "
