@@ -75,6 +75,25 @@ def _outer_split(
     return test
 
 
+def _outer_folds(paths: list[Path], keys: list[bytes], y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold ids (N,) in 0..k-1: per class, groups in order of a hash of (seed, group) dealt round-robin.
+
+    A group's rows (copies, ``_nohash_`` names) share a fold, so no test image has a copy in training.
+    """
+    from retrain.fit import labelled_groups
+
+    groups = np.array(labelled_groups(keys, [str(p) for p in paths]))
+    fold = np.full(len(y), -1)
+    for c in np.unique(y):
+        members = [g for g in np.unique(groups[y == c]) if fold[groups == g][0] < 0]
+        order = sorted(
+            members, key=lambda g: hashlib.sha1(f"{seed}/{g}/{keys[g].hex()}".encode()).hexdigest()
+        )
+        for i, g in enumerate(order):
+            fold[groups == g] = i % k
+    return fold
+
+
 def _link_training_folder(dst: Path, paths: list[Path], labels: list[str], y: np.ndarray) -> None:
     for i, (p, c) in enumerate(zip(paths, y)):
         target = dst / labels[c] / f"{i:06d}_{p.name}"
@@ -104,7 +123,6 @@ def _probe(X: np.ndarray, y: np.ndarray) -> tuple[object, float]:
 
 def run_set(folder: Path, args, work: Path) -> dict:
     bottlenecks = args.bottleneck_dir or work / "bottlenecks"
-    import retrain
 
     labels, paths, y_all = _images(folder)
     y_all = np.array(y_all)
@@ -126,40 +144,84 @@ def run_set(folder: Path, args, work: Path) -> dict:
     )
     out = {"set": str(folder), "images": len(y), "classes": len(labels), "runs": []}
     for seed in args.seeds:
-        test = _outer_split(paths, keys, y, args.test_fraction, seed)
-        tr = np.flatnonzero(~test)
-        train_dir = work / f"split-{folder.name}-{seed}"
-        _link_training_folder(train_dir, [paths[i] for i in tr], labels, y[tr])
-        Xt, yt = X[test], y[test]
-        row = {"seed": seed, "train": len(tr), "test": int(test.sum())}
-        for mode in args.modes:
-            t1 = time.perf_counter()
-            result = retrain.train(
-                train_dir,
-                bottleneck_dir=str(bottlenecks),
-                output_dir=str(work / f"run-{mode}"),
-                seed=seed,
-                final_fit=mode,
-                quiet=True,
-            )
-            W, b, run_labels = _exported_layer(result.output_graph)
-            to_set = np.array([labels.index(label) for label in run_labels])
-            pred = to_set[(Xt @ W + b).argmax(axis=1)]
-            row[mode] = float((pred == yt).mean())
-            row[f"{mode}_seconds"] = time.perf_counter() - t1
-            row[f"{mode}_internal_test"] = result.test_accuracy
-            row[f"{mode}_steps"] = result.metrics.get("best_step")
-            if seed == args.seeds[0] and mode == args.modes[0]:
-                row["onnx_agreement"] = _agreement(
-                    result.output_graph, [paths[i] for i in np.flatnonzero(test)], run_labels, pred, to_set
-                )
-        t1 = time.perf_counter()
-        lr, c = _probe(X[tr], y[tr])
-        row["probe"], row["probe_C"] = float((lr.predict(Xt) == yt).mean()), c
-        row["probe_seconds"] = time.perf_counter() - t1
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        if args.outer_folds:
+            fold = _outer_folds(paths, keys, y, args.outer_folds, seed)
+            tests = [fold == f for f in range(args.outer_folds)]
+        else:
+            tests = [_outer_split(paths, keys, y, args.test_fraction, seed)]
+        row = {"seed": seed, "train": 0, "test": 0}
+        hits: dict[str, list[np.ndarray]] = {}
+        for f, test in enumerate(tests):
+            part = _one_split(folder, labels, paths, X, y, test, seed, f, args, work, bottlenecks)
+            row["train"] += part.pop("train")
+            row["test"] += int(test.sum())
+            for key, value in part.items():
+                if isinstance(value, np.ndarray):
+                    hits.setdefault(key, []).append(value)
+                elif isinstance(value, (int, float)) and key.endswith("seconds"):
+                    row[key] = row.get(key, 0.0) + value
+                else:
+                    row.setdefault(key, value)
+        for key, parts in hits.items():
+            correct = np.concatenate(parts)
+            row[key] = float(correct.mean())
+            row[f"{key}_hits"] = correct.astype(int).tolist()
+        print(
+            json.dumps({k: v for k, v in row.items() if not k.endswith("_hits")}), file=sys.stderr, flush=True
+        )
         out["runs"].append(row)
     return out
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``name=value`` from a ``--modes`` entry, the value as an int or float where it reads as one."""
+    name, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
+def _one_split(folder, labels, paths, X, y, test, seed, f, args, work, bottlenecks) -> dict:
+    """retrain in each mode and the probe on the rows not in ``test``; per method a bool array of test hits."""
+    import retrain
+
+    tr = np.flatnonzero(~test)
+    train_dir = work / f"split-{folder.name}-{seed}-{f}"
+    _link_training_folder(train_dir, [paths[i] for i in tr], labels, y[tr])
+    Xt, yt = X[test], y[test]
+    row: dict = {"train": len(tr)}
+    for mode in args.modes:
+        t1 = time.perf_counter()
+        final_fit, *extra = mode.split(",")
+        result = retrain.train(
+            train_dir,
+            bottleneck_dir=str(bottlenecks),
+            output_dir=str(work / "run"),
+            seed=seed,
+            final_fit=final_fit,
+            quiet=True,
+            **dict(_setting(text) for text in extra),
+        )
+        W, b, run_labels = _exported_layer(result.output_graph)
+        to_set = np.array([labels.index(label) for label in run_labels])
+        pred = to_set[(Xt @ W + b).argmax(axis=1)]
+        row[mode] = pred == yt
+        row[f"{mode}_seconds"] = time.perf_counter() - t1
+        row[f"{mode}_internal_test"] = result.test_accuracy
+        row[f"{mode}_steps"] = result.metrics.get("best_step")
+        if seed == args.seeds[0] and f == 0 and mode == args.modes[0]:
+            row["onnx_agreement"] = _agreement(
+                result.output_graph, [paths[i] for i in np.flatnonzero(test)], run_labels, pred, to_set
+            )
+    t1 = time.perf_counter()
+    lr, c = _probe(X[tr], y[tr])
+    row["probe"] = lr.predict(Xt) == yt
+    row["probe_C"] = c
+    row["probe_seconds"] = time.perf_counter() - t1
+    return row
 
 
 def _agreement(graph: Path, test_paths: list[Path], run_labels, pred_from_features, to_set, limit: int = 64):
@@ -189,22 +251,30 @@ def table(results: list[dict], modes: list[str]) -> str:
         "classes",
         *[names.get(m, m) for m in modes],
         "LogisticRegressionCV, 100%",
-        "default - probe, points",
+        *[f"{m} - probe, points (images better/worse)" for m in modes],
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         runs = r["runs"]
-        diff = [100 * (x[modes[0]] - x["probe"]) for x in runs]
         cells = [
             Path(r["set"]).name,
             str(r["images"]),
             str(r["classes"]),
             *[_cell([x[m] for x in runs]) for m in modes],
             _cell([x["probe"] for x in runs]),
-            f"{np.mean(diff):+.1f} ({min(diff):+.1f} to {max(diff):+.1f})",
+            *[_difference(runs, m) for m in modes],
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _difference(runs: list[dict], mode: str) -> str:
+    """Mean (min to max) over seeds of mode - probe, and the test images only one of the two got right."""
+    diff = [100 * (x[mode] - x["probe"]) for x in runs]
+    ours = np.concatenate([x[f"{mode}_hits"] for x in runs])
+    probe = np.concatenate([x["probe_hits"] for x in runs])
+    better, worse = int(np.sum(ours > probe)), int(np.sum(ours < probe))
+    return f"{np.mean(diff):+.1f} ({min(diff):+.1f} to {max(diff):+.1f}; {better}/{worse})"
 
 
 def main() -> None:
@@ -212,8 +282,19 @@ def main() -> None:
     ap.add_argument("sets", nargs="+", type=Path, help="photo set folders (one sub-folder per class)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--test_fraction", type=float, default=0.2)
+    ap.add_argument(
+        "--outer_folds",
+        type=int,
+        default=0,
+        help="K > 1: every image is tested once, in K outer folds per seed (instead of one --test_fraction split)",
+    )
     ap.add_argument("--max_per_class", type=int, default=0, help="use at most N images per class (0 = all)")
-    ap.add_argument("--modes", nargs="+", default=["train+val", "all", "train"])
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["train+val", "all", "train"],
+        help="--final_fit values to run, each optionally with settings: e.g. train+val,class_balance=none",
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument(
         "--bottleneck_dir", type=Path, help="feature cache to reuse (default: a temporary folder)"
@@ -222,10 +303,12 @@ def main() -> None:
     logging.getLogger("retrain").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_set(s, args, Path(tmp)) for s in args.sets]
-    print(
-        f"Test accuracy on a disjoint {100 * args.test_fraction:.0f}% of each set; mean (min-max) over split seeds "
-        f"{', '.join(map(str, args.seeds))}"
+    where = (
+        f"every image once, in {args.outer_folds} outer folds per seed"
+        if args.outer_folds
+        else f"a disjoint {100 * args.test_fraction:.0f}% of each set"
     )
+    print(f"Test accuracy on {where}; mean (min-max) over split seeds {', '.join(map(str, args.seeds))}")
     print(table(results, args.modes))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

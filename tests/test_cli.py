@@ -87,8 +87,8 @@ def test_train_then_label_image_json(tmp_path: Path, colour_dir, fast_config, ca
     args = [f"--{k}={v}" for k, v in fast_config.items() if not isinstance(v, bool)] + ["--quiet"]
     assert retrain_main(["--image_dir", str(colour_dir), "--print_misclassified_test_images", *args]) == 0
     out = capsys.readouterr().out
-    assert "Cross-fitting 5 folds on 29 training+validation images: best at " in out
-    assert "out-of-fold accuracy" in out and ": Train accuracy = " in out
+    assert "Cross-fitting 5 folds on 29 training+validation images: best at C = " in out
+    assert "out-of-fold accuracy" in out and "L-BFGS iterations" in out
     assert "Final test accuracy = " in out and "=== MISCLASSIFIED TEST IMAGES ===" in out
     graph = Path(fast_config["output_dir"]) / "output_graph.onnx"
     labels = Path(fast_config["output_dir"]) / "output_labels.txt"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from PIL import Image
 
 import retrain
@@ -44,9 +45,21 @@ def test_default_run_fits_training_plus_validation_and_says_so(colour_dir, fast_
     assert m["validation_kind"] == "out-of-fold" and m["crossfit"]["count"] == labelled
     assert isinstance(result.cross_fit, CrossFit) and result.cross_fit.logits.shape == (labelled, 3)
     assert result.validation_accuracy == result.cross_fit.accuracy
+    assert m["head_solver"] == "lbfgs" and m["best_step"] is None
+    assert m["crossfit"]["C"] == result.cross_fit.c and m["crossfit"]["curve_C"][0] == 1e-3
+    assert f"Cross-fitting 5 folds on {labelled} training+validation images: best at C = " in caplog.text
+    assert f"final layer solved (L-BFGS) on all {labelled}" in caplog.text
+    assert "Out-of-fold accuracy by regularisation C" in caplog.text and "L-BFGS iterations" in caplog.text
+
+
+def test_head_solver_steps_chooses_the_number_of_steps(colour_dir, fast_config, caplog):
+    caplog.set_level(logging.INFO, logger="retrain")
+    result = retrain.train(colour_dir, **fast_config, head_solver="steps")
+    m = result.metrics
+    labelled = 36 - m["test_count"]
+    assert m["head_solver"] == "steps" and m["final_fit_count"] == labelled
     assert m["best_step"] == result.cross_fit.best_steps <= fast_config["how_many_training_steps"]
-    assert f"Cross-fitting 5 folds on {labelled} training+validation images" in caplog.text
-    assert f"final layer fitted on all {labelled}" in caplog.text
+    assert f"final layer fitted on all {labelled}" in caplog.text and ": Train accuracy = " in caplog.text
 
 
 def test_final_fit_train_is_retrain_py_semantics(colour_dir, fast_config, caplog):
@@ -85,16 +98,21 @@ def test_test_images_never_reach_the_default_layer_but_do_with_final_fit_all(
     m = runs["all", 1].metrics
     assert m["final_fit_count"] == 36 and m["test_accuracy"] == runs["train+val", 1].test_accuracy
     assert "7 test images included" in caplog.text and "was measured before" in caplog.text
+    # The test figures of the open-world stage are those of the layer that never saw the test images.
+    before = runs["train+val", 1].metrics
+    assert m["calibration"]["ece_after"]["test"] == before["calibration"]["ece_after"]["test"]
+    assert m["unknown"]["test_called_unknown"] == before["unknown"]["test_called_unknown"]
 
 
-def test_the_default_run_uses_no_weight_decay_unless_the_flag_gives_one(colour_dir, fast_config, caplog):
-    # The decay grid cost 3.2x the cross-fit and gained nothing measurable (docs/benchmarks.md): the default
-    # tries one value, 0, and the log says no choice was made.
+def test_the_step_solver_uses_no_weight_decay_unless_the_flag_gives_one(colour_dir, fast_config, caplog):
+    # The decay grid cost 3.2x the cross-fit and gained nothing measurable (docs/benchmarks.md): the step
+    # solver tries one value, 0, and the log says no choice was made.
     from retrain.fit import WEIGHT_DECAYS
 
     assert WEIGHT_DECAYS == (0.0,)
     caplog.set_level(logging.INFO, logger="retrain")
-    chosen = retrain.train(colour_dir, **fast_config).metrics
+    steps = {**fast_config, "head_solver": "steps"}
+    chosen = retrain.train(colour_dir, **steps).metrics
     assert chosen["weight_decay"] == chosen["crossfit"]["weight_decay"] == 0.0
     assert list(chosen["crossfit"]["weight_decay_accuracy"]) == ["0"]
     assert "weight decay 0 (" in caplog.text and "chosen by the cross-fit" not in caplog.text
@@ -102,10 +120,23 @@ def test_the_default_run_uses_no_weight_decay_unless_the_flag_gives_one(colour_d
     assert config["weight_decay"] == chosen["weight_decay"]  # the run's config says what it used
     caplog.clear()
     out = str(Path(fast_config["output_dir"]).with_name("explicit"))
-    given = retrain.train(colour_dir, **{**fast_config, "output_dir": out}, weight_decay=0.02).metrics
+    given = retrain.train(colour_dir, **{**steps, "output_dir": out}, weight_decay=0.02).metrics
     assert given["weight_decay"] == given["crossfit"]["weight_decay"] == 0.02
     assert list(given["crossfit"]["weight_decay_accuracy"]) == ["0.02"]
     assert "weight decay 0.02 (" in caplog.text and "chosen by the cross-fit" not in caplog.text
+
+
+def test_the_lbfgs_layer_strength_is_chosen_unless_the_flag_gives_one(colour_dir, fast_config):
+    chosen = retrain.train(colour_dir, **fast_config).metrics
+    n = chosen["final_fit_count"]
+    assert chosen["weight_decay"] == pytest.approx(1 / (chosen["crossfit"]["C"] * n))
+    assert len(chosen["crossfit"]["curve_C"]) > 1
+    config = json.loads((Path(fast_config["output_dir"]) / "config.json").read_text())
+    assert config["weight_decay"] == chosen["weight_decay"]
+    out = str(Path(fast_config["output_dir"]).with_name("explicit"))
+    given = retrain.train(colour_dir, **{**fast_config, "output_dir": out}, weight_decay=0.02).metrics
+    assert given["weight_decay"] == 0.02  # the flag's value, exactly; the one C it means is the whole path
+    assert given["crossfit"]["curve_C"] == [pytest.approx(1 / (0.02 * n))]
     out = str(Path(fast_config["output_dir"]).with_name("train"))
     plain = retrain.train(colour_dir, **{**fast_config, "output_dir": out}, final_fit="train").metrics
     assert plain["weight_decay"] == 0.0  # retrain.py's way: no decay unless asked for

@@ -58,16 +58,56 @@ def test_outputs_metadata_and_tensorboard(colour_dir: Path, fast_config: dict, t
     retrain.train(
         colour_dir,
         **{**fast_config, "output_dir": str(tmp_path / "out2")},
+        final_fit="train",
         summaries_dir=str(tmp_path / "tb"),
     )
     assert len(list((tmp_path / "tb" / "train").glob("events.*"))) == 1
     assert len(list((tmp_path / "tb").glob("run-*/train/events.*"))) == 1
 
 
+def test_exported_model_equals_the_lbfgs_layer_on_cached_features(colour_dir: Path, fast_config: dict):
+    # The default layer: an L2-regularised logistic regression on training + validation at the C the
+    # cross-fit chose, solved deterministically. No temperature: the exported layer is exactly the solution.
+    from retrain.crossfit import C_GRID
+    from retrain.logreg import LogisticHead
+
+    result = retrain.train(colour_dir, **fast_config, calibration="none")
+    m = result.metrics
+    assert m["head_solver"] == "lbfgs" and m["best_step"] is None and m["crossfit"]["C"] in C_GRID
+    dataset = retrain.discover(colour_dir)
+    features = retrain.extract_features(
+        dataset,
+        architecture=TINY,
+        bottleneck_dir=fast_config["bottleneck_dir"],
+        model_dir=fast_config["model_dir"],
+    )
+    splits = retrain.split_features(dataset, features)
+    labelled = splits.train + splits.validation
+    assert m["weight_decay"] == pytest.approx(1 / (m["crossfit"]["C"] * len(labelled.y)))
+    head = LogisticHead(l2=m["weight_decay"]).fit(labelled.X, labelled.y, n_classes=3)
+    exported = _weights(result.output_graph)
+    assert np.array_equal(exported["final_retrain_ops/weights"], head.coef_)
+    assert np.array_equal(exported["final_retrain_ops/biases"], head.intercept_)
+    clf = retrain.load(result.output_graph)
+    got = np.array(
+        [
+            [r.score for r in sorted(ranked, key=lambda r: r.label)]
+            for ranked in clf.classify(splits.test.paths)
+        ]
+    )
+    assert np.allclose(got, head.predict_proba(splits.test.X), atol=1e-4)
+
+
 def test_exported_model_equals_the_head_on_cached_features(colour_dir: Path, fast_config: dict):
     # Few steps: probabilities well away from 0 and 1, so the comparison below sees the head's numbers.
     # No temperature: the exported layer is then exactly the head's (calibration divides it by T).
-    cfg = {**fast_config, "how_many_training_steps": 4, "eval_step_interval": 2, "calibration": "none"}
+    cfg = {
+        **fast_config,
+        "how_many_training_steps": 4,
+        "eval_step_interval": 2,
+        "calibration": "none",
+        "head_solver": "steps",
+    }
     result = retrain.train(colour_dir, **cfg)
     # train()'s steps by hand, on the features it cached: the same head, bit for bit.
     dataset = retrain.discover(colour_dir)

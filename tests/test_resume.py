@@ -10,6 +10,12 @@ import retrain
 from retrain.errors import RetrainError
 
 
+@pytest.fixture
+def fast_config(fast_config):
+    """Head checkpoints belong to the step-trained layer; the L-BFGS one is solved again from the cache."""
+    return {**fast_config, "head_solver": "steps"}
+
+
 def test_resume_alone_never_reopens_a_finished_run(
     tmp_path: Path, colour_dir: Path, fast_config, monkeypatch
 ):

@@ -186,7 +186,8 @@ def training_parser() -> _Parser:
         "weight_decay",
         type=float,
         default=d.weight_decay,
-        help="L2 penalty on the new layer's weights (default: 0; the cross-fit's steps are chosen for it)",
+        help="L2 penalty on the new layer's weights (default: chosen by the cross-fit with --head_solver "
+        "lbfgs; 0 with --head_solver steps)",
     )
     _add(g, "train_batch_size", type=int, default=d.train_batch_size, help="images per training step")
     _add(g, "eval_step_interval", type=int, default=d.eval_step_interval, help="report every N steps")
@@ -210,7 +211,16 @@ def training_parser() -> _Parser:
         default=d.class_balance,
         choices=["sample", "weight", "none"],
         help="sample: draw classes uniformly (retrain.py); weight: weight the loss by inverse class frequency; "
-        "none: draw images uniformly",
+        "none: draw images uniformly. The lbfgs solver counts every image once unless this is weight",
+    )
+    _add(
+        g,
+        "head_solver",
+        default=d.head_solver,
+        choices=["lbfgs", "steps"],
+        help="with --final_fit train+val or all: lbfgs (default) solves an L2-regularised logistic regression, "
+        "its strength chosen by the cross-fit; steps trains --how_many_training_steps at most, the number "
+        "chosen by the cross-fit",
     )
     _add(
         g,

@@ -47,6 +47,10 @@ class TrainConfig:
     )
     class_balance: str = "sample"
     final_fit: str = "train+val"  # what the exported layer learns from: train, train+val or all (see fit.py)
+    # How the layer is fitted in the train+val and all modes: "lbfgs" solves an L2-regularised logistic
+    # regression with the strength chosen by the cross-fit (retrain.logreg); "steps" takes the cross-fit's
+    # number of mini-batch steps. --final_fit train (retrain.py's way) and fine-tuning always take steps.
+    head_solver: str = "lbfgs"
     seed: int | None = None
     # -- several labels per photo (retrain.multilabel, docs/multilabel.md) ----------------------
     multi_label: bool = False  # one sigmoid output per label; a photo in several class folders has them all
@@ -208,6 +212,7 @@ _RULES = {
         "None (chosen by the cross-fit) or a number of at least 0",
     ),
     "class_balance": _one_of("sample", "weight", "none"),
+    "head_solver": _one_of("lbfgs", "steps"),
     "final_fit": _one_of("train", "train+val", "all"),
     "seed": ((lambda n: n is None or 0 <= n < 2**31), "None (random) or a whole number from 0 to 2147483647"),
     "random_crop": ((lambda x: math.isfinite(x) and x >= 0), "a percentage of at least 0"),

@@ -23,9 +23,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from retrain.head import SoftmaxHead, _Optimizer, softmax
+from retrain.logreg import class_weights, fit_logistic
 from retrain.sampling import ClassBalancedSampler
 
 DEFAULT_FOLDS = 5
+# scikit-learn's C (1 / (l2 * n)) values the L2 path scores, strongest regularisation first: the grid of
+# the LogisticRegressionCV that docs/benchmarks.md compares with.
+C_GRID = tuple(float(c) for c in np.logspace(-3, 2, 11))
 CHECKPOINTS = 20  # step counts scored per fold fit (spaced geometrically up to the full count)
 # Cross-fitting stops after PATIENCE checkpoints in a row without a better out-of-fold score, where "better"
 # means an accuracy higher by more than TOLERANCE. On the real photo sets of docs/benchmarks.md the chosen
@@ -54,6 +58,10 @@ class CrossFit:
     seconds: float
     weight_decay: float = 0.0  # the L2 strength the logits (and the final layer) were fitted with
     decay_accuracy: dict[float, float] = field(default_factory=dict)  # each decay tried: its best accuracy
+    # The L2 path (cross_fit_l2): the scikit-learn C values scored, in order, and the one chosen. The curve
+    # arrays then follow curve_c, curve_steps is empty and best_steps 0.
+    curve_c: np.ndarray | None = None
+    c: float | None = None
 
     @property
     def proba(self) -> np.ndarray:
@@ -61,7 +69,9 @@ class CrossFit:
 
     @property
     def accuracy(self) -> float:
-        """Out-of-fold accuracy at ``best_steps``."""
+        """Out-of-fold accuracy at the chosen point (``best_steps``, or ``c`` on the L2 path)."""
+        if self.c is not None:
+            return float(self.curve_accuracy[list(self.curve_c).index(self.c)])
         return float(self.curve_accuracy[list(self.curve_steps).index(self.best_steps)])
 
 
@@ -344,3 +354,80 @@ def _mean_cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     z = logits - logits.max(axis=1, keepdims=True)  # (N, C)
     log_norm = np.log(np.exp(z).sum(axis=1))
     return float((log_norm - z[np.arange(len(y)), y]).mean())
+
+
+def cross_fit_l2(
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    n_classes: int,
+    folds: int = DEFAULT_FOLDS,
+    groups: Sequence[Hashable] | None = None,
+    seed: int = 0,
+    cs: Sequence[float] = C_GRID,
+    balanced: bool = False,
+    patience: int = PATIENCE,
+    tolerance: float = TOLERANCE,
+) -> CrossFit:
+    """Out-of-fold logits of L2-regularised logistic layers (:mod:`retrain.logreg`), C chosen on a path.
+
+    The same folds as :func:`cross_fit`. Each fold's layer is solved at every C of ``cs`` in turn, strongest
+    regularisation first, each solution warm-starting the next (the weak end converges slowly: it is
+    reached only while it pays). A C counts as better only with an out-of-fold accuracy more than
+    ``tolerance`` higher than the best before it, so of equals the stronger regularisation stays, and the
+    path stops ``patience`` values after the last better one. ``weight_decay`` of the result is the chosen
+    C's strength for all ``N`` rows, i.e. what the final layer on every row is fitted with.
+    """
+    t0 = time.perf_counter()
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    n = len(y)
+    if n < 2:
+        raise ValueError(f"cross-fitting needs at least 2 rows, got {n}")
+    k = min(folds, len(np.unique(group_ids(groups, n))))
+    if k < 2:
+        raise ValueError("cross-fitting needs at least 2 distinct groups")
+    fold = assign_folds(y, k, groups=groups, seed=seed)
+    parts = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
+    weights = class_weights(y, n_classes) if balanced else None
+    solutions: list[tuple[np.ndarray, np.ndarray] | None] = [None] * k
+    logits = np.empty((len(cs), n, n_classes), np.float32)
+    accuracy: list[float] = []
+    loss: list[float] = []
+    best = 0
+
+    def solve(f: int, c: float) -> None:
+        train_idx, score_idx = parts[f]
+        W, b, _ = fit_logistic(
+            X[train_idx],
+            y[train_idx],
+            n_classes=n_classes,
+            l2=1.0 / (c * len(train_idx)),
+            sample_weight=None if weights is None else weights[train_idx],
+            init=solutions[f],
+        )
+        solutions[f] = (W, b)
+        logits[i, score_idx] = X[score_idx] @ W + b
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(_fit_threads(k, n * X.shape[1])) as pool:
+        for i, c in enumerate(cs):
+            list(pool.map(solve, range(k), [c] * k))  # re-raises
+            accuracy.append(float((logits[i].argmax(axis=1) == y).mean()))
+            loss.append(_mean_cross_entropy(logits[i], y))
+            if accuracy[i] > accuracy[best] + tolerance:
+                best = i
+            if i - best >= patience:
+                break
+    scored = np.asarray(cs[: len(accuracy)], dtype=np.float64)
+    return CrossFit(
+        logits=logits[best].copy(),
+        fold=fold,
+        curve_steps=np.zeros(0, dtype=np.int64),
+        curve_accuracy=np.array(accuracy),
+        curve_loss=np.array(loss),
+        best_steps=0,
+        seconds=time.perf_counter() - t0,
+        weight_decay=1.0 / (float(scored[best]) * n),
+        curve_c=scored,
+        c=float(scored[best]),
+    )

@@ -9,7 +9,10 @@ before it is scored, so the printed test accuracy stays an honest estimate.
 
 ``--final_fit`` says what the exported layer is fitted on:
 
-* ``train+val`` (default): training + validation, steps chosen by the cross-fit (and the weight decay, from
+* ``train+val`` (default): training + validation. With ``--head_solver lbfgs`` (the default) the layer is
+  an L2-regularised logistic regression solved to convergence (:mod:`retrain.logreg`), its strength chosen
+  by the cross-fit (:func:`retrain.crossfit.cross_fit_l2`) unless ``--weight_decay`` gives one; with
+  ``steps``, the cross-fit chooses the number of mini-batch steps (and the weight decay, from
   :data:`WEIGHT_DECAYS` (today only 0), unless ``--weight_decay`` gives one);
 * ``train``: retrain.py's way: the training split, ``--how_many_training_steps`` steps, the weights of
   the step with the best validation accuracy;
@@ -28,13 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrain.crossfit import DEFAULT_FOLDS, CrossFit, cross_fit
+from retrain.crossfit import DEFAULT_FOLDS, CrossFit, cross_fit, cross_fit_l2
 from retrain.data import same_image_groups
 from retrain.errors import RetrainError
 
 log = logging.getLogger("retrain")
 
 FINAL_FITS = ("train", "train+val", "all")
+SOLVERS = ("lbfgs", "steps")
 # The L2 strengths (--weight_decay) the cross-fit chooses from when the flag is not given. One value: the
 # grid (0, 1e-4, 1e-3, 1e-2), fitted in the same batched loop, multiplied the cross-fit's cost by 3.2 and
 # moved no set's test accuracy beyond the noise (docs/benchmarks.md, "Accuracy on real photo sets").
@@ -63,6 +67,13 @@ class FitPlan:
     with_validation: bool
     cross: CrossFit | None
     weight_decay: float = 0.0  # the final layer's L2 strength: the flag's, or the cross-fit's choice
+    c: float | None = (
+        None  # the L-BFGS layer's scikit-learn C (its strength is 1 / (C n) for n rows); None: steps
+    )
+
+    def l2_for(self, n: int) -> float:
+        """The L-BFGS layer's L2 strength for ``n`` rows (the chosen C carries over to more rows)."""
+        return 1.0 / (self.c * max(1, n))
 
     @property
     def validation_accuracy(self) -> float | None:
@@ -81,15 +92,23 @@ def plan_final_fit(
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     weight_decays: Sequence[float] | None = None,
+    solver: str = "steps",
 ) -> FitPlan:
     """Cross-fit training + validation rows ``X`` (N, D), ``y`` (N,) once and decide the final fit.
 
     ``head_params`` are the final layer's :class:`~retrain.head.SoftmaxHead` arguments; their
     ``steps`` is the most the cross-fit tries (``--how_many_training_steps``). ``weight_decays``: the
     L2 strengths the cross-fit chooses from (default: only ``head_params``' ``weight_decay``).
+    ``solver="lbfgs"`` (with mode train+val or all): the layer is solved by :mod:`retrain.logreg` and the
+    cross-fit chooses its C (:func:`~retrain.crossfit.cross_fit_l2`); a ``weight_decay`` in
+    ``head_params`` with ``weight_decays=None`` fixes it instead.
     """
     if mode not in FINAL_FITS:
         raise RetrainError(f"--final_fit must be one of {', '.join(FINAL_FITS)}, got {mode!r}")
+    if solver not in SOLVERS:
+        raise RetrainError(f"--head_solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if solver == "lbfgs" and mode != "train":
+        return _plan_l2(X, y, groups, n_classes, head_params, mode, folds, seed, weight_decays)
     try:
         cross = cross_fit(
             X,
@@ -115,9 +134,38 @@ def plan_final_fit(
     return plan
 
 
+def _plan_l2(X, y, groups, n_classes, head_params, mode, folds, seed, weight_decays) -> FitPlan:
+    """The L-BFGS layer's plan: C chosen by the cross-fit, or the one ``--weight_decay`` means for N rows."""
+    given = weight_decays is None and float(head_params.get("weight_decay") or 0.0) > 0
+    cs = (1.0 / (float(head_params["weight_decay"]) * len(y)),) if given else None
+    balanced = head_params.get("class_balance") == "weight"
+    try:
+        cross = cross_fit_l2(
+            X,
+            y,
+            n_classes=n_classes,
+            folds=folds,
+            groups=groups,
+            seed=seed,
+            balanced=balanced,
+            **({"cs": cs} if cs else {}),
+        )
+    except ValueError as exc:
+        c = cs[0] if cs else 1.0
+        log.warning("No cross-fit (%s): the final layer is solved with C = %g", exc, c)
+        return FitPlan(mode, int(head_params["steps"]), True, None, 1.0 / (c * max(1, len(y))), c)
+    decay = float(head_params["weight_decay"]) if given else cross.weight_decay  # the flag's, exactly
+    plan = FitPlan(mode, int(head_params["steps"]), True, cross, decay, cross.c)
+    _log_plan(plan, len(y), folds)
+    return plan
+
+
 def _log_plan(plan: FitPlan, n: int, folds: int) -> None:
     cross = plan.cross
     if cross is None:
+        return
+    if plan.c is not None:
+        _log_l2_plan(plan, n)
         return
     k = int(cross.fold.max()) + 1
     curve = ", ".join(f"{s}: {100 * a:.1f}%" for s, a in zip(cross.curve_steps, cross.curve_accuracy))
@@ -137,6 +185,25 @@ def _log_plan(plan: FitPlan, n: int, folds: int) -> None:
         100 * cross.accuracy,
         cross.seconds,
         where,
+    )
+
+
+def _log_l2_plan(plan: FitPlan, n: int) -> None:
+    cross = plan.cross
+    k = int(cross.fold.max()) + 1
+    if len(cross.curve_c) > 1:
+        curve = ", ".join(f"{c:.3g}: {100 * a:.1f}%" for c, a in zip(cross.curve_c, cross.curve_accuracy))
+        log.info("Out-of-fold accuracy by regularisation C (N=%d, %d folds): %s", n, k, curve)
+    log.info(
+        "Cross-fitting %d folds on %d training+validation images: best at C = %.3g (L2 strength %.3g; "
+        "out-of-fold accuracy %.1f%%, %.1f s); final layer solved (L-BFGS) on all %d",
+        k,
+        n,
+        plan.c,
+        plan.weight_decay,
+        100 * cross.accuracy,
+        cross.seconds,
+        n,
     )
 
 

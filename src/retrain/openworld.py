@@ -75,6 +75,7 @@ def fit_open_world(
     unknown_threshold: float | None = None,
     head_params: dict | None = None,
     seed: int = 0,
+    test_layer: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> OpenWorld:
     """Temperature and unknown score for a layer ``coef`` (D, C), ``intercept`` (C,).
 
@@ -86,12 +87,15 @@ def fit_open_world(
     predictions (those of the final layer itself, when the cross-fit's layers differ from it).
     ``head_params`` (:class:`SoftmaxHead` keywords) refit the layer once per left-out class, all in one
     batched loop, for the energy term of the leave-one-class-out estimate (without: Mahalanobis alone).
+    ``test_layer`` = (coef, intercept) of the layer that never saw the test rows, when ``coef`` did
+    (``--final_fit all``): the test figures (ECE, known images called unknown) are that layer's.
     """
     if calibration not in CALIBRATION_CHOICES:
         raise ValueError(f"calibration must be one of {CALIBRATION_CHOICES}, got {calibration!r}")
     t0 = time.perf_counter()
     y_fit = np.asarray(y_fit, np.int64)
-    test_logits = np.asarray(X_test, np.float32) @ coef + intercept  # (T, C)
+    test_coef, test_intercept = test_layer or (coef, intercept)
+    test_logits = np.asarray(X_test, np.float32) @ test_coef + test_intercept  # (T, C)
     t_logits, t_rows, t_name = temperature_from or (held_out_logits, held_out_rows, held_out_name)
     cal = calibrate(
         t_logits,

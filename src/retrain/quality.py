@@ -105,6 +105,7 @@ def out_of_fold_hits(cfg: TrainConfig, dataset, table, seed: int) -> dict[str, b
         mode="train+val",
         seed=seed,
         weight_decays=WEIGHT_DECAYS if cfg.weight_decay is None else None,
+        solver=cfg.head_solver,
     )
     if plan.cross is None:
         return {}
@@ -306,6 +307,7 @@ def fine_tune_or_keep(
     frozen model (``frozen_head``, fitted as ``plan`` says) on the validation images."""
     from retrain.finetune import BEST_RECIPE, fine_tune
     from retrain.head import SoftmaxHead
+    from retrain.logreg import LogisticHead
     from retrain.train import head_params
 
     n_train, y_val = len(splits.train.y), splits.validation.y
@@ -316,8 +318,12 @@ def fine_tune_or_keep(
         keep.report["reason"] = "no validation images"
         return keep
     # The start of fine-tuning: the new layer on the training split alone, so validation stays unseen.
-    params = {**head_params(cfg), "steps": plan.steps, "weight_decay": plan.weight_decay}
-    start = SoftmaxHead(**params, seed=seed).fit(splits.train.X, splits.train.y, n_classes=len(splits.labels))
+    if plan.c is not None:  # the L-BFGS layer at the cross-fit's C, for the training split's size
+        start = LogisticHead(l2=plan.l2_for(n_train), balanced=cfg.class_balance == "weight")
+    else:
+        params = {**head_params(cfg), "steps": plan.steps, "weight_decay": plan.weight_decay}
+        start = SoftmaxHead(**params, seed=seed)
+    start.fit(splits.train.X, splits.train.y, n_classes=len(splits.labels))
     tuned = fine_tune(
         start,
         splits,

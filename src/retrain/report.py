@@ -267,7 +267,7 @@ def _training_section(ctx: _Context, fine_tune: dict | None) -> str:
     if cf:
         out += (
             f"<p>Out-of-fold accuracy on training + validation ({cf['folds']} folds, each image scored by a layer "
-            f"that never saw it): <b>{100 * cf['accuracy']:.1f}%</b> at {cf['best_steps']} steps.</p>"
+            f"that never saw it): <b>{100 * cf['accuracy']:.1f}%</b> {_chosen_at(cf)}.</p>"
         )
     if fine_tune and fine_tune.get("history"):
         hist = fine_tune["history"]
@@ -898,3 +898,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write_report(ns.run_dir)
     print(f"Wrote {printable(str(path))} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _chosen_at(cf: dict) -> str:
+    """Where the cross-fit's choice lies: a regularisation C (the L-BFGS layer) or a number of steps."""
+    if cf.get("C") is not None:
+        return f"with regularisation C = {float(cf['C']):.3g} (L-BFGS logistic regression)"
+    return f"at {html.escape(str(cf.get('best_steps')))} steps"

@@ -205,12 +205,14 @@ def train(
     if plan.mode == "all" and test.count:
         from retrain.fit import log_refit_with_test
 
-        head = _refit_with_test(cfg, spec, seed, splits, plan.steps, timings)
+        head = _refit_with_test(cfg, spec, seed, splits, plan, timings)
         fitted_count += len(splits.test.y)
         log_refit_with_test(test.accuracy, fitted_count, len(splits.test.y))
     # Out-of-fold predictions describe the frozen features; fine-tuning replaced them.
     cross = crossfit if backbone_onnx is None else None
-    open_world = _open_world(cfg, splits, head, seed, cross, head_like_folds=plan.with_validation)
+    open_world = _open_world(
+        cfg, splits, head, seed, cross, head_like_folds=plan.with_validation, tested=tested
+    )
     timings["open_world"] = open_world.seconds
     metrics = {
         "test_accuracy": test.accuracy,
@@ -218,6 +220,7 @@ def train(
         "validation_accuracy": validation_accuracy,
         "validation_kind": "out-of-fold" if plan.with_validation else "held-out",
         "best_step": getattr(head, "best_step_", None),
+        "head_solver": "lbfgs" if plan.c is not None else "steps",
         "train_count": len(splits.train.y),
         "final_fit": plan.mode,
         "final_fit_count": fitted_count,
@@ -230,7 +233,8 @@ def train(
     if crossfit is not None:
         metrics["crossfit"] = {
             "accuracy": crossfit.accuracy,
-            "best_steps": crossfit.best_steps,
+            "best_steps": crossfit.best_steps if crossfit.c is None else None,
+            **_l2_path(crossfit),
             "folds": int(crossfit.fold.max()) + 1,
             "count": len(crossfit.fold),
             "seconds": round(crossfit.seconds, 3),
@@ -471,6 +475,17 @@ def head_params(cfg: TrainConfig) -> dict:
     )
 
 
+def _l2_path(cross) -> dict:
+    """The L-BFGS cross-fit's C values and out-of-fold accuracies, for metrics.json and the report."""
+    if cross.c is None:
+        return {}
+    return {
+        "C": cross.c,
+        "curve_C": [float(c) for c in cross.curve_c],
+        "curve_accuracy": cross.curve_accuracy.tolist(),
+    }
+
+
 def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[str, float]):
     """The run's one cross-fit over training + validation and what the final layer is fitted on (retrain.fit)."""
     from retrain.fit import WEIGHT_DECAYS, labelled_groups, plan_final_fit
@@ -495,6 +510,7 @@ def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[s
         mode=mode,
         seed=seed,
         weight_decays=decays,
+        solver=cfg.head_solver,
     )
     timings["cross_fit"] = plan.cross.seconds if plan.cross is not None else 0.0
     return plan
@@ -565,6 +581,10 @@ def _fit_head(
     train = splits.train + splits.validation if plan.with_validation else splits.train
     val = None if plan.with_validation else splits.validation
     X_train, y_train = _fit_rows(cfg, spec, train, timings)
+    if plan.c is not None:  # --head_solver lbfgs: no steps to log, snapshot or resume
+        if cfg.summaries_dir:
+            log.info("TensorBoard: the L-BFGS layer has no training curve (--head_solver steps writes one)")
+        return _solve_head(cfg, X_train, y_train, len(splits.labels), plan.weight_decay, timings)
     head = SoftmaxHead(**{**head_params(cfg), "steps": plan.steps}, seed=seed)
 
     def snapshot(step: int, head: SoftmaxHead) -> None:
@@ -608,15 +628,36 @@ def _fit_head(
 
 
 def _refit_with_test(
-    cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, steps: int, timings: dict[str, float]
+    cfg: TrainConfig, spec: BackboneSpec, seed: int, splits: Splits, plan, timings: dict[str, float]
 ) -> SoftmaxHead:
-    """``--final_fit all``'s last fit: every labelled image, test included, for ``steps`` steps."""
-    X, y = _fit_rows(cfg, spec, splits.train + splits.validation + splits.test, timings)
+    """``--final_fit all``'s last fit: every labelled image, test included, as ``plan`` says (its steps,
+    or its C for the L-BFGS layer)."""
+    rows = splits.train + splits.validation + splits.test
+    X, y = _fit_rows(cfg, spec, rows, timings)
     t0 = time.perf_counter()
-    head = SoftmaxHead(**{**head_params(cfg), "steps": steps}, keep_best=False, seed=seed).fit(
-        X, y, n_classes=len(splits.labels)
-    )
+    if plan.c is not None:
+        head = _solve_head(cfg, X, y, len(splits.labels), plan.l2_for(len(rows.y)), timings)
+    else:
+        head = SoftmaxHead(**{**head_params(cfg), "steps": plan.steps}, keep_best=False, seed=seed).fit(
+            X, y, n_classes=len(splits.labels)
+        )
     timings["refit_with_test"] = time.perf_counter() - t0
+    return head
+
+
+def _solve_head(cfg: TrainConfig, X, y, n_classes: int, l2: float, timings: dict[str, float]):
+    """The L-BFGS layer (retrain.logreg) at strength ``l2`` on rows ``X``, ``y``."""
+    from retrain.logreg import LogisticHead
+
+    t0 = time.perf_counter()
+    head = LogisticHead(l2=l2, balanced=cfg.class_balance == "weight").fit(X, y, n_classes=n_classes)
+    timings["train_head"] = time.perf_counter() - t0
+    log.info(
+        "Final layer solved on %d images: %d L-BFGS iterations, %.2f s",
+        len(y),
+        head.n_iter_,
+        timings["train_head"],
+    )
     return head
 
 
@@ -686,9 +727,17 @@ def evaluate(
 
 
 def _open_world(
-    cfg: TrainConfig, splits: Splits, head, seed: int, cross=None, *, head_like_folds: bool = False
+    cfg: TrainConfig,
+    splits: Splits,
+    head,
+    seed: int,
+    cross=None,
+    *,
+    head_like_folds: bool = False,
+    tested=None,
 ):
-    """Temperature and unknown score (retrain/openworld.py) for the final ``head``.
+    """Temperature and unknown score (retrain/openworld.py) for the final ``head``; the test figures are
+    those of ``tested``, the layer the test accuracy describes (``head`` itself unless --final_fit all).
 
     ``head_like_folds``: the final layer was fitted as the folds were (training + validation, the
     cross-fit's steps), so the out-of-fold logits choose its temperature; otherwise (fitted on the
@@ -707,6 +756,7 @@ def _open_world(
         y_test=splits.test.y,
         calibration=cfg.calibration,
         unknown_threshold=cfg.unknown_threshold,
+        test_layer=None if tested is None or tested is head else (tested.coef_, tested.intercept_),
         # The final layer's settings and step count, for the leave-one-class-out refits.
         head_params={
             **head_params(cfg),
