@@ -15,6 +15,13 @@ from retrain.distort import Distortions, Draws, apply, choose_copies, draw, vari
 from retrain.errors import RetrainError
 
 
+@pytest.fixture
+def fast_config(fast_config):
+    """--final_fit train+val: the test images never reach the layer (the default folds them in, distorted too,
+    after the test accuracy is printed), so the runs here can check that test images are never distorted."""
+    return {**fast_config, "final_fit": "train+val"}
+
+
 def _draws(n=1, *, zoom=1.0, ox=0.0, oy=0.0, flip=False, brightness=1.0) -> Draws:
     full = np.full
     return Draws(full(n, zoom), full(n, ox), full(n, oy), full(n, flip, bool), full(n, brightness))
@@ -148,7 +155,7 @@ def test_training_images_only_and_variants_cached(colour_dir, fast_config, monke
     plain = retrain.train(colour_dir, **{**fast_config, "output_dir": str(tmp_path / "plain")})
     assert spy.paths == [] and spy.variants == 0
     first = retrain.train(colour_dir, **fast_config, **flags)
-    # The images the final layer learns from (training + validation by default) are distorted; test images never.
+    # The images the final layer learns from (training + validation) are distorted; test images never.
     n_train = first.metrics["final_fit_count"]
     assert first.metrics["final_fit"] == "train+val" and spy.variants == 3 * n_train
     # Only the files the layer learns from were read by the distortion code: test images stay untouched,

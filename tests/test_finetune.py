@@ -417,5 +417,5 @@ def test_quality_best_keeps_the_frozen_model_when_validation_gets_worse(
     assert retrain.load(best.output_graph).manifest.get("fine_tuned") is not True
     assert best.test_accuracy == frozen.test_accuracy
     same = ("accuracy", "best_steps", "weight_decay")
-    assert best.metrics["final_fit"] == "train+val"
+    assert best.metrics["final_fit"] == "all"
     assert [best.metrics["crossfit"][k] for k in same] == [frozen.metrics["crossfit"][k] for k in same]

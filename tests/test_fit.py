@@ -41,7 +41,7 @@ def test_default_run_fits_training_plus_validation_and_says_so(colour_dir, fast_
     result = retrain.train(colour_dir, **fast_config)
     m = json.loads((Path(fast_config["output_dir"]) / "metrics.json").read_text())
     labelled = 36 - m["test_count"]
-    assert m["final_fit"] == "train+val" and m["final_fit_count"] == labelled > m["train_count"]
+    assert m["final_fit"] == "all" and m["final_fit_count"] == 36 > labelled > m["train_count"]
     assert m["validation_kind"] == "out-of-fold" and m["crossfit"]["count"] == labelled
     assert isinstance(result.cross_fit, CrossFit) and result.cross_fit.logits.shape == (labelled, 3)
     assert result.validation_accuracy == result.cross_fit.accuracy
@@ -50,6 +50,10 @@ def test_default_run_fits_training_plus_validation_and_says_so(colour_dir, fast_
     assert f"Cross-fitting 5 folds on {labelled} training+validation images: best at C = " in caplog.text
     assert f"final layer solved (L-BFGS) on all {labelled}" in caplog.text
     assert "Out-of-fold accuracy by regularisation C" in caplog.text and "L-BFGS iterations" in caplog.text
+    assert (
+        "Every labelled photo counts (--final_fit all)" in caplog.text
+        and "7 test images included" in caplog.text
+    )
 
 
 def test_head_solver_steps_chooses_the_number_of_steps(colour_dir, fast_config, caplog):
@@ -57,7 +61,7 @@ def test_head_solver_steps_chooses_the_number_of_steps(colour_dir, fast_config, 
     result = retrain.train(colour_dir, **fast_config, head_solver="steps")
     m = result.metrics
     labelled = 36 - m["test_count"]
-    assert m["head_solver"] == "steps" and m["final_fit_count"] == labelled
+    assert m["head_solver"] == "steps" and m["final_fit_count"] == 36
     assert m["best_step"] == result.cross_fit.best_steps <= fast_config["how_many_training_steps"]
     assert f"final layer fitted on all {labelled}" in caplog.text and ": Train accuracy = " in caplog.text
 
@@ -128,7 +132,7 @@ def test_the_step_solver_uses_no_weight_decay_unless_the_flag_gives_one(colour_d
 
 def test_the_lbfgs_layer_strength_is_chosen_unless_the_flag_gives_one(colour_dir, fast_config):
     chosen = retrain.train(colour_dir, **fast_config).metrics
-    n = chosen["final_fit_count"]
+    n = chosen["crossfit"]["count"]  # the strength of the layer the test accuracy describes
     assert chosen["weight_decay"] == pytest.approx(1 / (chosen["crossfit"]["C"] * n))
     assert len(chosen["crossfit"]["curve_C"]) > 1
     config = json.loads((Path(fast_config["output_dir"]) / "config.json").read_text())

@@ -71,7 +71,7 @@ def test_exported_model_equals_the_lbfgs_layer_on_cached_features(colour_dir: Pa
     from retrain.crossfit import C_GRID
     from retrain.logreg import LogisticHead
 
-    result = retrain.train(colour_dir, **fast_config, calibration="none")
+    result = retrain.train(colour_dir, **fast_config, calibration="none", final_fit="train+val")
     m = result.metrics
     assert m["head_solver"] == "lbfgs" and m["best_step"] is None and m["crossfit"]["C"] in C_GRID
     dataset = retrain.discover(colour_dir)
@@ -107,6 +107,7 @@ def test_exported_model_equals_the_head_on_cached_features(colour_dir: Path, fas
         "eval_step_interval": 2,
         "calibration": "none",
         "head_solver": "steps",
+        "final_fit": "train+val",
     }
     result = retrain.train(colour_dir, **cfg)
     # train()'s steps by hand, on the features it cached: the same head, bit for bit.

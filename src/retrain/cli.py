@@ -227,9 +227,10 @@ def training_parser() -> _Parser:
         "final_fit",
         default=d.final_fit,
         choices=["train", "train+val", "all"],
-        help="images the exported layer is fitted on: train+val (default; steps chosen by 5-fold cross-fitting), "
-        "train (retrain.py: best step on the validation split), or all (test images too, after the test "
-        "accuracy is printed)",
+        help="images the exported layer is fitted on: all (default: training + validation, then the test images "
+        "folded in after the test accuracy is printed), train+val (the test images never reach it; both "
+        "choose the layer's settings by 5-fold cross-fitting), or train (retrain.py: best step on the "
+        "validation split)",
     )
     _add(
         g,

@@ -46,7 +46,7 @@ class TrainConfig:
         None  # None: chosen by the cross-fit (retrain.fit.WEIGHT_DECAYS); 0 with --final_fit train
     )
     class_balance: str = "sample"
-    final_fit: str = "train+val"  # what the exported layer learns from: train, train+val or all (see fit.py)
+    final_fit: str = "all"  # what the exported layer learns from: train, train+val or all (see fit.py)
     # How the layer is fitted in the train+val and all modes: "lbfgs" solves an L2-regularised logistic
     # regression with the strength chosen by the cross-fit (retrain.logreg); "steps" takes the cross-fit's
     # number of mini-batch steps. --final_fit train (retrain.py's way) and fine-tuning always take steps.

@@ -1,23 +1,26 @@
 """Which images the exported layer learns from, and how many steps it takes: decided honestly.
 
 retrain.py fitted the final layer on the training split alone and picked its weights by the few
-validation images, so 10% of the labelled photos never taught the model anything. Here one
-cross-fit (:func:`retrain.crossfit.cross_fit`) over training + validation scores every one of those
-images with a layer that never saw it, chooses the number of steps by that out-of-fold accuracy, and
-the final layer is then fitted on all of them at that number. The test split is never looked at
-before it is scored, so the printed test accuracy stays an honest estimate.
+validation images, so 20% of the labelled photos never taught the model anything. Here one
+cross-fit over training + validation scores every one of those images with a layer that never saw
+it and chooses the layer's settings by that out-of-fold accuracy (its regularisation, or its number
+of steps); the final layer is then fitted on all of them. The test split is not looked at before it
+is scored, so the printed test accuracy stays an honest estimate; by default the test images are
+folded in only after that.
 
 ``--final_fit`` says what the exported layer is fitted on:
 
-* ``train+val`` (default): training + validation. With ``--head_solver lbfgs`` (the default) the layer is
-  an L2-regularised logistic regression solved to convergence (:mod:`retrain.logreg`), its strength chosen
-  by the cross-fit (:func:`retrain.crossfit.cross_fit_l2`) unless ``--weight_decay`` gives one; with
-  ``steps``, the cross-fit chooses the number of mini-batch steps (and the weight decay, from
-  :data:`WEIGHT_DECAYS` (today only 0), unless ``--weight_decay`` gives one);
+* ``all`` (default): as ``train+val``, then, after the test accuracy is printed, fitted again with the test
+  images folded in, so that every labelled photo teaches the exported layer (that printed figure describes
+  the layer before this last fit: a cautious estimate for the exported one, which learned from more photos);
+* ``train+val``: training + validation; the test images never reach the exported layer. With
+  ``--head_solver lbfgs`` (the default) the layer is an L2-regularised logistic regression solved to
+  convergence (:mod:`retrain.logreg`), its strength chosen by the cross-fit
+  (:func:`retrain.crossfit.cross_fit_l2`) unless ``--weight_decay`` gives one; with ``steps``, the
+  cross-fit chooses the number of mini-batch steps (and the weight decay, from :data:`WEIGHT_DECAYS` (today
+  only 0), unless ``--weight_decay`` gives one);
 * ``train``: retrain.py's way: the training split, ``--how_many_training_steps`` steps, the weights of
-  the step with the best validation accuracy;
-* ``all``: as ``train+val``, then, after the test accuracy is printed, fitted again with the test images
-  folded in (that printed figure describes the layer before this last fit).
+  the step with the best validation accuracy.
 
 The cross-fit runs once per run in every mode; its :class:`~retrain.crossfit.CrossFit` is kept for the
 stages after training (calibration, the unknown threshold, the label-error report).
@@ -211,9 +214,10 @@ def log_refit_with_test(test_accuracy: float | None, n_fitted: int, n_test: int)
     """The ``--final_fit all`` notice: the exported layer has seen the test images."""
     before = f" ({100 * test_accuracy:.1f}%)" if test_accuracy is not None else ""
     log.info(
-        "--final_fit all: the final layer was fitted again on all %d images, the %d test images included. The test "
-        "accuracy above%s was measured before, by a layer that had not seen them; the exported model has no "
-        "held-out estimate of its own.",
+        "Every labelled photo counts (--final_fit all): the final layer was fitted again on all %d images, the %d "
+        "test images included. The test accuracy above%s was measured before, by a layer that had not seen them; "
+        "for the exported layer, which learned from more photos, it is a cautious estimate. --final_fit "
+        "train+val keeps the test images out of the exported layer.",
         n_fitted,
         n_test,
         before,

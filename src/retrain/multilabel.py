@@ -164,8 +164,9 @@ def train_multi_label(cfg: TrainConfig, spec: BackboneSpec, seed: int, t_start: 
         )
         fitted = len(everything)
         log.info(
-            "--final_fit all: the final layer was fitted again on all %d images, the %d test images included; "
-            "the test figures above were measured before, by a layer that had not seen them.",
+            "Every labelled photo counts (--final_fit all): the final layer was fitted again on all %d images, the "
+            "%d test images included; the test figures above were measured before, by a layer that had not seen "
+            "them (--final_fit train+val keeps the test images out of the exported layer).",
             fitted,
             len(te),
         )

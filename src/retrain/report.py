@@ -309,9 +309,15 @@ def _test_section(ctx: _Context) -> str:
         "<table><tr><th>class</th><th>support</th><th>precision (95% CI)</th><th>recall (95% CI)</th>"
         f"<th>F1</th></tr>{rows}</table>"
     )
+    folded = (
+        " Measured by the layer before the test images were folded in (<code>--final_fit all</code>): the exported "
+        "layer learned from them too, so this is a cautious estimate for it."
+        if ctx.metrics.get("final_fit") == "all"
+        else ""
+    )
     return (
         f"<p>Accuracy <b>{_acc_text(test['correct'], test['count'])}</b>. The interval is Wilson's: with few "
-        "test images it is wide, and it says how far the true accuracy may be from the measured one.</p>"
+        f"test images it is wide, and it says how far the true accuracy may be from the measured one.{folded}</p>"
         + table
         + "<h3>Confusion matrix</h3><p class=hint>Rows: true class; columns: predicted class. Click a "
         "cell to see its images.</p>"
@@ -452,7 +458,7 @@ def _label_section(ctx: _Context) -> str:
     suspects = [int(i) for i in order if score[i] >= SUSPECT_SCORE]
     intro = (
         "<p>Every image is scored by a layer that never saw it (out-of-fold for training and validation images, "
-        "the final layer for test images). The score averages 1 − the probability that layer gives the image's "
+        "the layer the test accuracy describes for test images). The score averages 1 − the probability that layer gives the image's "
         "own label and the share of its 10 nearest images (by their features) that carry another label. "
         f"<b>{len(suspects)}</b> image(s) score {SUSPECT_SCORE:.2f} or more: a wrong label, or a hard image.</p>"
         "<p class=hint>Mark each suspect, then download the CSV and run "

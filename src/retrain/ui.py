@@ -67,6 +67,7 @@ TRAIN_SETTINGS = {
     "quantize": str,
     "fine_tune": bool,
     "final_fit": str,  # train | train+val | all (retrain.fit); "train" makes the step count exact
+    "head_solver": str,  # lbfgs | steps (retrain.fit): steps gives the page a curve by step
 }
 RUN_FILE, EVENTS_FILE, CONFUSION_FILE = "ui_run.json", "events.jsonl", "confusion.json"
 
@@ -488,6 +489,7 @@ _STEP = re.compile(
 )
 # retrain.fit's cross-fit: held-out accuracy for each number of steps it tried (the validation curve)
 _CROSSFIT = re.compile(r"Out-of-fold accuracy by number of steps \(N=(\d+), (\d+) folds\): (.*)")
+_CROSSFIT_C = re.compile(r"Out-of-fold accuracy by regularisation C \(N=(\d+), (\d+) folds\): (.*)")
 
 
 class _EventWriter(logging.Handler):
@@ -519,7 +521,11 @@ class _EventWriter(logging.Handler):
         m = _CROSSFIT.match(msg)
         if m:
             points = [(int(a), float(b) / 100) for a, b in re.findall(r"(\d+): ([\d.]+)%", m[3])]
-            self.write(kind="crossfit", n=int(m[1]), folds=int(m[2]), points=points)
+            self.write(kind="crossfit", n=int(m[1]), folds=int(m[2]), points=points, axis="steps")
+        m = _CROSSFIT_C.match(msg)
+        if m:  # the L-BFGS layer: out-of-fold accuracy by its regularisation, not by step
+            points = [(float(a), float(b) / 100) for a, b in re.findall(r"([\d.e+-]+): ([\d.]+)%", m[3])]
+            self.write(kind="crossfit", n=int(m[1]), folds=int(m[2]), points=points, axis="C")
         if msg.startswith("Bottlenecks:"):
             self.write(kind="phase", phase="train")
         elif msg.startswith("Kept the weights") or msg.startswith("Final test accuracy"):

@@ -249,7 +249,9 @@ const ended = new Set();  // runs this page saw end: never watched again, even w
 function watch(id) {
   if (watching === id) return;  // one polling loop per run, however many times it is asked for
   ended.delete(id);  // resumed
-  watching = id; curve = []; crossfit = []; runId = id; $("val-name").textContent = "validation";
+  watching = id; curve = []; crossfit = []; crossfitAxis = "steps"; runId = id;
+  $("acc-caption").replaceChildren("Accuracy by training step (training — / ", el("span", {id: "val-name", text: "validation"}), " ··)");
+  $("loss-figure").hidden = false;
   $("progress").hidden = false; $("cancel").hidden = false; $("start").disabled = true;
   $("run-id").textContent = `(run ${id})`; $("log").textContent = ""; $("phase").textContent = "starting";
   $("bar-fill").style.width = "0"; $("rate").textContent = "";
@@ -285,8 +287,11 @@ function onEvent(ev) {
     $("bar-fill").style.width = `${Math.min(100, 100 * ev.step / steps).toFixed(1)}%`;
     $("rate").textContent = `step ${ev.step}: train accuracy ${pct(ev.train_accuracy)}` + (ev.validation_accuracy != null ? `, validation ${pct(ev.validation_accuracy)}` : "");
   } else if (ev.kind === "crossfit") {
-    crossfit = ev.points;
-    $("val-name").textContent = `out-of-fold, ${ev.folds} folds`;
+    crossfit = ev.points; crossfitAxis = ev.axis || "steps";
+    if (crossfitAxis === "C") {  // a solved layer: no steps, one point per regularisation strength tried
+      $("acc-caption").textContent = `Out-of-fold accuracy (${ev.folds} folds) by regularisation C, log scale: the layer is solved, not stepped`;
+      $("loss-figure").hidden = true;
+    } else $("val-name").textContent = `out-of-fold, ${ev.folds} folds`;
   } else if (ev.kind === "log") {
     $("log").textContent += ev.message + "\n";
     $("log").scrollTop = $("log").scrollHeight;
@@ -317,11 +322,16 @@ function polyline(svg, points, cls, xs) {
   }
 }
 
-let crossfit = [];  // the cross-fit's out-of-fold accuracy per number of steps, when the run has one
+let crossfit = [];  // the cross-fit's out-of-fold accuracy per number of steps (or per C), when the run has one
+let crossfitAxis = "steps";
 function drawCurves() {
   const acc = $("acc-chart"), loss = $("loss-chart");
   acc.replaceChildren(); loss.replaceChildren();
   acc.dataset.min = 0; acc.dataset.max = 1;
+  if (crossfitAxis === "C") {
+    const points = crossfit.map(([c, a]) => [Math.log10(c), a]);
+    return polyline(acc, points, "val", points.map((p) => p[0]));
+  }
   const val = crossfit.length ? crossfit : curve.filter((e) => e.validation_accuracy != null).map((e) => [e.step, e.validation_accuracy]);
   const xs = [...curve.map((e) => e.step), ...val.map((p) => p[0])];
   if (!xs.length) return;
@@ -356,7 +366,7 @@ async function showRun() {
   const m = run.metrics || {};
   const val = m.validation_accuracy == null ? "" : `; validation ${pct(m.validation_accuracy)}${m.validation_kind ? ` (${m.validation_kind})` : ""}`;
   box.replaceChildren(el("p", {}, "Test accuracy ", el("span", {class: "big", id: "accuracy", text: pct(m.test_accuracy)}),
-    el("span", {class: "muted", text: ` on ${m.test_count} test photos never used in training${val}; ${m.final_fit_count || m.train_count} photos trained on; ${m.skipped_files || 0} skipped`})));
+    el("span", {class: "muted", text: ` on ${m.test_count} test photos ${m.final_fit === "all" ? "measured before the model learned from them too (every photo counts)" : "never used in training"}${val}; ${m.final_fit_count || m.train_count} photos trained on; ${m.skipped_files || 0} skipped`})));
   if (run.has_report) {
     $("report-frame").append(el("h3", {text: "The run's full report"}),
       el("p", {class: "muted", text: "The suspected label errors it lists can be moved or set aside on step 4 Fix, without the command line."}),
