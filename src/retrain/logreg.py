@@ -17,6 +17,7 @@ was up to 3 points below it (cutouts, 5 outer folds x 3 seeds).
 from __future__ import annotations
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from retrain.head import SoftmaxHead
 
@@ -170,9 +171,10 @@ class LogisticHead(SoftmaxHead):
             raise ValueError("no training images")
         self.n_classes_, self.n_features_in_ = n_classes, X.shape[1]
         weights = class_weights(y, n_classes) if self.balanced else None
-        self.coef_, self.intercept_, self.n_iter_ = fit_logistic(
-            X, y, n_classes=n_classes, l2=self.l2, sample_weight=weights
-        )
+        with threadpool_limits(1, user_api="blas"):  # (N, D) x (D, C) products: threads only contend here
+            self.coef_, self.intercept_, self.n_iter_ = fit_logistic(
+                X, y, n_classes=n_classes, l2=self.l2, sample_weight=weights
+            )
         return self
 
     def state_dict(self) -> dict:

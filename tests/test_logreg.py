@@ -1,0 +1,105 @@
+"""The L-BFGS layer (retrain.logreg) and its cross-fit over C (retrain.crossfit.cross_fit_l2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrain.crossfit import C_GRID, cross_fit_l2
+from retrain.logreg import LogisticHead, class_weights, fit_logistic
+
+
+def _blobs(n=150, d=20, classes=3, spread=1.5, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (classes, d))
+    y = rng.integers(0, classes, n)
+    # non-negative with a large common mean, like pooled ReLU features
+    X = np.abs(centres[y] + spread * rng.normal(0, 1, (n, d))) + 3.0
+    return X.astype(np.float32), y
+
+
+def _gradient(X, y, W, b, l2, weights=None):
+    """The penalised objective's gradient in float64, from scratch (no centring)."""
+    X, W, b = X.astype(np.float64), W.astype(np.float64), b.astype(np.float64)
+    z = X @ W + b
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1
+    w = np.full(len(y), 1 / len(y)) if weights is None else weights / weights.sum()
+    p *= w[:, None]
+    return X.T @ p + l2 * W, p.sum(axis=0)
+
+
+def test_the_solution_is_the_optimum_of_the_penalised_loss():
+    X, y = _blobs()
+    for l2 in (1e-1, 1e-2, 1e-3):
+        W, b, iterations = fit_logistic(X, y, n_classes=3, l2=l2)
+        gW, gb = _gradient(X, y, W, b, l2)
+        assert 0 < iterations < 500
+        assert max(np.abs(gW).max(), np.abs(gb).max()) < 1e-3, l2
+
+
+def test_a_shift_of_every_feature_only_moves_the_bias():
+    # The bias is not penalised, so x + v has the same weights: the centring inside must not change the answer.
+    X, y = _blobs(seed=1)
+    W, b, _ = fit_logistic(X, y, n_classes=3, l2=1e-2)
+    shift = np.linspace(-2, 5, X.shape[1]).astype(np.float32)
+    W2, b2, _ = fit_logistic(X + shift, y, n_classes=3, l2=1e-2)
+    assert np.allclose(W, W2, atol=2e-3)
+    assert np.allclose(X @ W + b, (X + shift) @ W2 + b2, atol=2e-2)
+
+
+def test_a_warm_start_reaches_the_same_solution_in_fewer_iterations():
+    X, y = _blobs(seed=2)
+    near = fit_logistic(X, y, n_classes=3, l2=3e-2)
+    cold = fit_logistic(X, y, n_classes=3, l2=1e-2)
+    warm = fit_logistic(X, y, n_classes=3, l2=1e-2, init=near[:2])
+    assert warm[2] < cold[2]
+    assert np.allclose(X @ warm[0] + warm[1], X @ cold[0] + cold[1], atol=2e-2)
+
+
+def test_balanced_weights_move_the_boundary_towards_the_large_class():
+    X, y = _blobs(n=400, classes=2, spread=3.0, seed=3)
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:40]])  # class 1 is rare
+    X, y = X[keep], y[keep]
+    w = class_weights(y, 2)
+    assert np.isclose(w[y == 0].sum(), w[y == 1].sum())
+    plain = LogisticHead(l2=1e-2).fit(X, y, n_classes=2)
+    balanced = LogisticHead(l2=1e-2, balanced=True).fit(X, y, n_classes=2)
+    assert (balanced.predict(X) == 1).sum() > (plain.predict(X) == 1).sum()
+    gW, gb = _gradient(X, y, balanced.coef_, balanced.intercept_, 1e-2, w)
+    assert max(np.abs(gW).max(), np.abs(gb).max()) < 1e-3
+
+
+def test_the_head_has_the_softmax_head_outputs():
+    X, y = _blobs(spread=0.5, seed=4)
+    head = LogisticHead(l2=1e-2).fit(X, y, n_classes=3)
+    assert head.coef_.shape == (20, 3) and head.intercept_.shape == (3,) and head.coef_.dtype == np.float32
+    proba = head.predict_proba(X)
+    assert np.allclose(proba.sum(axis=1), 1, atol=1e-5) and (head.predict(X) == y).mean() > 0.8
+    with pytest.raises(ValueError, match="no training images"):
+        LogisticHead(l2=1.0).fit(X[:0], y[:0], n_classes=3)
+
+
+def test_the_cross_fit_walks_c_from_strong_to_weak_and_stops_after_the_best():
+    X, y = _blobs(n=200, spread=2.5, seed=5)
+    cf = cross_fit_l2(X, y, n_classes=3, seed=0, patience=2)
+    assert list(cf.curve_c) == list(C_GRID[: len(cf.curve_c)]) and cf.c in cf.curve_c
+    best = list(cf.curve_c).index(cf.c)
+    assert len(cf.curve_c) == len(C_GRID) or len(cf.curve_c) - 1 - best == 2
+    assert cf.accuracy == cf.curve_accuracy[best] == (cf.logits.argmax(axis=1) == y).mean()
+    assert cf.weight_decay == pytest.approx(1 / (cf.c * len(y))) and cf.best_steps == 0
+    assert not len(cf.curve_steps) and cf.logits.shape == (200, 3) and set(cf.fold) == set(range(5))
+    # of equal out-of-fold accuracies the stronger regularisation stays
+    assert all(a <= cf.accuracy + 0.002 for a in cf.curve_accuracy[best + 1 :])
+
+
+def test_the_cross_fit_is_deterministic_and_keeps_copies_in_one_fold():
+    X, y = _blobs(n=60, seed=6)
+    X2, y2 = np.concatenate([X, X]), np.concatenate([y, y])
+    groups = list(range(60)) * 2
+    runs = [cross_fit_l2(X2, y2, n_classes=3, groups=groups, seed=3) for _ in range(2)]
+    assert np.array_equal(runs[0].logits, runs[1].logits) and runs[0].c == runs[1].c
+    assert np.array_equal(runs[0].fold[:60], runs[0].fold[60:])
+    with pytest.raises(ValueError, match="at least 2"):
+        cross_fit_l2(X[:1], y[:1], n_classes=3)
