@@ -91,6 +91,9 @@ def test_the_report_escapes_names_and_embeds_everything(audited_run):
     ):
         assert f">{section}</h2>" in page
     assert "data:image/jpeg;base64," in page
+    # the default (solved) layer: its path over C is the training chart, and the test figure says it came first
+    assert 'aria-label="out-of-fold accuracy by regularisation C"' in page and ">0.001</text>" in page
+    assert "Measured by the layer before the test images were folded in" in page
 
 
 def test_retrain_report_rebuilds_the_page_without_training(audited_run, capsys):

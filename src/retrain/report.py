@@ -264,6 +264,22 @@ def _training_section(ctx: _Context, fine_tune: dict | None) -> str:
         if best:
             out += f"<p>Kept the weights of step {int(best)} (best validation accuracy).</p>"
     cf = ctx.metrics.get("crossfit")
+    if cf and len(cf.get("curve_C") or []) > 1:  # the solved layer: its path over C is the training curve
+        out += (
+            "<div class=charts>"
+            + _line_chart(
+                "out-of-fold accuracy by regularisation C",
+                np.log10(cf["curve_C"]),
+                [("out-of-fold", cf["curve_accuracy"], "#f58518")],
+                y_range=(0, 1),
+                percent=True,
+                x_name="C",
+                x_ticks=[
+                    (e, f"{10.0**e:g}") for e in range(-3, 3) if e <= np.log10(max(cf["curve_C"])) + 1e-9
+                ],
+            )
+            + "</div>"
+        )
     if cf:
         out += (
             f"<p>Out-of-fold accuracy on training + validation ({cf['folds']} folds, each image scored by a layer "
@@ -675,7 +691,8 @@ def _axes(w: int, h: int, m: int, x_name: str, y_name: str) -> str:
     )
 
 
-def _line_chart(title, x, series, *, y_range=None, percent=False, x_name="step") -> str:
+def _line_chart(title, x, series, *, y_range=None, percent=False, x_name="step", x_ticks=None) -> str:
+    """An SVG line chart; ``x_ticks`` (value, text) pairs replace the five evenly spaced x ticks."""
     w, h, m = 460, 260, 56
     x = np.asarray(x, dtype=np.float64)
     ys = [np.asarray(v, dtype=np.float64) for _, v, _ in series]
@@ -710,8 +727,8 @@ def _line_chart(title, x, series, *, y_range=None, percent=False, x_name="step")
         for v in np.linspace(lo, hi, 5)
     )
     xt = "".join(
-        f'<text x="{sx(v):.1f}" y="{h - m + 16}" text-anchor="middle">{v:.0f}</text>'
-        for v in np.linspace(x0, x1, 5)
+        f'<text x="{sx(v):.1f}" y="{h - m + 16}" text-anchor="middle">{_e(text)}</text>'
+        for v, text in (x_ticks or [(v, f"{v:.0f}") for v in np.linspace(x0, x1, 5)])
     )
     return (
         f'<figure class=chartbox><figcaption>{_e(title)}</figcaption><svg class=chart viewBox="0 0 {w} {h}" '
