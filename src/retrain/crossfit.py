@@ -295,16 +295,9 @@ def cross_fit(
     the number of folds drops to the number of groups.
     """
     t0 = time.perf_counter()
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    y = np.asarray(y, dtype=np.int64)
+    X, y, fold, k = _prepare(X, y, folds, groups, seed)
     n = len(y)
-    if n < 2:
-        raise ValueError(f"cross-fitting needs at least 2 rows, got {n}")
-    k = min(folds, len(np.unique(group_ids(groups, n))))
-    if k < 2:
-        raise ValueError("cross-fitting needs at least 2 distinct groups")
     decays = [float(head_params.get("weight_decay", 0.0))] if weight_decays is None else sorted(weight_decays)
-    fold = assign_folds(y, k, groups=groups, seed=seed)
     jobs = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f), seed + 1000 * (f + 1)) for f in range(k)]
     S, G = len(checkpoint_steps(head_params.get("steps", 4000))), len(decays)
     logits = np.empty((G, S, n, n_classes), np.float32)
@@ -350,6 +343,20 @@ def cross_fit(
     )
 
 
+def _prepare(X, y, folds: int, groups, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(X float32, y int64, the fold of each row, the number of folds): fewer folds than asked when there are
+    fewer groups; a ValueError when there is nothing to cross-fit."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    n = len(y)
+    if n < 2:
+        raise ValueError(f"cross-fitting needs at least 2 rows, got {n}")
+    k = min(folds, len(np.unique(group_ids(groups, n))))
+    if k < 2:
+        raise ValueError("cross-fitting needs at least 2 distinct groups")
+    return X, y, assign_folds(y, k, groups=groups, seed=seed), k
+
+
 def _mean_cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     z = logits - logits.max(axis=1, keepdims=True)  # (N, C)
     log_norm = np.log(np.exp(z).sum(axis=1))
@@ -379,15 +386,8 @@ def cross_fit_l2(
     C's strength for all ``N`` rows, i.e. what the final layer on every row is fitted with.
     """
     t0 = time.perf_counter()
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    y = np.asarray(y, dtype=np.int64)
+    X, y, fold, k = _prepare(X, y, folds, groups, seed)
     n = len(y)
-    if n < 2:
-        raise ValueError(f"cross-fitting needs at least 2 rows, got {n}")
-    k = min(folds, len(np.unique(group_ids(groups, n))))
-    if k < 2:
-        raise ValueError("cross-fitting needs at least 2 distinct groups")
-    fold = assign_folds(y, k, groups=groups, seed=seed)
     parts = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
     weights = class_weights(y, n_classes) if balanced else None
     solutions: list[tuple[np.ndarray, np.ndarray] | None] = [None] * k

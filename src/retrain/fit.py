@@ -153,10 +153,10 @@ def _plan_l2(X, y, groups, n_classes, head_params, mode, folds, seed, weight_dec
             balanced=balanced,
             **({"cs": cs} if cs else {}),
         )
-    except ValueError as exc:
+    except ValueError as exc:  # as for the step solver: the validation split stays out, to judge the layer
         c = cs[0] if cs else 1.0
-        log.warning("No cross-fit (%s): the final layer is solved with C = %g", exc, c)
-        return FitPlan(mode, int(head_params["steps"]), True, None, 1.0 / (c * max(1, len(y))), c)
+        log.warning("No cross-fit (%s): the final layer is solved on the training split with C = %g", exc, c)
+        return FitPlan(mode, int(head_params["steps"]), False, None, 1.0 / (c * max(1, len(y))), c)
     decay = float(head_params["weight_decay"]) if given else cross.weight_decay  # the flag's, exactly
     plan = FitPlan(mode, int(head_params["steps"]), True, cross, decay, cross.c)
     _log_plan(plan, len(y), folds)

@@ -686,13 +686,15 @@ def _validation_accuracy(head, val: Split, *, log_it: bool = True) -> float | No
     if not len(val.y):
         return None
     accuracy = float((head.predict(val.X) == val.y).mean())
-    if log_it:
+    if log_it and hasattr(head, "best_step_"):
         log.info(
             "Kept the weights of step %d (best validation accuracy %.1f%%, N=%d)",
             head.best_step_,
             100 * accuracy,
             len(val.y),
         )
+    elif log_it:  # the solved layer has no steps to pick from
+        log.info("Validation accuracy = %.1f%% (N=%d)", 100 * accuracy, len(val.y))
     return accuracy
 
 
