@@ -202,7 +202,14 @@ def train(
     )
     tested = head  # the layer the test accuracy describes
     fitted_count = len(splits.train.y) + (len(splits.validation.y) if plan.with_validation else 0)
-    if plan.mode == "all" and test.count:
+    final_fit = plan.mode
+    if backbone_onnx is not None:  # fine-tuned (on the training split) from a layer fitted there
+        fitted_count, final_fit = len(splits.train.y), "train"
+    if plan.mode == "all" and test.count and backbone_onnx is not None:
+        # A fine-tuned layer belongs with its backbone, and its validation images judge its temperature: the
+        # test images are not folded in (the fine-tuning saw the training split only).
+        log.info("--final_fit all: the fine-tuned model keeps its layer; the test images are not folded in")
+    elif plan.mode == "all" and test.count:
         from retrain.fit import log_refit_with_test
 
         head = _refit_with_test(cfg, spec, seed, splits, plan, timings)
@@ -222,7 +229,7 @@ def train(
         "best_step": getattr(head, "best_step_", None),
         "head_solver": "lbfgs" if plan.c is not None else "steps",
         "train_count": len(splits.train.y),
-        "final_fit": plan.mode,
+        "final_fit": final_fit,
         "final_fit_count": fitted_count,
         "weight_decay": plan.weight_decay,
         "skipped_files": len(table.skipped),
@@ -584,7 +591,10 @@ def _fit_head(
     if plan.c is not None:  # --head_solver lbfgs: no steps to log, snapshot or resume
         if cfg.summaries_dir:
             log.info("TensorBoard: the L-BFGS layer has no training curve (--head_solver steps writes one)")
-        return _solve_head(cfg, X_train, y_train, len(splits.labels), plan.weight_decay, timings)
+        t0 = time.perf_counter()
+        head = _solve_head(cfg, X_train, y_train, len(splits.labels), plan.weight_decay)
+        timings["train_head"] = time.perf_counter() - t0
+        return head
     head = SoftmaxHead(**{**head_params(cfg), "steps": plan.steps}, seed=seed)
 
     def snapshot(step: int, head: SoftmaxHead) -> None:
@@ -636,7 +646,7 @@ def _refit_with_test(
     X, y = _fit_rows(cfg, spec, rows, timings)
     t0 = time.perf_counter()
     if plan.c is not None:
-        head = _solve_head(cfg, X, y, len(splits.labels), plan.l2_for(len(rows.y)), timings)
+        head = _solve_head(cfg, X, y, len(splits.labels), plan.l2_for(len(rows.y)))
     else:
         head = SoftmaxHead(**{**head_params(cfg), "steps": plan.steps}, keep_best=False, seed=seed).fit(
             X, y, n_classes=len(splits.labels)
@@ -645,18 +655,17 @@ def _refit_with_test(
     return head
 
 
-def _solve_head(cfg: TrainConfig, X, y, n_classes: int, l2: float, timings: dict[str, float]):
+def _solve_head(cfg: TrainConfig, X, y, n_classes: int, l2: float):
     """The L-BFGS layer (retrain.logreg) at strength ``l2`` on rows ``X``, ``y``."""
     from retrain.logreg import LogisticHead
 
     t0 = time.perf_counter()
     head = LogisticHead(l2=l2, balanced=cfg.class_balance == "weight").fit(X, y, n_classes=n_classes)
-    timings["train_head"] = time.perf_counter() - t0
     log.info(
         "Final layer solved on %d images: %d L-BFGS iterations, %.2f s",
         len(y),
         head.n_iter_,
-        timings["train_head"],
+        time.perf_counter() - t0,
     )
     return head
 
