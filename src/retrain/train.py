@@ -505,6 +505,16 @@ def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[s
             mode,
         )
         mode = "train"
+    if (
+        cfg.head_solver == "lbfgs"
+        and mode != "train"
+        and cfg.how_many_training_steps != TrainConfig.how_many_training_steps
+    ):
+        log.info(
+            "--how_many_training_steps %d applies to a layer trained by steps (--head_solver steps, or --final_fit "
+            "train as in retrain.py); the default layer is solved, its regularisation chosen by the cross-fit",
+            cfg.how_many_training_steps,
+        )
     labelled = splits.train + splits.validation
     # Without --weight_decay the cross-fit chooses it, except for retrain.py's way (and fine-tuning): none.
     decays = (WEIGHT_DECAYS if mode != "train" else (0.0,)) if cfg.weight_decay is None else None
