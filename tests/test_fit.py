@@ -54,9 +54,10 @@ def test_default_run_fits_training_plus_validation_and_says_so(colour_dir, fast_
         "Every labelled photo counts (--final_fit all)" in caplog.text
         and "7 test images included" in caplog.text
     )
+    # step flags are not silently ignored by the solved layer
     assert (
-        "--how_many_training_steps 200 applies to a layer trained by steps" in caplog.text
-    )  # not silently ignored
+        "--how_many_training_steps 200, --eval_step_interval 50: for a layer trained by steps" in caplog.text
+    )
 
 
 def test_head_solver_steps_chooses_the_number_of_steps(colour_dir, fast_config, caplog):

@@ -493,6 +493,32 @@ def _l2_path(cross) -> dict:
     }
 
 
+STEP_FLAGS = (
+    "how_many_training_steps",
+    "learning_rate",
+    "train_batch_size",
+    "eval_step_interval",
+    "optimizer",
+)
+
+
+def _say_unused_step_flags(cfg: TrainConfig, mode: str) -> None:
+    """A step flag given for the solved layer is not silently ignored: the log names it."""
+    if cfg.head_solver != "lbfgs" or mode == "train":
+        return
+    given = [
+        f"--{name} {getattr(cfg, name)}"
+        for name in STEP_FLAGS
+        if getattr(cfg, name) != getattr(TrainConfig, name)
+    ]
+    if given:
+        log.info(
+            "%s: for a layer trained by steps (--head_solver steps, or --final_fit train as in retrain.py); the "
+            "default layer is solved, its regularisation chosen by the cross-fit",
+            ", ".join(given),
+        )
+
+
 def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[str, float]):
     """The run's one cross-fit over training + validation and what the final layer is fitted on (retrain.fit)."""
     from retrain.fit import WEIGHT_DECAYS, labelled_groups, plan_final_fit
@@ -505,16 +531,7 @@ def _plan_final_fit(cfg: TrainConfig, splits: Splits, seed: int, timings: dict[s
             mode,
         )
         mode = "train"
-    if (
-        cfg.head_solver == "lbfgs"
-        and mode != "train"
-        and cfg.how_many_training_steps != TrainConfig.how_many_training_steps
-    ):
-        log.info(
-            "--how_many_training_steps %d applies to a layer trained by steps (--head_solver steps, or --final_fit "
-            "train as in retrain.py); the default layer is solved, its regularisation chosen by the cross-fit",
-            cfg.how_many_training_steps,
-        )
+    _say_unused_step_flags(cfg, mode)
     labelled = splits.train + splits.validation
     # Without --weight_decay the cross-fit chooses it, except for retrain.py's way (and fine-tuning): none.
     decays = (WEIGHT_DECAYS if mode != "train" else (0.0,)) if cfg.weight_decay is None else None
