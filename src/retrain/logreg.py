@@ -26,11 +26,6 @@ TOLERANCE = 1e-4  # the largest gradient entry at convergence (scikit-learn's lb
 HISTORY = 10  # L-BFGS correction pairs
 
 
-def strengths_for(n: int, cs: np.ndarray) -> np.ndarray:
-    """The L2 strengths that scikit-learn's ``C`` values ``cs`` mean for ``n`` training rows."""
-    return 1.0 / (np.asarray(cs, dtype=np.float64) * max(1, n))
-
-
 def fit_logistic(
     X: np.ndarray,
     y: np.ndarray,
@@ -44,7 +39,7 @@ def fit_logistic(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(W (D, C), b (C,), iterations) minimising the weighted mean cross entropy plus ``l2 / 2 * ||W||^2``.
 
-    ``X`` (N, D) float32, ``y`` (N,). ``sample_weight`` (N,) is normalised to mean 1. ``init``
+    ``X`` (N, D) float32, ``y`` (N,). ``sample_weight`` (N,) is normalised to sum 1 (a weighted mean). ``init``
     warm-starts from another solution (e.g. the neighbouring strength's), which is where most of the
     cost of a path of strengths goes.
     """
