@@ -399,6 +399,11 @@ def test_quality_best_prints_an_estimate_first_and_fine_tunes(
         "keeping the fine-tuned network" if report["fine_tuned"] else "keeping the frozen-backbone model"
     )
     assert f"on the same {report['validation_images']} validation images" in text and verdict in text
+    metrics = json.loads((Path(fast_config["output_dir"]) / "metrics.json").read_text())
+    if report["fine_tuned"]:  # the default run's layer, solved again on the fine-tuned features, then refolded
+        assert "the new layer is solved again on the fine-tuned backbone's features" in text
+        assert metrics["final_fit"] == "all" and metrics["head_solver"] == "lbfgs"
+        assert metrics["crossfit"]["count"] == metrics["final_fit_count"] - metrics["test_count"]
 
 
 def test_quality_best_keeps_the_frozen_model_when_validation_gets_worse(
