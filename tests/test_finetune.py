@@ -400,7 +400,8 @@ def test_quality_best_prints_an_estimate_first_and_fine_tunes(
     )
     assert f"on the same {report['validation_images']} validation images" in text and verdict in text
     metrics = json.loads((Path(fast_config["output_dir"]) / "metrics.json").read_text())
-    if report["fine_tuned"]:  # the default run's layer, solved again on the fine-tuned features, then refolded
+    # a kept fine-tuned backbone: the default run's layer, solved again on its features, then refolded
+    if report["fine_tuned"]:
         assert "the new layer is solved again on the fine-tuned backbone's features" in text
         assert metrics["final_fit"] == "all" and metrics["head_solver"] == "lbfgs"
         assert metrics["crossfit"]["count"] == metrics["final_fit_count"] - metrics["test_count"]
