@@ -23,7 +23,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from retrain.head import SoftmaxHead, _Optimizer, softmax
-from retrain.logreg import class_weights, fit_logistic
+from retrain.logreg import class_weights, fit_logistic, strength
 from retrain.sampling import ClassBalancedSampler
 
 DEFAULT_FOLDS = 5
@@ -402,7 +402,7 @@ def cross_fit_l2(
             X[train_idx],
             y[train_idx],
             n_classes=n_classes,
-            l2=1.0 / (c * len(train_idx)),
+            l2=strength(c, len(train_idx)),
             sample_weight=None if weights is None else weights[train_idx],
             init=solutions[f],
         )
@@ -427,7 +427,7 @@ def cross_fit_l2(
         curve_loss=np.array(loss),
         best_steps=0,
         seconds=time.perf_counter() - t0,
-        weight_decay=1.0 / (float(scored[best]) * n),
+        weight_decay=strength(float(scored[best]), n),
         curve_c=scored,
         c=float(scored[best]),
     )

@@ -37,6 +37,7 @@ import numpy as np
 from retrain.crossfit import DEFAULT_FOLDS, CrossFit, cross_fit, cross_fit_l2
 from retrain.data import same_image_groups
 from retrain.errors import RetrainError
+from retrain.logreg import strength
 
 log = logging.getLogger("retrain")
 
@@ -76,7 +77,7 @@ class FitPlan:
 
     def l2_for(self, n: int) -> float:
         """The L-BFGS layer's L2 strength for ``n`` rows (the chosen C carries over to more rows)."""
-        return 1.0 / (self.c * max(1, n))
+        return strength(self.c, n)
 
     @property
     def validation_accuracy(self) -> float | None:
@@ -140,7 +141,7 @@ def plan_final_fit(
 def _plan_l2(X, y, groups, n_classes, head_params, mode, folds, seed, weight_decays) -> FitPlan:
     """The L-BFGS layer's plan: C chosen by the cross-fit, or the one ``--weight_decay`` means for N rows."""
     given = weight_decays is None and float(head_params.get("weight_decay") or 0.0) > 0
-    cs = (1.0 / (float(head_params["weight_decay"]) * len(y)),) if given else None
+    cs = (strength(float(head_params["weight_decay"]), len(y)),) if given else None
     balanced = head_params.get("class_balance") == "weight"
     try:
         cross = cross_fit_l2(
@@ -156,7 +157,7 @@ def _plan_l2(X, y, groups, n_classes, head_params, mode, folds, seed, weight_dec
     except ValueError as exc:  # as for the step solver: the validation split stays out, to judge the layer
         c = cs[0] if cs else 1.0
         log.warning("No cross-fit (%s): the final layer is solved on the training split with C = %g", exc, c)
-        return FitPlan(mode, int(head_params["steps"]), False, None, 1.0 / (c * max(1, len(y))), c)
+        return FitPlan(mode, int(head_params["steps"]), False, None, strength(c, len(y)), c)
     decay = float(head_params["weight_decay"]) if given else cross.weight_decay  # the flag's, exactly
     plan = FitPlan(mode, int(head_params["steps"]), True, cross, decay, cross.c)
     _log_plan(plan, len(y), folds)

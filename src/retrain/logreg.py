@@ -20,10 +20,16 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from retrain.head import SoftmaxHead
+from retrain.sampling import ClassBalancedSampler
 
 MAX_ITERATIONS = 500
 TOLERANCE = 1e-4  # the largest gradient entry at convergence (scikit-learn's lbfgs default)
 HISTORY = 10  # L-BFGS correction pairs
+
+
+def strength(c: float, n: int) -> float:
+    """The L2 strength that scikit-learn's ``C`` means for ``n`` rows (and, the same formula, the C of a strength)."""
+    return 1.0 / (c * max(1, n))
 
 
 def fit_logistic(
@@ -106,10 +112,8 @@ def _lbfgs(objective, theta: np.ndarray, max_iterations: int, tolerance: float) 
         slope = float(g @ direction)
         if slope >= 0:  # not a descent direction (numerical trouble): restart from the gradient
             pairs.clear()
-            direction, slope = (
-                -g / max(1.0, float(np.linalg.norm(g))),
-                -float(g @ g) / max(1.0, float(np.linalg.norm(g))),
-            )
+            scale = max(1.0, float(np.linalg.norm(g)))
+            direction, slope = -g / scale, -float(g @ g) / scale
         step = 1.0
         while True:
             candidate = theta + step * direction
@@ -179,6 +183,6 @@ class LogisticHead(SoftmaxHead):
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
-    """(N,) weights, each class summing to the same total (classes absent from ``y`` get none)."""
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    return (1.0 / np.maximum(counts, 1.0))[y]
+    """(N,) weights, each class summing to the same total: the step solver's ``--class_balance weight``
+    loss weights (fit_logistic normalises them)."""
+    return ClassBalancedSampler(y, n_classes, "weight").weights

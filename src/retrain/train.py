@@ -215,13 +215,12 @@ def train(
     tested = head  # the layer the test accuracy describes
     fitted_count = len(splits.train.y) + (len(splits.validation.y) if plan.with_validation else 0)
     final_fit = plan.mode
-    if (
-        backbone_onnx is not None and not resolved
-    ):  # fine-tuned (on the training split) from a layer fitted there
+    # A fine-tuned layer (fitted on the training split) belongs with its backbone, and its validation images
+    # judge its temperature: it is exported as it is, its test images not folded in.
+    keeps_tuned_layer = backbone_onnx is not None and not resolved
+    if keeps_tuned_layer:
         fitted_count, final_fit = len(splits.train.y), "train"
-    if plan.mode == "all" and test.count and backbone_onnx is not None and not resolved:
-        # A fine-tuned layer belongs with its backbone, and its validation images judge its temperature: the
-        # test images are not folded in (the fine-tuning saw the training split only).
+    if plan.mode == "all" and test.count and keeps_tuned_layer:
         log.info("--final_fit all: the fine-tuned model keeps its layer; the test images are not folded in")
     elif plan.mode == "all" and test.count:
         from retrain.fit import log_refit_with_test
@@ -231,7 +230,7 @@ def train(
         log_refit_with_test(test.accuracy, fitted_count, len(splits.test.y))
     # Out-of-fold predictions describe the features they were made on: fine-tuning replaced the frozen ones
     # (best mode then made new ones, on the fine-tuned features).
-    cross = crossfit if backbone_onnx is None or resolved else None
+    cross = None if keeps_tuned_layer else crossfit
     open_world = _open_world(
         cfg, splits, head, seed, cross, head_like_folds=plan.with_validation, tested=tested
     )
@@ -498,7 +497,8 @@ def head_params(cfg: TrainConfig) -> dict:
 
 
 def _same_rows(a: Splits, b: Splits) -> bool:
-    """Whether two splits hold the same images in the same order (one feature row each)."""
+    """Whether each split of ``a`` has one feature row per image, as ``b``'s (no distorted copies), so that
+    a cross-fit over ``a`` lines up with ``b``'s rows."""
     return all(
         len(x.X) == len(y.X) == len(y.y)
         for x, y in zip((a.train, a.validation, a.test), (b.train, b.validation, b.test))
