@@ -187,3 +187,19 @@ def test_near_copies_in_a_folder_of_fewer_than_six_images_need_the_small_set_cut
     keys = [i.to_bytes(20, "big") for i in range(4)]
     pairs = find_duplicates(X, keys)
     assert [(int(i), int(j), str(k)) for i, j, k in zip(pairs.i, pairs.j, pairs.kind)] == [(0, 3, "near")]
+
+
+def test_a_solved_learning_curve_ends_at_the_solved_layers_accuracy():
+    from retrain.logreg import fit_logistic, strength
+
+    X, y = blobs(n_per_class=80, spread=3.0, d=32)
+    fold = np.arange(len(y)) % 5
+    curve = learning_curve(X, y, fold, n_classes=3, head_params={"steps": 300}, seeds=2, solved_c=1.0)
+    assert curve.accuracy.shape == (2, 6) and np.all(np.isfinite(curve.accuracy))
+    assert curve.accuracy.mean(axis=0)[-1] > curve.accuracy.mean(axis=0)[0]
+    # The 100% point of seed 0 is the layer solved on every row outside fold 0, scored on fold 0.
+    train, held = fold != 0, fold == 0
+    W, b, _ = fit_logistic(X[train], y[train], n_classes=3, l2=strength(1.0, int(train.sum())))
+    assert curve.accuracy[0, -1] == pytest.approx(
+        ((X[held] @ W + b).argmax(axis=1) == y[held]).mean(), abs=0.02
+    )

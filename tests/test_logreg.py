@@ -103,3 +103,34 @@ def test_the_cross_fit_is_deterministic_and_keeps_copies_in_one_fold():
     assert np.array_equal(runs[0].fold[:60], runs[0].fold[60:])
     with pytest.raises(ValueError, match="at least 2"):
         cross_fit_l2(X[:1], y[:1], n_classes=3)
+
+
+def test_solved_chains_match_direct_solves_and_warm_starts_change_nothing():
+    from retrain.crossfit import solve_and_score_chains
+
+    X, y = _blobs(n=240, seed=4)
+    rows = np.arange(len(y))
+    small, large, scored = rows[:80], rows[:180], rows[180:]
+    (chain,) = solve_and_score_chains(X, y, [[(small, scored), (large, scored)]], n_classes=3, c=1.0)
+    for train_idx, logits in zip((small, large), chain):
+        W, b, _ = fit_logistic(X[train_idx], y[train_idx], n_classes=3, l2=1.0 / len(train_idx))
+        # the same predictions as solving from zero (the second was warm-started from the first)
+        assert (logits.argmax(axis=1) == (X[scored] @ W + b).argmax(axis=1)).mean() > 0.97
+        assert np.allclose(logits, X[scored] @ W + b, atol=0.1)
+
+
+def test_a_class_without_rows_keeps_its_set_aside_column_and_the_rest_is_the_smaller_problem():
+    from retrain.crossfit import ABSENT_BIAS, solve_and_score_chains
+
+    X, y = _blobs(n=240, classes=3, seed=5)
+    full = fit_logistic(X, y, n_classes=3, l2=1e-2)
+    without_1 = np.flatnonzero(y != 1)
+    (chain,) = solve_and_score_chains(
+        X, y, [[(without_1, np.arange(len(y)))]], n_classes=3, c=1.0, inits=[full[:2]]
+    )
+    logits = chain[0]
+    assert np.all(logits[:, 1] < ABSENT_BIAS + 1)  # the absent class is never predicted
+    two = np.where(y[without_1] == 2, 1, 0)  # the same rows as a two-class problem
+    W, b, _ = fit_logistic(X[without_1], two, n_classes=2, l2=1.0 / len(without_1))
+    both = logits[:, [0, 2]]
+    assert (both.argmax(axis=1) == (X @ W + b).argmax(axis=1)).mean() > 0.97

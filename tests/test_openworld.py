@@ -258,6 +258,40 @@ def test_leave_one_class_out_layers_are_batched_and_capped_in_steps(monkeypatch)
     assert min(result.unknown.loco_auroc.values()) > 0.9
 
 
+def test_the_solved_layers_left_out_layers_are_solved_not_stepped(monkeypatch):
+    """With the L-BFGS final layer (solved_c), each left-out class's layer is solved at the same C, warm-started
+    from the tested layer: no stepped layer is trained, and the estimate is as sensible."""
+    import retrain.crossfit as crossfit
+    import retrain.openworld as ow
+    from retrain.logreg import fit_logistic
+
+    def no_steps(*args, **kw):
+        raise AssertionError("a stepped layer was trained")
+
+    monkeypatch.setattr(crossfit, "fit_and_score_many", no_steps)
+    X, y = blobs(n_per_class=40, n_classes=4, d=16)
+    test = np.arange(len(y)) % 5 == 0
+    fold = assign_folds(y[~test], 5, seed=0)
+    W, b, _ = fit_logistic(X[~test], y[~test], n_classes=4, l2=1.0 / int((~test).sum()))
+    result = ow.fit_open_world(
+        labels=list("abcd"),
+        X_fit=X[~test],
+        y_fit=y[~test],
+        held_out_logits=X[~test] @ W + b,
+        held_out_rows=np.arange(int((~test).sum())),
+        fold=fold,
+        held_out_name="out_of_fold",
+        coef=W,
+        intercept=b,
+        X_test=X[test],
+        y_test=y[test],
+        head_params={"steps": 4000},
+        solved_c=1.0,
+    )
+    assert set(result.unknown.loco_auroc) == set("abcd")
+    assert min(result.unknown.loco_auroc.values()) > 0.9
+
+
 # -- through a real run, the model file and every reader -------------------------------------------------
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 

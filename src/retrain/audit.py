@@ -419,12 +419,15 @@ def learning_curve(
     steps: int = LEARNING_CURVE_STEPS,
     batch_size: int = LEARNING_CURVE_BATCH,
     seed: int = 0,
+    solved_c: float | None = None,
 ) -> LearningCurve:
     """Fit the layer on nested 10% ... 100% subsets of all rows outside one fold, score that fold.
 
     Seed s holds out fold ``s mod K`` of the cross-fit ``fold`` assignment (so groups of copies
     stay on one side) and draws one nested order per class: every subset keeps each class's
-    share and holds at least one image of it. Fits are short (``steps``) and run batched.
+    share and holds at least one image of it. Fits are short (``steps``) and run batched, or, with
+    ``solved_c`` (the run's layer is the L-BFGS one at that scikit-learn C), each subset's layer is solved
+    at that C, warm-started from the next smaller subset's.
     """
     import time
 
@@ -449,22 +452,28 @@ def learning_curve(
             )
             jobs.append((s, f_i, train_idx, score_idx, seed + 31 * s + f_i))
 
-    # All fits in one batched loop: M small layers cost little more than one (crossfit.fit_and_score_many).
-    # Only the end of each fit is scored.
-    _, scored = fit_and_score_many(
-        X,
-        y,
-        [(t, sc, fit_seed) for _, _, t, sc, fit_seed in jobs],
-        n_classes=n_classes,
-        head_params=params,
-        score_at=[params["steps"]],
-    )
+    if solved_c is not None:
+        scored = _solved_curve(
+            X, y, jobs, seeds, n_classes, solved_c, head_params.get("class_balance") == "weight"
+        )
+    else:
+        # All fits in one batched loop: M small layers cost little more than one (crossfit.fit_and_score_many).
+        # Only the end of each fit is scored.
+        _, stepped = fit_and_score_many(
+            X,
+            y,
+            [(t, sc, fit_seed) for _, _, t, sc, fit_seed in jobs],
+            n_classes=n_classes,
+            head_params=params,
+            score_at=[params["steps"]],
+        )
+        scored = [logits[-1] for logits in stepped]
     acc = np.full((seeds, len(fractions)), np.nan)
     per = np.full((seeds, len(fractions), n_classes), np.nan)
     sizes = np.zeros((seeds, len(fractions)))
     for (s, f_i, train_idx, score_idx, _), logits in zip(jobs, scored):
         truth = y[score_idx]
-        hit = logits[-1].argmax(axis=1) == truth
+        hit = logits.argmax(axis=1) == truth
         acc[s, f_i] = hit.mean() if len(hit) else np.nan
         sizes[s, f_i] = len(train_idx)
         for c in np.unique(truth):
@@ -476,6 +485,17 @@ def learning_curve(
         per_class=per,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _solved_curve(X, y, jobs, seeds: int, n_classes: int, c: float, balanced: bool) -> list[np.ndarray]:
+    """The learning curve's logits per job (in ``jobs``' order) from L-BFGS layers: one chain of nested
+    subsets per seed, each solve warm-starting from the smaller subset's solution (which never saw the
+    scored fold either)."""
+    from retrain.crossfit import solve_and_score_chains
+
+    chains = [[(t, sc) for s_j, _, t, sc, _ in jobs if s_j == s] for s in range(seeds)]
+    solved = solve_and_score_chains(X, y, chains, n_classes=n_classes, c=c, balanced=balanced)
+    return [logits for chain in solved for logits in chain]
 
 
 @dataclass

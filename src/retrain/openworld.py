@@ -76,6 +76,8 @@ def fit_open_world(
     head_params: dict | None = None,
     seed: int = 0,
     test_layer: tuple[np.ndarray, np.ndarray] | None = None,
+    solved_c: float | None = None,
+    balanced: bool = False,
 ) -> OpenWorld:
     """Temperature and unknown score for a layer ``coef`` (D, C), ``intercept`` (C,).
 
@@ -89,6 +91,9 @@ def fit_open_world(
     batched loop, for the energy term of the leave-one-class-out estimate (without: Mahalanobis alone).
     ``test_layer`` = (coef, intercept) of the layer that never saw the test rows, when ``coef`` did
     (``--final_fit all``): the test figures (ECE, known images called unknown) are that layer's.
+    ``solved_c``: the final layer is the L-BFGS one at this scikit-learn C (``balanced``: class-weighted);
+    the leave-one-class-out layers are then solved the same way, warm-started from the tested layer,
+    instead of stepped with ``head_params``.
     """
     if calibration not in CALIBRATION_CHOICES:
         raise ValueError(f"calibration must be one of {CALIBRATION_CHOICES}, got {calibration!r}")
@@ -105,9 +110,14 @@ def fit_open_world(
         enabled=calibration == "temperature",
     )
     t = cal.temperature
-    loco_energy = (
-        _loco_energy(X_fit, y_fit, X_test, y_test, len(labels), head_params, t, seed) if head_params else None
-    )
+    if solved_c is not None:
+        loco_energy = _loco_energy_solved(
+            X_fit, y_fit, X_test, y_test, len(labels), solved_c, balanced, (test_coef, test_intercept), t
+        )
+    elif head_params:
+        loco_energy = _loco_energy(X_fit, y_fit, X_test, y_test, len(labels), head_params, t, seed)
+    else:
+        loco_energy = None
     unknown = fit_unknown(
         X_fit,
         y_fit,
@@ -129,6 +139,51 @@ def fit_open_world(
     return result
 
 
+def _loco_jobs(y_fit, y_test, n_classes: int):
+    """(classes, rows per class as ``openset.loco_rows``, jobs (fit rows, scored rows)) over the rows of
+    ``concatenate([X_fit, X_test])``: class c's layer fits every other class's fitted rows."""
+    n_fit = len(y_fit)
+    classes = [c for c in range(n_classes) if (y_fit != c).any() and (y_test != c).any()]
+    rows = {c: loco_rows(y_fit, np.asarray(y_test), c) for c in classes}
+    jobs = [
+        (np.flatnonzero(y_fit != c), np.concatenate([n_fit + rows[c][0], rows[c][1], n_fit + rows[c][2]]))
+        for c in classes
+    ]
+    return classes, rows, jobs
+
+
+def _loco_energies(classes, rows, scored, temperature: float) -> dict:
+    """``c -> (known, unknown)`` energies from class c's layer's logits; its own column, never a target
+    there, is left out."""
+    out = {}
+    for c, logits in zip(classes, scored):
+        e = energy(np.delete(logits, c, axis=1) / temperature)
+        out[c] = (e[: len(rows[c][0])], e[len(rows[c][0]) :])
+    return out
+
+
+def _loco_energy_solved(
+    X_fit, y_fit, X_test, y_test, n_classes: int, c: float, balanced: bool, layer, temperature
+):
+    """As :func:`_loco_energy` for the L-BFGS layer: each class's layer solved at the run's C
+    (:func:`retrain.crossfit.solve_and_score_chains`), warm-started from ``layer`` = (coef, intercept), the
+    layer that never saw the test rows (so no scored row reaches a start), its class-c column set aside."""
+    from retrain.crossfit import solve_and_score_chains
+
+    if not len(y_test):
+        return None
+    classes, rows, jobs = _loco_jobs(y_fit, y_test, n_classes)
+    if not jobs:
+        return None
+    X = np.concatenate([X_fit, X_test]).astype(np.float32)
+    y = np.concatenate([y_fit, y_test]).astype(np.int64)
+    scored = solve_and_score_chains(
+        X, y, [[job] for job in jobs], n_classes=n_classes, c=c, balanced=balanced, inits=[layer] * len(jobs)
+    )
+    out = _loco_energies(classes, rows, [chain[0] for chain in scored], temperature)
+    return lambda k: out.get(k, (None, None))
+
+
 def _loco_energy(
     X_fit, y_fit, X_test, y_test, n_classes: int, head_params: dict, temperature: float, seed: int
 ):
@@ -141,31 +196,18 @@ def _loco_energy(
 
     if not len(y_test):
         return None
-    X = np.concatenate([X_fit, X_test]).astype(np.float32)
-    y = np.concatenate([y_fit, y_test]).astype(np.int64)
-    n_fit = len(y_fit)
-    classes = [c for c in range(n_classes) if (y_fit != c).any() and (y_test != c).any()]
-    rows = {c: loco_rows(y_fit, np.asarray(y_test), c) for c in classes}
-    jobs = [
-        (
-            np.flatnonzero(y_fit != c),
-            np.concatenate([n_fit + rows[c][0], rows[c][1], n_fit + rows[c][2]]),
-            seed + 7 * (c + 1),
-        )
-        for c in classes
-    ]
+    classes, rows, jobs = _loco_jobs(y_fit, y_test, n_classes)
     if not jobs:
         return None
+    X = np.concatenate([X_fit, X_test]).astype(np.float32)
+    y = np.concatenate([y_fit, y_test]).astype(np.int64)
     steps = min(int(head_params.get("steps", LOCO_MAX_STEPS)), LOCO_MAX_STEPS)
     params = {**head_params, "steps": steps}
+    seeded = [(fit, scored, seed + 7 * (c + 1)) for c, (fit, scored) in zip(classes, jobs)]
     # Scored once, at the end: the estimate needs no checkpoints (and scoring 20 of them cost a fifth).
-    _, scored = fit_and_score_many(X, y, jobs, n_classes=n_classes, head_params=params, score_at=[steps])
-    out = {}
-    for c, logits in zip(classes, scored):
-        z = np.delete(logits[-1], c, axis=1) / temperature  # (M, C-1) at the full step count
-        e = energy(z)
-        out[c] = (e[: len(rows[c][0])], e[len(rows[c][0]) :])
-    return lambda c: out.get(c, (None, None))
+    _, scored = fit_and_score_many(X, y, seeded, n_classes=n_classes, head_params=params, score_at=[steps])
+    out = _loco_energies(classes, rows, [logits[-1] for logits in scored], temperature)
+    return lambda k: out.get(k, (None, None))
 
 
 def _log(ow: OpenWorld, labels: list[str]) -> None:

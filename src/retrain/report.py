@@ -549,6 +549,13 @@ def _duplicate_section(ctx: _Context) -> str:
     )
 
 
+def _curve_fits(summary: dict) -> str:
+    """How the curve's layers were fitted: solved as the final layer (its C), or a few steps each."""
+    if summary.get("C") is not None:
+        return f"each solved as the final layer, C = {summary['C']:.3g}"
+    return f"{html.escape(str(summary['steps']))} steps each"
+
+
 def _curve_section(ctx: _Context) -> str:
     a = ctx.a
     summary = (ctx.metrics.get("audit") or {}).get("learning_curve")
@@ -559,7 +566,7 @@ def _curve_section(ctx: _Context) -> str:
     chart = _curve_chart(sizes, acc, fit, summary.get("images_now"))
     text = (
         f"<p>The layer fitted on nested {100 * a['lc_fractions'][0]:.0f}%…100% subsets of the training images "
-        f"({summary['seeds']} seeds, {summary['steps']} steps each), scored on held-out images.</p>"
+        f"({summary['seeds']} seeds, {_curve_fits(summary)}), scored on held-out images.</p>"
     )
     if fit:
         text += (

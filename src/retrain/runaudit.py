@@ -50,6 +50,7 @@ class RunData:
     fold: np.ndarray
     head_params: dict
     seed: int = 0
+    solved_c: float | None = None  # the final layer is the L-BFGS one at this C: the curve's layers are too
     train_count: int = 0  # images the final layer was fitted on (where the learning curve is read)
     skipped: dict[str, str] = field(default_factory=dict)
     history: dict[str, list] = field(default_factory=dict)  # step, train_accuracy, ... (training curves)
@@ -108,6 +109,7 @@ def _learning_curve(data: RunData) -> audit.LearningCurve | None:
         n_classes=len(data.labels),
         head_params=data.head_params,
         seed=data.seed,
+        solved_c=data.solved_c,
     )
 
 
@@ -162,9 +164,10 @@ def _curve_summary(curve: audit.LearningCurve, data: RunData) -> dict:
         "fractions": curve.fractions.tolist(),
         "sizes": curve.sizes.round(1).tolist(),
         "accuracy_mean": [None if np.isnan(v) else round(float(v), 4) for v in mean],
-        "steps": min(
-            audit.LEARNING_CURVE_STEPS, int(data.head_params.get("steps", audit.LEARNING_CURVE_STEPS))
-        ),
+        "steps": None
+        if data.solved_c is not None
+        else min(audit.LEARNING_CURVE_STEPS, int(data.head_params.get("steps", audit.LEARNING_CURVE_STEPS))),
+        "C": data.solved_c,
         "seeds": len(curve.accuracy),
         "fit": None,
         "per_class_gain_2x": None,

@@ -232,7 +232,14 @@ def train(
     # (best mode then made new ones, on the fine-tuned features).
     cross = None if keeps_tuned_layer else crossfit
     open_world = _open_world(
-        cfg, splits, head, seed, cross, head_like_folds=plan.with_validation, tested=tested
+        cfg,
+        splits,
+        head,
+        seed,
+        cross,
+        head_like_folds=plan.with_validation,
+        tested=tested,
+        solved_c=None if keeps_tuned_layer else plan.c,
     )
     timings["open_world"] = open_world.seconds
     metrics = {
@@ -604,6 +611,7 @@ def _audit(
         fold=np.concatenate([crossfit.fold, np.full(len(test.y), -1)]),
         head_params=head_params(cfg),
         seed=seed,
+        solved_c=crossfit.c,
         train_count=len(frozen.train.y),
         skipped=skipped,
         history=dict(history),
@@ -796,13 +804,15 @@ def _open_world(
     *,
     head_like_folds: bool = False,
     tested=None,
+    solved_c: float | None = None,
 ):
     """Temperature and unknown score (retrain/openworld.py) for the final ``head``; the test figures are
     those of ``tested``, the layer the test accuracy describes (``head`` itself unless --final_fit all).
 
     ``head_like_folds``: the final layer was fitted as the folds were (training + validation, the
     cross-fit's steps), so the out-of-fold logits choose its temperature; otherwise (fitted on the
-    training split alone) its own validation logits do."""
+    training split alone) its own validation logits do. ``solved_c``: ``head`` is the L-BFGS layer at that C,
+    and the leave-one-class-out layers are solved as it was."""
     from retrain.openworld import fit_open_world, held_out_inputs
 
     held_out = held_out_inputs(
@@ -824,6 +834,8 @@ def _open_world(
             "steps": max(1, getattr(head, "best_step_", None) or cfg.how_many_training_steps),
         },
         seed=seed,
+        solved_c=solved_c,
+        balanced=cfg.class_balance == "weight",
     )
 
 
