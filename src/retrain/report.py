@@ -267,18 +267,29 @@ def _training_section(ctx: _Context, fine_tune: dict | None) -> str:
             out += f"<p>Kept the weights of step {int(best)} (best validation accuracy).</p>"
     cf = ctx.metrics.get("crossfit")
     if cf and len(cf.get("curve_C") or []) > 1:  # the solved layer: its path over C is the training curve
+        x = np.log10(cf["curve_C"])
+        ticks = [(e, f"{10.0**e:g}") for e in range(-3, 3) if e <= x.max() + 1e-9]
         out += (
             "<div class=charts>"
             + _line_chart(
                 "out-of-fold accuracy by regularisation C",
-                np.log10(cf["curve_C"]),
+                x,
                 [("out-of-fold", cf["curve_accuracy"], "#f58518")],
                 y_range=(0, 1),
                 percent=True,
                 x_name="C",
-                x_ticks=[
-                    (e, f"{10.0**e:g}") for e in range(-3, 3) if e <= np.log10(max(cf["curve_C"])) + 1e-9
-                ],
+                x_ticks=ticks,
+            )
+            + (
+                _line_chart(
+                    "out-of-fold cross entropy by C (C's criterion)",
+                    x,
+                    [("out-of-fold", cf["curve_cross_entropy"], "#4c78a8")],
+                    x_name="C",
+                    x_ticks=ticks,
+                )
+                if cf.get("curve_cross_entropy")
+                else ""
             )
             + "</div>"
         )
@@ -935,5 +946,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _chosen_at(cf: dict) -> str:
     """Where the cross-fit's choice lies: a regularisation C (the L-BFGS layer) or a number of steps."""
     if cf.get("C") is not None:
-        return f"with regularisation C = {float(cf['C']):.3g} (L-BFGS logistic regression)"
+        return (
+            f"with regularisation C = {float(cf['C']):.3g}, the lowest out-of-fold cross entropy (L-BFGS logistic "
+            "regression)"
+        )
     return f"at {html.escape(str(cf.get('best_steps')))} steps"

@@ -513,13 +513,15 @@ def _same_rows(a: Splits, b: Splits) -> bool:
 
 
 def _l2_path(cross) -> dict:
-    """The L-BFGS cross-fit's C values and out-of-fold accuracies, for metrics.json and the report."""
+    """The L-BFGS cross-fit's C values, out-of-fold accuracies and cross entropies (C's criterion), for
+    metrics.json and the report."""
     if cross.c is None:
         return {}
     return {
         "C": cross.c,
         "curve_C": [float(c) for c in cross.curve_c],
         "curve_accuracy": cross.curve_accuracy.tolist(),
+        "curve_cross_entropy": cross.curve_loss.tolist(),
     }
 
 
