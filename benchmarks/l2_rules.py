@@ -27,36 +27,51 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from accuracy import _features, _images, _outer_folds, _outer_split, _probe  # noqa: E402
 
+from retrain.crossfit import C_GRID  # noqa: E402
 
-def _stopped(scores: np.ndarray, better, patience: int) -> int:
-    """The index a path stopping ``patience`` values after the last better one keeps."""
+
+def _stopped(scores: np.ndarray, better, patience: int) -> tuple[int, int]:
+    """(the index a path stopping ``patience`` values after the last better one keeps, values it walked)."""
     best = 0
     for i in range(1, len(scores)):
         if better(scores[i], scores[best]):
             best = i
         if i - best >= patience:
-            break
-    return best
+            return best, i + 1
+    return best, len(scores)
+
+
+def _loss_rule(tolerance: float, patience: int):
+    return lambda acc, loss: _stopped(loss, lambda v, b: v < b * (1 - tolerance), patience)
 
 
 def rules() -> dict:
+    """Rule name -> f(out-of-fold accuracy (S,), cross entropy (S,)) -> (chosen index, C values walked)."""
     from retrain.crossfit import L2_PATIENCE, L2_TOLERANCE, PATIENCE, TOLERANCE
 
+    everything = len(C_GRID)
     return {
-        "cross entropy (shipped)": lambda acc, loss: _stopped(
-            loss, lambda v, b: v < b * (1 - L2_TOLERANCE), L2_PATIENCE
+        f"cross entropy, {100 * L2_TOLERANCE:g}% better, patience {L2_PATIENCE} (shipped)": _loss_rule(
+            L2_TOLERANCE, L2_PATIENCE
         ),
-        "accuracy +0.2 points, patience 3 (before)": lambda acc, loss: _stopped(
+        "cross entropy, 0.1% better, patience 2": _loss_rule(1e-3, 2),
+        "cross entropy, 1% better, patience 2": _loss_rule(1e-2, 2),
+        "cross entropy, 2% better, patience 1": _loss_rule(2e-2, 1),
+        "cross entropy, 5% better, patience 1": _loss_rule(5e-2, 1),
+        "lowest cross entropy on the whole grid": lambda acc, loss: (int(np.argmin(loss)), everything),
+        "accuracy +0.2 points, patience 3 (until 2026-12-03)": lambda acc, loss: _stopped(
             acc, lambda v, b: v > b + TOLERANCE, PATIENCE
         ),
-        "highest accuracy (the probe's rule)": lambda acc, loss: int(np.argmax(acc)),
-        "lowest cross entropy within 0.2 points of the best accuracy": lambda acc, loss: int(
-            min(np.flatnonzero(acc >= acc.max() - TOLERANCE), key=lambda i: loss[i])
+        "highest accuracy on the whole grid (the probe's rule)": lambda acc, loss: (
+            int(np.argmax(acc)),
+            everything,
         ),
     }
 
 
-def run_set(folder: Path, seeds: list[int], k: int, bottlenecks: Path) -> dict:
+def run_set(
+    folder: Path, seeds: list[int], k: int, bottlenecks: Path, probe_cache: Path
+) -> tuple[dict, dict]:
     from retrain.crossfit import cross_fit_l2
     from retrain.fit import labelled_groups
     from retrain.logreg import fit_logistic, strength
@@ -65,6 +80,7 @@ def run_set(folder: Path, seeds: list[int], k: int, bottlenecks: Path) -> dict:
     ok, X, keys = _features(paths, bottlenecks)
     paths, y = [paths[i] for i in ok], np.array([y[i] for i in ok])
     hits: dict[str, list[np.ndarray]] = {name: [] for name in [*rules(), "probe"]}
+    steps: dict[str, list[int]] = {name: [] for name in rules()}
     for seed in seeds:
         fold = _outer_folds(paths, keys, y, k, seed)
         for f in range(k):
@@ -77,14 +93,28 @@ def run_set(folder: Path, seeds: list[int], k: int, bottlenecks: Path) -> dict:
             )
             solved: dict[float, np.ndarray] = {}
             for name, rule in rules().items():
-                c = float(cf.curve_c[rule(cf.curve_accuracy, cf.curve_loss)])
+                index, walked = rule(cf.curve_accuracy, cf.curve_loss)
+                c = float(cf.curve_c[index])
+                steps[name].append(walked)
                 if c not in solved:
                     W, b, _ = fit_logistic(X[tr], y[tr], n_classes=len(labels), l2=strength(c, len(tr)))
                     solved[c] = (X[te] @ W + b).argmax(axis=1) == y[te]
                 hits[name].append(solved[c])
-            probe, _ = _probe(X[tr], y[tr])
-            hits["probe"].append(probe.predict(X[te]) == y[te])
-    return {name: np.concatenate(h) for name, h in hits.items()}
+            hits["probe"].append(_probe_hits(X, y, tr, te, probe_cache / f"{folder.name}_{seed}_{f}.npy"))
+    return {name: np.concatenate(h) for name, h in hits.items()}, {
+        n: float(np.mean(v)) for n, v in steps.items()
+    }
+
+
+def _probe_hits(X, y, tr, te, cached: Path) -> np.ndarray:
+    """The probe's test hits for one outer fold, kept in ``cached`` (the probe is most of the cost)."""
+    if cached.exists():
+        return np.load(cached)
+    probe, _ = _probe(X[tr], y[tr])
+    hits = probe.predict(X[te]) == y[te]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cached, hits)
+    return hits
 
 
 def main() -> None:
@@ -93,14 +123,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--outer_folds", type=int, default=5)
     ap.add_argument("--bottleneck_dir", type=Path, default=Path("/tmp/retrain-l2-rules"))
+    ap.add_argument("--probe_cache", type=Path, default=Path("/tmp/retrain-l2-rules/probe"))
     args = ap.parse_args()
-    results = {
-        folder.name: run_set(folder, args.seeds, args.outer_folds, args.bottleneck_dir)
-        for folder in args.sets
-    }
+    results, walked = {}, {}
+    for folder in args.sets:
+        results[folder.name], walked[folder.name] = run_set(
+            folder, args.seeds, args.outer_folds, args.bottleneck_dir, args.probe_cache
+        )
     names = list(rules())
-    print("| rule | " + " | ".join(results) + " | mean |")
-    print("|---|" + "---|" * (len(results) + 1))
+    print("| rule | " + " | ".join(results) + " | mean | C values walked (mean, per set) |")
+    print("|---|" + "---|" * (len(results) + 2))
     for name in names:
         cells, diffs = [], []
         for hits in results.values():
@@ -108,7 +140,8 @@ def main() -> None:
             diff = 100 * (ours.mean() - probe.mean())
             diffs.append(diff)
             cells.append(f"{diff:+.2f} ({int((ours & ~probe).sum())}/{int((~ours & probe).sum())})")
-        print(f"| {name} | " + " | ".join(cells) + f" | {np.mean(diffs):+.2f} |")
+        steps = " / ".join(f"{walked[s][name]:.1f}" for s in results)
+        print(f"| {name} | " + " | ".join(cells) + f" | {np.mean(diffs):+.2f} | {steps} |")
 
 
 if __name__ == "__main__":
