@@ -30,19 +30,20 @@ from accuracy import _features, _images, _outer_folds, _outer_split, _probe  # n
 from retrain.crossfit import C_GRID  # noqa: E402
 
 
-def _stopped(scores: np.ndarray, better, patience: int) -> tuple[int, int]:
-    """(the index a path stopping ``patience`` values after the last better one keeps, values it walked)."""
+def _stopped(scores: np.ndarray, better, patience: int, after_first_gain: bool = False) -> tuple[int, int]:
+    """(the index a path stopping ``patience`` values after the last better one keeps, values it walked);
+    ``after_first_gain``: never stopping before some value has beaten the first."""
     best = 0
     for i in range(1, len(scores)):
         if better(scores[i], scores[best]):
             best = i
-        if i - best >= patience:
+        if i - best >= patience and (best > 0 or not after_first_gain):
             return best, i + 1
     return best, len(scores)
 
 
-def _loss_rule(tolerance: float, patience: int):
-    return lambda acc, loss: _stopped(loss, lambda v, b: v < b * (1 - tolerance), patience)
+def _loss_rule(tolerance: float, patience: int, after_first_gain: bool = False):
+    return lambda acc, loss: _stopped(loss, lambda v, b: v < b * (1 - tolerance), patience, after_first_gain)
 
 
 def rules() -> dict:
@@ -51,8 +52,8 @@ def rules() -> dict:
 
     everything = len(C_GRID)
     return {
-        f"cross entropy, {100 * L2_TOLERANCE:g}% better, patience {L2_PATIENCE} (shipped)": _loss_rule(
-            L2_TOLERANCE, L2_PATIENCE
+        f"cross entropy, {100 * L2_TOLERANCE:g}% better, patience {L2_PATIENCE}, after a first gain (shipped)": (
+            _loss_rule(L2_TOLERANCE, L2_PATIENCE, after_first_gain=True)
         ),
         "cross entropy, 0.1% better, patience 2": _loss_rule(1e-3, 2),
         "cross entropy, 1% better, patience 2": _loss_rule(1e-2, 2),

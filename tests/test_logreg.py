@@ -136,3 +136,13 @@ def test_a_class_without_rows_keeps_its_set_aside_column_and_the_rest_is_the_sma
     W, b, _ = fit_logistic(X[without_1], two, n_classes=2, l2=1.0 / len(without_1))
     both = logits[:, [0, 2]]
     assert (both.argmax(axis=1) == (X @ W + b).argmax(axis=1)).mean() > 0.97
+
+
+def test_the_path_walks_past_a_plateau_at_the_strong_end():
+    # Features of small norm: at C = 0.001 and 0.00316 the layer has barely moved from the class prior, the
+    # loss sits near log(3) and falls by under 2% a value. That plateau is not the bottom of the curve.
+    X, y = _blobs(n=200, spread=1.0, seed=7)
+    X = (X - X.mean(axis=0)) * 0.02
+    cf = cross_fit_l2(X, y, n_classes=3, seed=0)
+    assert cf.curve_loss[1] > cf.curve_loss[0] * (1 - L2_TOLERANCE)  # the plateau is there
+    assert cf.c >= 10.0 and cf.accuracy > 0.8  # past the plateau, where the layer learns (0.37 on it)

@@ -39,14 +39,15 @@ PATIENCE = 3
 TOLERANCE = 0.002  # out-of-fold accuracy (0.2 points: under one image below 500 rows, 3 images at 1,300)
 # The L2 path (cross_fit_l2) chooses C by the out-of-fold cross entropy, which is smooth and U-shaped in C: a
 # value counts as better when it lowers the best so far by more than L2_TOLERANCE (relative), and the path stops
-# at the first value after the best that does not. Chosen by accuracy (the step solver's rule, until 2026-12-03)
+# L2_PATIENCE values after the last better one, but never before some value has beaten the first: at the strong
+# end the loss can sit on a plateau near log(classes) (small features, where C = 0.001 is very strong), which a
+# relative test alone would mistake for the bottom. Chosen by accuracy (the step solver's rule, until 2026-12-03)
 # the layer was 0.3-1.0 points less accurate on four of the five photo sets of docs/benchmarks.md and level on
-# the fifth (the accuracy curve is flat over a decade or two of C, so that choice is mostly noise). A 2% step
-# stops before the weak end, whose solves are the slowest, where it only shaves the last percent of the loss:
-# as accurate as 0.1% with patience 2 (+0.65 vs +0.68 points over the probe, mean of the five sets), 1.3 fewer
-# values walked (benchmarks/l2_rules.py).
+# the fifth: the accuracy curve is flat over a decade or two of C, so that choice is mostly noise. A 2% step
+# stops before the weak end, whose solves are the slowest, where the loss only loses its last percent
+# (benchmarks/l2_rules.py: as accurate as 0.1%, fewer values walked).
 L2_TOLERANCE = 0.02
-L2_PATIENCE = 1
+L2_PATIENCE = 2
 # The bias a warm start gives a class that has no rows in a refit (a leave-one-class-out layer): e^-30 of the
 # probability, so its gradient is nil from the start.
 ABSENT_BIAS = -30.0
@@ -395,7 +396,7 @@ def cross_fit_l2(
     regularisation first, each solution warm-starting the next (the weak end converges slowly: it is
     reached only while it pays). A C counts as better only with an out-of-fold mean cross entropy lower than
     the best before it by more than the fraction ``tolerance``, so of equals the stronger regularisation
-    stays, and the path stops ``patience`` values after the last better one. ``weight_decay`` of the result is the chosen
+    stays, and the path stops ``patience`` values after the last better one (once one has beaten the first). ``weight_decay`` of the result is the chosen
     C's strength for all ``N`` rows, i.e. what the final layer on every row is fitted with.
     """
     t0 = time.perf_counter()
@@ -429,7 +430,7 @@ def cross_fit_l2(
             loss.append(_mean_cross_entropy(logits[i], y))
             if loss[i] < loss[best] * (1 - tolerance):
                 best = i
-            if i - best >= patience:
+            if best > 0 and i - best >= patience:
                 break
     scored = np.asarray(cs[: len(accuracy)], dtype=np.float64)
     return CrossFit(
