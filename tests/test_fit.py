@@ -49,7 +49,10 @@ def test_default_run_fits_training_plus_validation_and_says_so(colour_dir, fast_
     assert m["crossfit"]["C"] == result.cross_fit.c and m["crossfit"]["curve_C"][0] == 1e-3
     assert f"Cross-fitting 5 folds on {labelled} training+validation images: best at C = " in caplog.text
     assert f"final layer solved (L-BFGS) on all {labelled}" in caplog.text
-    assert "Out-of-fold accuracy by regularisation C" in caplog.text and "L-BFGS iterations" in caplog.text
+    assert (
+        "Out-of-fold accuracy / cross entropy by regularisation C" in caplog.text
+        and "L-BFGS iterations" in caplog.text
+    )
     assert (
         "Every labelled photo counts (--final_fit all)" in caplog.text
         and "7 test images included" in caplog.text

@@ -568,3 +568,40 @@ def test_fix_without_the_relabel_module_says_so(client, tmp_path, monkeypatch):
     r = client.post(f"/api/runs/{run}/fix", json={"path": "red/img_000.jpg", "action": "move", "to": "green"})
     assert r.status_code == 501 and "not available in this version" in r.json()["error"]
     assert (photos / "red" / "img_000.jpg").exists()
+
+
+def test_the_worker_turns_the_c_path_log_line_into_chart_points(tmp_path, caplog):
+    """The page's validation chart for the solved layer comes from fit.py's log line: the two must agree."""
+    import json
+    import logging
+
+    import numpy as np
+
+    from retrain.crossfit import CrossFit
+    from retrain.fit import FitPlan, _log_l2_plan
+    from retrain.ui import _EventWriter
+
+    cross = CrossFit(
+        logits=np.zeros((4, 2)),
+        fold=np.array([0, 1, 0, 1]),
+        curve_steps=np.zeros(0, np.int64),
+        curve_accuracy=np.array([0.5, 0.75, 1.0]),
+        curve_loss=np.array([0.69, 0.4, 0.2]),
+        best_steps=0,
+        seconds=0.1,
+        curve_c=np.array([0.001, 0.00316, 0.01]),
+        c=0.01,
+    )
+    writer = _EventWriter(tmp_path / "events.jsonl")
+    log = logging.getLogger("retrain")
+    log.addHandler(writer)
+    try:
+        with caplog.at_level(logging.INFO, logger="retrain"):
+            _log_l2_plan(FitPlan("all", 0, True, cross, 25.0, 0.01), 4)
+    finally:
+        log.removeHandler(writer)
+        writer.close()
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    (chart,) = [e for e in events if e["kind"] == "crossfit"]
+    assert chart["axis"] == "C" and chart["n"] == 4 and chart["folds"] == 2
+    assert chart["points"] == [[0.001, 0.5], [0.00316, 0.75], [0.01, 1.0]]

@@ -197,10 +197,10 @@ def _log_l2_plan(plan: FitPlan, n: int) -> None:
     k = int(cross.fold.max()) + 1
     if len(cross.curve_c) > 1:
         curve = ", ".join(
-            f"{c:.3g}: {100 * a:.1f}% (cross entropy {e:.3f})"
+            f"{c:.3g}: {100 * a:.1f}% / {e:.3f}"
             for c, a, e in zip(cross.curve_c, cross.curve_accuracy, cross.curve_loss)
         )
-        log.info("Out-of-fold accuracy by regularisation C (N=%d, %d folds): %s", n, k, curve)
+        log.info("Out-of-fold accuracy / cross entropy by regularisation C (N=%d, %d folds): %s", n, k, curve)
     log.info(
         "Cross-fitting %d folds on %d training+validation images: best at C = %.3g, the lowest out-of-fold "
         "cross entropy (L2 strength %.3g; out-of-fold accuracy %.1f%%, %.1f s); final layer solved (L-BFGS) on "

@@ -489,7 +489,9 @@ _STEP = re.compile(
 )
 # retrain.fit's cross-fit: held-out accuracy for each number of steps it tried (the validation curve)
 _CROSSFIT = re.compile(r"Out-of-fold accuracy by number of steps \(N=(\d+), (\d+) folds\): (.*)")
-_CROSSFIT_C = re.compile(r"Out-of-fold accuracy by regularisation C \(N=(\d+), (\d+) folds\): (.*)")
+_CROSSFIT_C = re.compile(
+    r"Out-of-fold accuracy / cross entropy by regularisation C \(N=(\d+), (\d+) folds\): (.*)"
+)
 
 
 class _EventWriter(logging.Handler):
