@@ -301,10 +301,17 @@ def ece_floor(proba: np.ndarray, draws: int = 200, seed: int = 0) -> float:
     return float(np.mean(eces))
 
 
-def fitting_cost(n: int = 10_000, d: int = 1280, classes: int = 10, seed: int = 0) -> dict:
+def fitting_cost(
+    n: int = 10_000, d: int = 1280, classes: int = 10, seed: int = 0, solved_c: float | None = 1.0
+) -> dict:
     """The open-world stage of a run (temperature, unknown statistics, held-out threshold and
-    leave-one-class-out, its layer refits included) on synthetic features, out-of-fold logits given."""
+    leave-one-class-out, its layer refits included) on synthetic features, out-of-fold logits given.
+
+    ``solved_c``: the final layer is the default L-BFGS one at that C (solved here, outside the timing), and
+    the leave-one-class-out layers are solved as a run solves them; None: a stand-in layer and stepped refits
+    (``--head_solver steps``)."""
     from retrain.crossfit import assign_folds
+    from retrain.logreg import fit_logistic, strength
     from retrain.openworld import fit_open_world
 
     rng = np.random.default_rng(seed)
@@ -313,6 +320,11 @@ def fitting_cost(n: int = 10_000, d: int = 1280, classes: int = 10, seed: int = 
     coef = (rng.normal(0, 0.05, (d, classes))).astype(np.float32)
     n_test = n // 10
     fit = slice(n_test, None)
+    intercept = np.zeros(classes, np.float32)
+    if solved_c is not None:
+        coef, intercept, _ = fit_logistic(
+            X[fit], y[fit], n_classes=classes, l2=strength(solved_c, n - n_test)
+        )
     t0, c0 = time.perf_counter(), time.process_time()
     ow = fit_open_world(
         labels=[str(c) for c in range(classes)],
@@ -323,11 +335,12 @@ def fitting_cost(n: int = 10_000, d: int = 1280, classes: int = 10, seed: int = 
         fold=assign_folds(y[fit], 5),
         held_out_name="out_of_fold",
         coef=coef,
-        intercept=np.zeros(classes, np.float32),
+        intercept=intercept,
         X_test=X[:n_test],
         y_test=y[:n_test],
         head_params={"steps": 4000},
         seed=seed,
+        solved_c=solved_c,
     )
     return {
         "images": n,
