@@ -110,14 +110,12 @@ def fit_open_world(
         enabled=calibration == "temperature",
     )
     t = cal.temperature
+    refit = None
     if solved_c is not None:
-        loco_energy = _loco_energy_solved(
-            X_fit, y_fit, X_test, y_test, len(labels), solved_c, balanced, (test_coef, test_intercept), t
-        )
+        refit = _solved_refits(len(labels), solved_c, balanced, (test_coef, test_intercept))
     elif head_params:
-        loco_energy = _loco_energy(X_fit, y_fit, X_test, y_test, len(labels), head_params, t, seed)
-    else:
-        loco_energy = None
+        refit = _stepped_refits(len(labels), head_params, seed)
+    loco_energy = _loco_energy(X_fit, y_fit, X_test, y_test, len(labels), t, refit) if refit else None
     unknown = fit_unknown(
         X_fit,
         y_fit,
@@ -162,38 +160,13 @@ def _loco_energies(classes, rows, scored, temperature: float) -> dict:
     return out
 
 
-def _loco_energy_solved(
-    X_fit, y_fit, X_test, y_test, n_classes: int, c: float, balanced: bool, layer, temperature
-):
-    """As :func:`_loco_energy` for the L-BFGS layer: each class's layer solved at the run's C
-    (:func:`retrain.crossfit.solve_and_score_chains`), warm-started from ``layer`` = (coef, intercept), the
-    layer that never saw the test rows (so no scored row reaches a start), its class-c column set aside."""
-    from retrain.crossfit import solve_and_score_chains
-
-    if not len(y_test):
-        return None
-    classes, rows, jobs = _loco_jobs(y_fit, y_test, n_classes)
-    if not jobs:
-        return None
-    X = np.concatenate([X_fit, X_test]).astype(np.float32)
-    y = np.concatenate([y_fit, y_test]).astype(np.int64)
-    scored = solve_and_score_chains(
-        X, y, [[job] for job in jobs], n_classes=n_classes, c=c, balanced=balanced, inits=[layer] * len(jobs)
-    )
-    out = _loco_energies(classes, rows, [chain[0] for chain in scored], temperature)
-    return lambda k: out.get(k, (None, None))
-
-
-def _loco_energy(
-    X_fit, y_fit, X_test, y_test, n_classes: int, head_params: dict, temperature: float, seed: int
-):
+def _loco_energy(X_fit, y_fit, X_test, y_test, n_classes: int, temperature: float, refit):
     """``c -> (known, unknown)`` energies from layers fitted without class c (rows as ``openset.loco_rows``).
 
-    One :func:`retrain.crossfit.fit_and_score_many` loop fits every class's layer at once, for at most
-    ``LOCO_MAX_STEPS`` steps; class c's output column, never a target there, is left out of its energy.
+    ``refit(X, y, classes, jobs)`` fits one layer per left-out class on its job's rows and returns each one's
+    logits on the job's scored rows (:func:`_stepped_refits`, :func:`_solved_refits`); class c's output column,
+    never a target there, is left out of its energy.
     """
-    from retrain.crossfit import fit_and_score_many
-
     if not len(y_test):
         return None
     classes, rows, jobs = _loco_jobs(y_fit, y_test, n_classes)
@@ -201,13 +174,47 @@ def _loco_energy(
         return None
     X = np.concatenate([X_fit, X_test]).astype(np.float32)
     y = np.concatenate([y_fit, y_test]).astype(np.int64)
-    steps = min(int(head_params.get("steps", LOCO_MAX_STEPS)), LOCO_MAX_STEPS)
-    params = {**head_params, "steps": steps}
-    seeded = [(fit, scored, seed + 7 * (c + 1)) for c, (fit, scored) in zip(classes, jobs)]
-    # Scored once, at the end: the estimate needs no checkpoints (and scoring 20 of them cost a fifth).
-    _, scored = fit_and_score_many(X, y, seeded, n_classes=n_classes, head_params=params, score_at=[steps])
-    out = _loco_energies(classes, rows, [logits[-1] for logits in scored], temperature)
+    out = _loco_energies(classes, rows, refit(X, y, classes, jobs), temperature)
     return lambda k: out.get(k, (None, None))
+
+
+def _stepped_refits(n_classes: int, head_params: dict, seed: int):
+    """Step-trained left-out layers: one :func:`retrain.crossfit.fit_and_score_many` loop for every class, at
+    most ``LOCO_MAX_STEPS`` steps, scored once at the end (scoring 20 checkpoints cost a fifth more)."""
+    from retrain.crossfit import fit_and_score_many
+
+    steps = min(int(head_params.get("steps", LOCO_MAX_STEPS)), LOCO_MAX_STEPS)
+
+    def refit(X, y, classes, jobs):
+        seeded = [(fit, scored, seed + 7 * (c + 1)) for c, (fit, scored) in zip(classes, jobs)]
+        params = {**head_params, "steps": steps}
+        _, scored = fit_and_score_many(
+            X, y, seeded, n_classes=n_classes, head_params=params, score_at=[steps]
+        )
+        return [logits[-1] for logits in scored]
+
+    return refit
+
+
+def _solved_refits(n_classes: int, c: float, balanced: bool, layer):
+    """L-BFGS left-out layers, as the exported one: solved at the run's C (:func:`retrain.crossfit.
+    solve_and_score_chains`), each warm-started from ``layer`` = (coef, intercept), the layer that never saw
+    the test rows (so no scored row reaches a start), its class-c column set aside."""
+    from retrain.crossfit import solve_and_score_chains
+
+    def refit(X, y, classes, jobs):
+        chains = solve_and_score_chains(
+            X,
+            y,
+            [[job] for job in jobs],
+            n_classes=n_classes,
+            c=c,
+            balanced=balanced,
+            inits=[layer] * len(jobs),
+        )
+        return [chain[0] for chain in chains]
+
+    return refit
 
 
 def _log(ow: OpenWorld, labels: list[str]) -> None:
