@@ -95,3 +95,13 @@ def test_the_up_front_estimate_names_every_candidate_stage(caplog):
     ((features, tune),) = est.values()
     assert 0 < features < tune  # 8 epochs of forward + backward cost more than one forward pass
     assert "best quality: about" in caplog.text and "for 2000 images" in caplog.text
+
+
+def test_fine_tuning_must_get_more_validation_images_right_not_a_float_rounding_more():
+    from retrain.quality import beats
+
+    tied = float(np.float32(20 / 29))  # the fine-tuned accuracy is computed in float32
+    assert tied > 20 / 29  # the comparison that used to keep a model that only tied
+    assert not beats(tied, 20 / 29, 29)
+    assert beats(float(np.float32(21 / 29)), 20 / 29, 29)
+    assert not beats(None, 20 / 29, 29) and not beats(19 / 29, 20 / 29, 29)
