@@ -473,10 +473,14 @@ def converted_path(output_graph: str | os.PathLike, fmt: str) -> Path:
 
 
 # -- at training time ---------------------------------------------------------------------------------
-def quantize_after_training(model_path: str | os.PathLike, fmt: str, dataset: Dataset) -> QuantizeReport:
+def quantize_after_training(
+    model_path: str | os.PathLike, fmt: str, dataset: Dataset, *, test_seen: bool = False
+) -> QuantizeReport:
     """``retrain --quantize int8|fp16``: convert the model at ``model_path``, calibrating on ``dataset``'s
     training images and measuring on its test split (records carry their split); logs the size and
-    accuracy change. Writes ``<model>.<fmt>.onnx`` beside it."""
+    accuracy change. Writes ``<model>.<fmt>.onnx`` beside it. ``test_seen``: the exported layer learned from
+    the test images too (``--final_fit all``), so the accuracies compared are not the run's test accuracy, and
+    the log says so; what the comparison measures, the conversion's change, is as meaningful."""
     from retrain.data import TESTING, TRAINING
 
     if fmt not in FORMATS:
@@ -495,7 +499,7 @@ def quantize_after_training(model_path: str | os.PathLike, fmt: str, dataset: Da
         eval_paths=[r.path for r in test],
         eval_labels=[r.label_index for r in test],
     )
-    log.info("%s", report.summary("test"))
+    log.info("%s", report.summary("test-image (folded into the exported layer)" if test_seen else "test"))
     for note in report.notes:
         log.warning("%s", note)
     return report

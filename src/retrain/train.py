@@ -879,7 +879,9 @@ def _export(
     if cfg.quantize:
         from retrain.quantize import quantize_after_training
 
-        report = quantize_after_training(paths.output_graph, cfg.quantize, dataset)
+        report = quantize_after_training(
+            paths.output_graph, cfg.quantize, dataset, test_seen=metrics.get("final_fit") == "all"
+        )
         atomic_write_bytes(
             paths.run_dir / f"quantize_{cfg.quantize}.json", json.dumps(report.to_dict(), indent=2).encode()
         )
