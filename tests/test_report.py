@@ -93,6 +93,10 @@ def test_the_report_escapes_names_and_embeds_everything(audited_run):
     assert "data:image/jpeg;base64," in page
     # the default (solved) layer: its path over C is the training chart, and the test figure says it came first
     assert 'aria-label="out-of-fold accuracy by regularisation C"' in page and ">0.001</text>" in page
+    # ... next to its criterion, the cross entropy, both marked at the chosen C
+    assert 'aria-label="out-of-fold cross entropy by C (C&#x27;s criterion)"' in page
+    chosen = f"chosen C = {result.metrics['crossfit']['C']:.3g}</text>"
+    assert page.count('class="marker"') == 2 and page.count(chosen) == 2
     assert "Measured by the layer before the test images were folded in" in page
 
 

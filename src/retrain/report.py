@@ -269,6 +269,7 @@ def _training_section(ctx: _Context, fine_tune: dict | None) -> str:
     if cf and len(cf.get("curve_C") or []) > 1:  # the solved layer: its path over C is the training curve
         x = np.log10(cf["curve_C"])
         ticks = [(e, f"{10.0**e:g}") for e in range(-3, 3) if e <= x.max() + 1e-9]
+        chosen = (np.log10(cf["C"]), f"chosen C = {cf['C']:.3g}") if cf.get("C") else None
         out += (
             "<div class=charts>"
             + _line_chart(
@@ -279,6 +280,7 @@ def _training_section(ctx: _Context, fine_tune: dict | None) -> str:
                 percent=True,
                 x_name="C",
                 x_ticks=ticks,
+                marker=chosen,
             )
             + (
                 _line_chart(
@@ -287,6 +289,7 @@ def _training_section(ctx: _Context, fine_tune: dict | None) -> str:
                     [("out-of-fold", cf["curve_cross_entropy"], "#4c78a8")],
                     x_name="C",
                     x_ticks=ticks,
+                    marker=chosen,
                 )
                 if cf.get("curve_cross_entropy")
                 else ""
@@ -711,8 +714,11 @@ def _axes(w: int, h: int, m: int, x_name: str, y_name: str) -> str:
     )
 
 
-def _line_chart(title, x, series, *, y_range=None, percent=False, x_name="step", x_ticks=None) -> str:
-    """An SVG line chart; ``x_ticks`` (value, text) pairs replace the five evenly spaced x ticks."""
+def _line_chart(
+    title, x, series, *, y_range=None, percent=False, x_name="step", x_ticks=None, marker=None
+) -> str:
+    """An SVG line chart; ``x_ticks`` (value, text) pairs replace the five evenly spaced x ticks; ``marker`` =
+    (x value, text) draws a dashed vertical line there (e.g. the chosen C)."""
     w, h, m = 460, 260, 56
     x = np.asarray(x, dtype=np.float64)
     ys = [np.asarray(v, dtype=np.float64) for _, v, _ in series]
@@ -750,10 +756,18 @@ def _line_chart(title, x, series, *, y_range=None, percent=False, x_name="step",
         f'<text x="{sx(v):.1f}" y="{h - m + 16}" text-anchor="middle">{_e(text)}</text>'
         for v, text in (x_ticks or [(v, f"{v:.0f}") for v in np.linspace(x0, x1, 5)])
     )
+    mark = ""
+    if marker is not None:
+        mx = sx(float(marker[0]))
+        mark = (
+            f'<line class="marker" x1="{mx:.1f}" x2="{mx:.1f}" y1="{m / 2:.1f}" y2="{h - m}" stroke="#888" '
+            f'stroke-dasharray="4 3"/><text x="{mx - 4:.1f}" y="{(h - m / 2) / 2:.1f}" text-anchor="end" fill="#555">'
+            f"{_e(marker[1])}</text>"
+        )
     return (
         f'<figure class=chartbox><figcaption>{_e(title)}</figcaption><svg class=chart viewBox="0 0 {w} {h}" '
         f'width="{w}" height="{h}" role="img" aria-label="{_e(title)}">{ticks}{xt}{_axes(w, h, m, x_name, "")}'
-        f"{lines}{legend}</svg></figure>"
+        f"{mark}{lines}{legend}</svg></figure>"
     )
 
 
