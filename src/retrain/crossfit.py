@@ -396,8 +396,9 @@ def cross_fit_l2(
     regularisation first, each solution warm-starting the next (the weak end converges slowly: it is
     reached only while it pays). A C counts as better only with an out-of-fold mean cross entropy lower than
     the best before it by more than the fraction ``tolerance``, so of equals the stronger regularisation
-    stays, and the path stops ``patience`` values after the last better one (once one has beaten the first). ``weight_decay`` of the result is the chosen
-    C's strength for all ``N`` rows, i.e. what the final layer on every row is fitted with.
+    stays, and the path stops ``patience`` values after the last better one (once one has beaten the first).
+    ``weight_decay`` of the result is the chosen C's strength for all ``N`` rows, i.e. what the final layer on
+    every row is fitted with.
     """
     t0 = time.perf_counter()
     X, y, fold, k = _prepare(X, y, folds, groups, seed)
@@ -475,13 +476,7 @@ def solve_and_score_chains(
             yt = y[train_idx]
             absent = np.bincount(yt, minlength=n_classes) == 0
             if absent.any():
-                W0, b0 = (
-                    (np.zeros((X.shape[1], n_classes), np.float32), np.zeros(n_classes, np.float32))
-                    if init is None
-                    else (np.array(init[0], np.float32), np.array(init[1], np.float32))
-                )
-                W0[:, absent], b0[absent] = 0.0, ABSENT_BIAS
-                init = (W0, b0)
+                init = _set_aside(init, absent, X.shape[1])
             W, b, _ = fit_logistic(
                 X[train_idx],
                 yt,
@@ -497,3 +492,12 @@ def solve_and_score_chains(
     work = sum(len(t) for chain in chains for t, _ in chain) * X.shape[1]
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(_fit_threads(len(chains), work)) as pool:
         return list(pool.map(run, range(len(chains))))
+
+
+def _set_aside(init, absent: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """A warm start (W (D, C), b (C,)) -- ``init``, or zeros -- whose ``absent`` classes' columns are zero and
+    biases ABSENT_BIAS."""
+    W = np.zeros((d, len(absent)), np.float32) if init is None else np.array(init[0], np.float32)
+    b = np.zeros(len(absent), np.float32) if init is None else np.array(init[1], np.float32)
+    W[:, absent], b[absent] = 0.0, ABSENT_BIAS
+    return W, b

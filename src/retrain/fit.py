@@ -202,8 +202,8 @@ def _log_l2_plan(plan: FitPlan, n: int) -> None:
         )
         log.info("Out-of-fold accuracy / cross entropy by regularisation C (N=%d, %d folds): %s", n, k, curve)
     log.info(
-        "Cross-fitting %d folds on %d training+validation images: best at C = %.3g, the lowest out-of-fold "
-        "cross entropy (L2 strength %.3g; out-of-fold accuracy %.1f%%, %.1f s); final layer solved (L-BFGS) on "
+        "Cross-fitting %d folds on %d training+validation images: best at C = %.3g by the out-of-fold cross "
+        "entropy (L2 strength %.3g; out-of-fold accuracy %.1f%%, %.1f s); final layer solved (L-BFGS) on "
         "all %d",
         k,
         n,

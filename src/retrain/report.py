@@ -961,7 +961,7 @@ def _chosen_at(cf: dict) -> str:
     """Where the cross-fit's choice lies: a regularisation C (the L-BFGS layer) or a number of steps."""
     if cf.get("C") is not None:
         return (
-            f"with regularisation C = {float(cf['C']):.3g}, the lowest out-of-fold cross entropy (L-BFGS logistic "
+            f"with regularisation C = {float(cf['C']):.3g}, chosen by the out-of-fold cross entropy (L-BFGS logistic "
             "regression)"
         )
     return f"at {html.escape(str(cf.get('best_steps')))} steps"

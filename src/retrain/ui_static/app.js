@@ -289,7 +289,7 @@ function onEvent(ev) {
   } else if (ev.kind === "crossfit") {
     crossfit = ev.points; crossfitAxis = ev.axis || "steps";
     if (crossfitAxis === "C") {  // a solved layer: no steps, one point per regularisation strength tried
-      $("acc-caption").textContent = `Out-of-fold accuracy (${ev.folds} folds) by regularisation C, log scale: the layer is solved, not stepped, and C is the one with the lowest out-of-fold cross entropy`;
+      $("acc-caption").textContent = `Out-of-fold accuracy (${ev.folds} folds) by regularisation C, log scale: the layer is solved, not stepped, and C is chosen by the out-of-fold cross entropy`;
       $("loss-figure").hidden = true;
     } else $("val-name").textContent = `out-of-fold, ${ev.folds} folds`;
   } else if (ev.kind === "log") {
