@@ -259,6 +259,9 @@ def outer_summary(name: str, out: dict) -> dict:
         "ece_before": reliability(before, y).ece,
         "ece_after": reliability(after, y).ece,
         "ece_floor": ece_floor(after),
+        "ece_change_95": ece_change_interval(before, after, y),
+        "cross_entropy_before": mean_cross_entropy(before, y),
+        "cross_entropy_after": mean_cross_entropy(after, y),
         "mean_confidence_after": float(conf.mean()),
         "temperatures": sorted({round(float(v), 3) for v in out["temperature"]}),
         "oof_ece_before": float(
@@ -270,6 +273,24 @@ def outer_summary(name: str, out: dict) -> dict:
             )
         ),
     }
+
+
+def ece_change_interval(before, after, y, draws: int = 300, seed: int = 0) -> list[float]:
+    """Bootstrap 95% interval of ECE(after) - ECE(before) over the same images (resampled together):
+    whether a change of a few tenths of a point is more than the resampling noise of these images."""
+    from retrain.calibrate import reliability
+
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(draws):
+        i = rng.integers(0, len(y), len(y))
+        diffs.append(reliability(after[i], y[i]).ece - reliability(before[i], y[i]).ece)
+    return [float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))]
+
+
+def mean_cross_entropy(proba, y) -> float:
+    """Mean negative log-likelihood of the labels: the proper score a temperature is fitted to lower."""
+    return float(-np.log(np.maximum(proba[np.arange(len(y)), y], 1e-12)).mean())
 
 
 def leaked_test(duplicates_csv: Path) -> set[str]:
@@ -410,7 +431,7 @@ def main() -> None:
         import pickle
 
         for key, out in pickle.loads(args.guards.read_bytes()).items():
-            print(key, compare_guards(out))
+            print(key, json.dumps({**outer_summary(key, out), "guards": compare_guards(out)}))
         return
     if args.outer_folds:
         outer_main(args, bottleneck_dir)
