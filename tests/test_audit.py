@@ -147,6 +147,29 @@ def test_nearest_neighbours_equal_brute_force_and_find_the_pairs(n, block):
     assert (2, n - 1) in set(zip(nearest.pair_i.tolist(), nearest.pair_j.tolist()))
 
 
+def test_cell_pass_finds_the_copies_and_nearly_all_neighbours_of_the_exact_pass():
+    # Above exact_max rows the pass searches cells of similar rows; forced here on 3,000 rows in 30 blobs.
+    X, _ = blobs(n_per_class=100, n_classes=30, d=32, spread=0.7)
+    n = len(X)
+    copies = [(i, i + 1500) for i in range(0, 1500, 50)]
+    for a, b in copies:
+        X[b] = X[a] + 0.01
+    groups = list(range(n))
+    groups[11] = groups[10]  # copies by content key: never each other's neighbour
+    exact = nearest_neighbours(X, 10, groups=groups, threshold=0.9)
+    cells = nearest_neighbours(X, 10, groups=groups, threshold=0.9, exact_max=500)
+    pairs = list(zip(cells.pair_i.tolist(), cells.pair_j.tolist()))
+    assert len(pairs) == len(set(pairs)) and all(i < j for i, j in pairs)  # each pair once, i < j
+    assert set(copies) <= set(pairs) <= set(zip(exact.pair_i.tolist(), exact.pair_j.tolist()))
+    assert 11 not in cells.index[10] and 10 not in cells.index[11]
+    assert not (cells.index == np.arange(n)[:, None]).any()  # no row its own neighbour
+    assert np.all(np.diff(cells.similarity, axis=1) <= 1e-7)
+    same = np.mean([len(set(e) & set(c)) / 10 for e, c in zip(exact.index, cells.index)])
+    assert same > 0.9
+    found = find_duplicates(X, [str(g).encode() for g in groups], threshold=0.9, nearest=cells)
+    assert set(copies) <= set(zip(found.i.tolist(), found.j.tolist()))
+
+
 def test_one_pass_serves_label_issues_and_duplicates_as_separate_calls_do():
     X, y = blobs(n_per_class=30, spread=0.5)
     X[5] = X[40] + 0.001

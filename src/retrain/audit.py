@@ -47,6 +47,13 @@ NEAR_DUPLICATE_RULE = (
 # +4 points of top-k recall on average over five real sets, +0 on top-2k).
 LABEL_NEIGHBOURS = 10
 
+# Above this many rows the similarity pass compares each row only with the rows of nearby cells: exact,
+# the pass costs ~N^2 D flops (30,000 photos: about 35 s here, 100,000: 7 min, a million: 11 h), the cell pass
+# ~N^1.5 D PROBE_CELLS. Its recall against the exact pass is measured in docs/report.md.
+EXACT_MAX = 30_000
+PROBE_CELLS = 8  # cells searched per cell: its own and the nearest others, by centroid
+KMEANS_ROUNDS = 6
+
 LEARNING_CURVE_FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7, 1.0)
 LEARNING_CURVE_SEEDS = 2
 # Per fit: 70 steps of 40 images. On six real sets the curve fitted on <=50% predicts the 100% point
@@ -212,6 +219,7 @@ def nearest_neighbours(
     groups: Sequence | None = None,
     threshold: float | None = None,
     block: int = 1024,
+    exact_max: int = EXACT_MAX,
 ) -> Nearest:
     """The ``k`` nearest other rows of every row (centred cosine), rows of one group excluded, and, with
     ``threshold``, every pair at or above it: one pass over the similarity matrix for both.
@@ -219,12 +227,16 @@ def nearest_neighbours(
     The matrix is computed in row blocks of ``block`` (memory O(block x N)), in float32. The top k of a
     block is found without sorting whole rows: the k-th best similarity among the first few thousand
     columns bounds the row's k-th best from below, and only columns at or above it are ranked.
+    Above ``exact_max`` rows the whole matrix would take hours (it grows as N^2), and the search is
+    restricted to cells of similar rows instead (:func:`_cell_pass`).
     """
     n = len(X)
     gid = _group_array(groups, n)
     first = np.unique(gid, return_index=True)[1]
     Z = _unit_rows(X, centre=True, rows=first)  # copies do not pull the mean
     k = max(0, min(k, n - 1))
+    if n > exact_max:
+        return _cell_pass(Z, gid, k, threshold, seed=0)
     kk = min(max(k, 8), n - 1) if threshold is not None else k  # neighbours looked at per row
     has_copy = np.bincount(gid)[gid] > 1
     index = np.zeros((n, k), dtype=np.int64)
@@ -268,6 +280,65 @@ def nearest_neighbours(
         pair_j=cat(pj, np.int64),
         pair_similarity=cat(ps, np.float32),
     )
+
+
+def _cell_pass(Z: np.ndarray, gid: np.ndarray, k: int, threshold: float | None, *, seed: int) -> Nearest:
+    """:func:`nearest_neighbours` over unit rows ``Z`` (N, D) restricted to cells: rows are put in about
+    sqrt(N) cells by a few rounds of spherical k-means (on a sample), and each cell's rows are compared
+    with the rows of its PROBE_CELLS nearest cells. Pairs found from both sides are reported once."""
+    n = len(Z)
+    cells = max(2, int(math.sqrt(n)))
+    centroids = _spherical_kmeans(Z, cells, seed)
+    cell = _nearest_centroid(Z, centroids)
+    near_cells = np.argsort(-(centroids @ centroids.T), axis=1)[:, : min(PROBE_CELLS, cells)]
+    members = [np.flatnonzero(cell == c) for c in range(cells)]
+    index = np.zeros((n, k), dtype=np.int64)
+    similarity = np.full((n, k), -np.inf, dtype=np.float32)
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for c in range(cells):
+        rows = members[c]
+        if not len(rows):
+            continue
+        cand = np.concatenate([members[o] for o in near_cells[c]])
+        S = Z[rows] @ Z[cand].T  # (R, M)
+        S[gid[rows][:, None] == gid[cand][None, :]] = -np.inf  # itself and its copies
+        if k:
+            kk = min(k, len(cand))
+            idx, sim = _top_k(S, kk)
+            index[rows, :kk], similarity[rows, :kk] = cand[idx], sim
+        if threshold is not None:
+            a, b = np.nonzero(S >= threshold)
+            i, j = rows[a], cand[b]
+            pairs.append((np.minimum(i, j), np.maximum(i, j), S[a, b]))
+    pi, pj, ps = (
+        (np.concatenate(p) for p in zip(*pairs))
+        if pairs
+        else (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
+    )
+    _, once = np.unique(pi * n + pj, return_index=True)  # a pair seen from both of its cells
+    return Nearest(index, similarity, pi[once], pj[once], ps[once].astype(np.float32))
+
+
+def _spherical_kmeans(Z: np.ndarray, cells: int, seed: int) -> np.ndarray:
+    """``cells`` unit centroids (cells, D) from KMEANS_ROUNDS rounds of k-means on cosine, on a sample
+    of at most 40 rows a cell (enough to place a centroid; the full data would cost N x cells x D a round)."""
+    rng = np.random.default_rng(seed)
+    sample = Z[rng.choice(len(Z), size=min(len(Z), 40 * cells), replace=False)]
+    centroids = sample[rng.choice(len(sample), size=cells, replace=False)].copy()
+    for _ in range(KMEANS_ROUNDS):
+        which = _nearest_centroid(sample, centroids)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, which, sample)
+        empty = ~np.bincount(which, minlength=cells).astype(bool)
+        sums[empty] = sample[rng.choice(len(sample), size=int(empty.sum()))]  # restart an empty cell
+        centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    return centroids
+
+
+def _nearest_centroid(Z: np.ndarray, centroids: np.ndarray, block: int = 8192) -> np.ndarray:
+    return np.concatenate(
+        [(Z[s : s + block] @ centroids.T).argmax(axis=1) for s in range(0, len(Z), block)]
+    ).astype(np.int64)
 
 
 def _top_k(S: np.ndarray, k: int, probe: int = 2048) -> tuple[np.ndarray, np.ndarray]:
