@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from openworld_methods import SETS, load, scaled  # noqa: E402
+from openworld_methods import SETS, load, print_table, scaled  # noqa: E402
 
 WEAKER = (10.0, 100.0)  # multiples of the chosen C for the weaker layers' energy
 
@@ -132,19 +132,6 @@ def one_set(name, data, bottleneck_dir, U0, folds):
         )  # fmt: skip
     print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return rows
-
-
-def print_table(rows, sets):
-    print(f"| score | {' | '.join(sets)} | mean (all classes) | mean (named class) | mean vs unrelated |")
-    print("|---|" + "---|" * (len(sets) + 3))
-    for m in dict.fromkeys(r["method"] for r in rows):
-        rr = [r for r in rows if r["method"] == m]
-        per = [np.mean([r["held_out"] for r in rr if r["set"] == s]) for s in sets]
-        named = np.mean([r["held_out"] for r in rr if r["named"]])
-        ood = np.mean([np.mean([r["unrelated"] for r in rr if r["set"] == s]) for s in sets])
-        cells = " | ".join(f"{100 * v:.1f}" for v in per)
-        unrelated = "" if np.isnan(ood) else f"{100 * ood:.1f}"
-        print(f"| {m} | {cells} | {100 * np.mean(per):.1f} | {100 * named:.1f} | {unrelated} |")
 
 
 def main() -> None:

@@ -137,6 +137,21 @@ def one_set(name, data, bottleneck_dir, U, steps, folds):
     return rows
 
 
+def print_table(rows: list[dict], sets: list[str]) -> None:
+    """AUROC per score: per set (mean over its held-out classes), over every class, the named class, and
+    vs unrelated pictures (blank for a score without one)."""
+    print(f"| score | {' | '.join(sets)} | mean (all classes) | mean (named class) | mean vs unrelated |")
+    print("|---|" + "---|" * (len(sets) + 3))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rr = [r for r in rows if r["method"] == m]
+        per = [np.mean([r["held_out"] for r in rr if r["set"] == s]) for s in sets]
+        named = np.mean([r["held_out"] for r in rr if r["named"]])
+        ood = np.mean([np.mean([r["unrelated"] for r in rr if r["set"] == s]) for s in sets])
+        cells = " | ".join(f"{100 * v:.1f}" for v in per)
+        unrelated = "" if np.isnan(ood) else f"{100 * ood:.1f}"
+        print(f"| {m} | {cells} | {100 * np.mean(per):.1f} | {100 * named:.1f} | {unrelated} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("/work/data"))
@@ -154,15 +169,7 @@ def main() -> None:
     rows = [r for name in sets for r in one_set(name, args.data, bottleneck_dir, U, args.steps, args.folds)]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print(f"| score | {' | '.join(sets)} | mean (all classes) | mean (named class) | mean vs unrelated |")
-    print("|---|" + "---|" * (len(sets) + 3))
-    for m in dict.fromkeys(r["method"] for r in rows):
-        rr = [r for r in rows if r["method"] == m]
-        per = [np.mean([r["held_out"] for r in rr if r["set"] == s]) for s in sets]
-        named = np.mean([r["held_out"] for r in rr if r["named"]])
-        ood = np.mean([np.mean([r["unrelated"] for r in rr if r["set"] == s]) for s in sets])
-        cells = " | ".join(f"{100 * v:.1f}" for v in per)
-        print(f"| {m} | {cells} | {100 * np.mean(per):.1f} | {100 * named:.1f} | {100 * ood:.1f} |")
+    print_table(rows, sets)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ LABEL_NEIGHBOURS = 10
 EXACT_MAX = 30_000
 PROBE_CELLS = 8  # cells searched per cell: its own and the nearest others, by centroid
 KMEANS_ROUNDS = 6
+CELL_BLOCK_ENTRIES = 1 << 26
 
 LEARNING_CURVE_FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7, 1.0)
 LEARNING_CURVE_SEEDS = 2
@@ -296,20 +297,21 @@ def _cell_pass(Z: np.ndarray, gid: np.ndarray, k: int, threshold: float | None, 
     similarity = np.full((n, k), -np.inf, dtype=np.float32)
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for c in range(cells):
-        rows = members[c]
-        if not len(rows):
-            continue
         cand = np.concatenate([members[o] for o in near_cells[c]])
-        S = Z[rows] @ Z[cand].T  # (R, M)
-        S[gid[rows][:, None] == gid[cand][None, :]] = -np.inf  # itself and its copies
-        if k:
-            kk = min(k, len(cand))
-            idx, sim = _top_k(S, kk)
-            index[rows, :kk], similarity[rows, :kk] = cand[idx], sim
-        if threshold is not None:
-            a, b = np.nonzero(S >= threshold)
-            i, j = rows[a], cand[b]
-            pairs.append((np.minimum(i, j), np.maximum(i, j), S[a, b]))
+        # Row blocks bound the product's memory (~64 M entries) when a cell is large (alike photos).
+        step = max(1, CELL_BLOCK_ENTRIES // max(len(cand), 1))
+        for start in range(0, len(members[c]), step):
+            rows = members[c][start : start + step]
+            S = Z[rows] @ Z[cand].T  # (R, M)
+            S[gid[rows][:, None] == gid[cand][None, :]] = -np.inf  # itself and its copies
+            if k:
+                kk = min(k, len(cand))
+                idx, sim = _top_k(S, kk)
+                index[rows, :kk], similarity[rows, :kk] = cand[idx], sim
+            if threshold is not None:
+                a, b = np.nonzero(S >= threshold)
+                i, j = rows[a], cand[b]
+                pairs.append((np.minimum(i, j), np.maximum(i, j), S[a, b]))
     pi, pj, ps = (
         (np.concatenate(p) for p in zip(*pairs))
         if pairs
