@@ -162,12 +162,32 @@ def test_cell_pass_finds_the_copies_and_nearly_all_neighbours_of_the_exact_pass(
     assert len(pairs) == len(set(pairs)) and all(i < j for i, j in pairs)  # each pair once, i < j
     assert set(copies) <= set(pairs) <= set(zip(exact.pair_i.tolist(), exact.pair_j.tolist()))
     assert 11 not in cells.index[10] and 10 not in cells.index[11]
-    assert not (cells.index == np.arange(n)[:, None]).any()  # no row its own neighbour
+    assert not ((cells.index == np.arange(n)[:, None]) & cells.valid).any()  # no row its own neighbour
     assert np.all(np.diff(cells.similarity, axis=1) <= 1e-7)
     same = np.mean([len(set(e) & set(c)) / 10 for e, c in zip(exact.index, cells.index)])
     assert same > 0.9
     found = find_duplicates(X, [str(g).encode() for g in groups], threshold=0.9, nearest=cells)
     assert set(copies) <= set(zip(found.i.tolist(), found.j.tolist()))
+
+
+def test_cell_pass_with_many_identical_photos_finds_what_the_exact_pass_finds():
+    # 395 identical rows under 201 keys (blank frames, say) give identical centroids: each cell must still
+    # search itself, and a pair seen from one side only must still reach both rows' neighbour lists.
+    from retrain.audit import _cell_pass, _group_array, _unit_rows
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 16)).astype(np.float32)
+    X[:395] = X[0]
+    groups = [0] * 200 + list(range(1, 201))
+    exact = nearest_neighbours(X, 10, groups=groups, threshold=0.99)
+    gid = _group_array(groups, len(X))
+    Z = _unit_rows(X, centre=True, rows=np.unique(gid, return_index=True)[1])
+    want = set(zip(exact.pair_i.tolist(), exact.pair_j.tolist()))
+    for seed in range(12):
+        cells = _cell_pass(Z, gid, 10, 0.99, seed=seed)
+        assert set(zip(cells.pair_i.tolist(), cells.pair_j.tolist())) == want
+        np.testing.assert_array_equal(cells.valid, exact.valid)
+        assert not cells.index[~cells.valid].any()  # index 0 where there is no neighbour, as documented
 
 
 def test_one_pass_serves_label_issues_and_duplicates_as_separate_calls_do():

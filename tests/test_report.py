@@ -193,6 +193,17 @@ def test_report_of_a_10000_image_run_takes_under_5_seconds(tmp_path):
     assert saved["keys"][:300] == [i.to_bytes(20, "big") for i in range(300)]  # keys ending in zero bytes too
 
 
+def test_a_large_run_says_its_similarity_pass_searched_cells(tmp_path, monkeypatch, caplog):
+    import retrain.audit
+
+    monkeypatch.setattr(retrain.audit, "EXACT_MAX", 1000)
+    with caplog.at_level(logging.INFO, logger="retrain"):
+        run = _synthetic_run(tmp_path, n=3000)
+    assert "3000 images, more than 1000, so the similarity pass compared each image" in caplog.text
+    saved = load_audit(run / "audit.npz")
+    assert len(saved["paths"]) == 3000
+
+
 def test_calibration_figures_in_metrics_get_a_reliability_diagram(audited_run):
     _, result = audited_run
     path = result.run_dir / "metrics.json"

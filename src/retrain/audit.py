@@ -48,12 +48,12 @@ NEAR_DUPLICATE_RULE = (
 LABEL_NEIGHBOURS = 10
 
 # Above this many rows the similarity pass compares each row only with the rows of nearby cells: exact,
-# the pass costs ~N^2 D flops (30,000 photos: about 35 s here, 100,000: 7 min, a million: 11 h), the cell pass
+# the pass costs ~N^2 D flops (30,000 photos: about 20 s here, 100,000: 4 min, a million: 7 h), the cell pass
 # ~N^1.5 D PROBE_CELLS. Its recall against the exact pass is measured in docs/report.md.
 EXACT_MAX = 30_000
 PROBE_CELLS = 8  # cells searched per cell: its own and the nearest others, by centroid
 KMEANS_ROUNDS = 6
-CELL_BLOCK_ENTRIES = 1 << 26
+CELL_BLOCK_ENTRIES = 1 << 24
 
 LEARNING_CURVE_FRACTIONS = (0.1, 0.2, 0.35, 0.5, 0.7, 1.0)
 LEARNING_CURVE_SEEDS = 2
@@ -220,7 +220,7 @@ def nearest_neighbours(
     groups: Sequence | None = None,
     threshold: float | None = None,
     block: int = 1024,
-    exact_max: int = EXACT_MAX,
+    exact_max: int | None = None,
 ) -> Nearest:
     """The ``k`` nearest other rows of every row (centred cosine), rows of one group excluded, and, with
     ``threshold``, every pair at or above it: one pass over the similarity matrix for both.
@@ -228,7 +228,7 @@ def nearest_neighbours(
     The matrix is computed in row blocks of ``block`` (memory O(block x N)), in float32. The top k of a
     block is found without sorting whole rows: the k-th best similarity among the first few thousand
     columns bounds the row's k-th best from below, and only columns at or above it are ranked.
-    Above ``exact_max`` rows the whole matrix would take hours (it grows as N^2), and the search is
+    Above ``exact_max`` rows (default EXACT_MAX) the whole matrix would take hours (it grows as N^2), and the search is
     restricted to cells of similar rows instead (:func:`_cell_pass`).
     """
     n = len(X)
@@ -236,7 +236,7 @@ def nearest_neighbours(
     first = np.unique(gid, return_index=True)[1]
     Z = _unit_rows(X, centre=True, rows=first)  # copies do not pull the mean
     k = max(0, min(k, n - 1))
-    if n > exact_max:
+    if n > (EXACT_MAX if exact_max is None else exact_max):
         return _cell_pass(Z, gid, k, threshold, seed=0)
     kk = min(max(k, 8), n - 1) if threshold is not None else k  # neighbours looked at per row
     has_copy = np.bincount(gid)[gid] > 1
@@ -274,6 +274,7 @@ def nearest_neighbours(
                 pj.append(b[upper])
                 ps.append(v[upper])
     cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
+    index[~np.isfinite(similarity)] = 0
     return Nearest(
         index=index,
         similarity=similarity,
@@ -288,17 +289,22 @@ def _cell_pass(Z: np.ndarray, gid: np.ndarray, k: int, threshold: float | None, 
     sqrt(N) cells by a few rounds of spherical k-means (on a sample), and each cell's rows are compared
     with the rows of its PROBE_CELLS nearest cells. Pairs found from both sides are reported once."""
     n = len(Z)
-    cells = max(2, int(math.sqrt(n)))
+    cells = max(1, math.isqrt(n))
     centroids = _spherical_kmeans(Z, cells, seed)
     cell = _nearest_centroid(Z, centroids)
-    near_cells = np.argsort(-(centroids @ centroids.T), axis=1)[:, : min(PROBE_CELLS, cells)]
-    members = [np.flatnonzero(cell == c) for c in range(cells)]
+    order = np.argsort(cell, kind="stable")
+    members = np.split(order, np.searchsorted(cell[order], np.arange(1, cells)))
+    # Many identical photos give identical centroids: a cell searches itself first, and never empty cells.
+    closeness = centroids @ centroids.T
+    closeness[:, [not len(m) for m in members]] = -np.inf
+    np.fill_diagonal(closeness, np.inf)
+    near_cells = np.argsort(-closeness, axis=1)[:, : min(PROBE_CELLS, cells)]
     index = np.zeros((n, k), dtype=np.int64)
     similarity = np.full((n, k), -np.inf, dtype=np.float32)
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for c in range(cells):
         cand = np.concatenate([members[o] for o in near_cells[c]])
-        # Row blocks bound the product's memory (~64 M entries) when a cell is large (alike photos).
+        # Row blocks bound the product's memory (~16 M entries) when a cell is large (alike photos).
         step = max(1, CELL_BLOCK_ENTRIES // max(len(cand), 1))
         for start in range(0, len(members[c]), step):
             rows = members[c][start : start + step]
@@ -318,7 +324,30 @@ def _cell_pass(Z: np.ndarray, gid: np.ndarray, k: int, threshold: float | None, 
         else (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
     )
     _, once = np.unique(pi * n + pj, return_index=True)  # a pair seen from both of its cells
-    return Nearest(index, similarity, pi[once], pj[once], ps[once].astype(np.float32))
+    pi, pj, ps = pi[once], pj[once], ps[once].astype(np.float32)
+    if k:  # a pair found only from j's cell is also one of i's neighbours
+        index, similarity = _merge_neighbours(index, similarity, np.r_[pi, pj], np.r_[pj, pi], np.r_[ps, ps])
+    index[~np.isfinite(similarity)] = 0
+    return Nearest(index, similarity, pi, pj, ps)
+
+
+def _merge_neighbours(index, similarity, rows, cols, sims) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best of its neighbour list and the extra (row, col, similarity) entries, best first."""
+    n, k = index.shape
+    valid = np.isfinite(similarity)
+    r = np.concatenate([np.nonzero(valid)[0], rows])
+    c = np.concatenate([index[valid], cols])
+    v = np.concatenate([similarity[valid], sims]).astype(np.float32)
+    _, once = np.unique(r * n + c, return_index=True)
+    r, c, v = r[once], c[once], v[once]
+    order = np.lexsort((-v, r))
+    r, c, v = r[order], c[order], v[order]
+    rank = np.arange(len(r)) - np.searchsorted(r, r)
+    keep = rank < k
+    index = np.zeros((n, k), dtype=np.int64)
+    similarity = np.full((n, k), -np.inf, dtype=np.float32)
+    index[r[keep], rank[keep]], similarity[r[keep], rank[keep]] = c[keep], v[keep]
+    return index, similarity
 
 
 def _spherical_kmeans(Z: np.ndarray, cells: int, seed: int) -> np.ndarray:
@@ -332,7 +361,8 @@ def _spherical_kmeans(Z: np.ndarray, cells: int, seed: int) -> np.ndarray:
         sums = np.zeros_like(centroids)
         np.add.at(sums, which, sample)
         empty = ~np.bincount(which, minlength=cells).astype(bool)
-        sums[empty] = sample[rng.choice(len(sample), size=int(empty.sum()))]  # restart an empty cell
+        restart = rng.choice(len(sample), size=int(empty.sum()), replace=int(empty.sum()) > len(sample))
+        sums[empty] = sample[restart]  # an empty cell starts again from a random row
         centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
     return centroids
 

@@ -67,6 +67,13 @@ def audit_run(data: RunData, run_dir: Path, *, learning_curve: bool = True) -> d
         threshold=audit.NEAR_DUPLICATE_FLOOR,
     )
     t_pass = time.perf_counter()
+    if len(data.y) > audit.EXACT_MAX:
+        log.info(
+            "Audit: %d images, more than %d, so the similarity pass compared each image with the images of "
+            "nearby cells only, not with all of them (a neighbour can be missed; docs/report.md measures it)",
+            len(data.y),
+            audit.EXACT_MAX,
+        )
     # Neighbours in feature space raise top-k recall of moved images by ~4 points (docs/report.md).
     issues = audit.rank_label_issues(
         data.proba, np.asarray(data.y), neighbours=audit.LABEL_NEIGHBOURS, nearest=nearest
