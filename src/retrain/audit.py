@@ -228,8 +228,8 @@ def nearest_neighbours(
     The matrix is computed in row blocks of ``block`` (memory O(block x N)), in float32. The top k of a
     block is found without sorting whole rows: the k-th best similarity among the first few thousand
     columns bounds the row's k-th best from below, and only columns at or above it are ranked.
-    Above ``exact_max`` rows (default EXACT_MAX) the whole matrix would take hours (it grows as N^2), and the search is
-    restricted to cells of similar rows instead (:func:`_cell_pass`).
+    Above ``exact_max`` rows (default EXACT_MAX) the whole matrix would take hours (it grows as N^2):
+    the search is restricted to cells of similar rows instead (:func:`_cell_pass`).
     """
     n = len(X)
     gid = _group_array(groups, n)
@@ -289,20 +289,11 @@ def _cell_pass(Z: np.ndarray, gid: np.ndarray, k: int, threshold: float | None, 
     sqrt(N) cells by a few rounds of spherical k-means (on a sample), and each cell's rows are compared
     with the rows of its PROBE_CELLS nearest cells. Pairs found from both sides are reported once."""
     n = len(Z)
-    cells = max(1, math.isqrt(n))
-    centroids = _spherical_kmeans(Z, cells, seed)
-    cell = _nearest_centroid(Z, centroids)
-    order = np.argsort(cell, kind="stable")
-    members = np.split(order, np.searchsorted(cell[order], np.arange(1, cells)))
-    # Many identical photos give identical centroids: a cell searches itself first, and never empty cells.
-    closeness = centroids @ centroids.T
-    closeness[:, [not len(m) for m in members]] = -np.inf
-    np.fill_diagonal(closeness, np.inf)
-    near_cells = np.argsort(-closeness, axis=1)[:, : min(PROBE_CELLS, cells)]
+    members, near_cells = _cells(Z, seed)
     index = np.zeros((n, k), dtype=np.int64)
     similarity = np.full((n, k), -np.inf, dtype=np.float32)
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for c in range(cells):
+    for c in range(len(members)):
         cand = np.concatenate([members[o] for o in near_cells[c]])
         # Row blocks bound the product's memory (~16 M entries) when a cell is large (alike photos).
         step = max(1, CELL_BLOCK_ENTRIES // max(len(cand), 1))
@@ -329,6 +320,20 @@ def _cell_pass(Z: np.ndarray, gid: np.ndarray, k: int, threshold: float | None, 
         index, similarity = _merge_neighbours(index, similarity, np.r_[pi, pj], np.r_[pj, pi], np.r_[ps, ps])
     index[~np.isfinite(similarity)] = 0
     return Nearest(index, similarity, pi, pj, ps)
+
+
+def _cells(Z: np.ndarray, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """About sqrt(N) cells of similar rows: each cell's rows, and the PROBE_CELLS cells it searches."""
+    cells = max(1, math.isqrt(len(Z)))
+    centroids = _spherical_kmeans(Z, cells, seed)
+    cell = _nearest_centroid(Z, centroids)
+    order = np.argsort(cell, kind="stable")
+    members = np.split(order, np.searchsorted(cell[order], np.arange(1, cells)))
+    # Many identical photos give identical centroids: a cell searches itself first, and never empty cells.
+    closeness = centroids @ centroids.T
+    closeness[:, [not len(m) for m in members]] = -np.inf
+    np.fill_diagonal(closeness, np.inf)
+    return members, np.argsort(-closeness, axis=1)[:, : min(PROBE_CELLS, cells)]
 
 
 def _merge_neighbours(index, similarity, rows, cols, sims) -> tuple[np.ndarray, np.ndarray]:

@@ -406,9 +406,10 @@ def cross_fit_l2(
     parts = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
     weights = class_weights(y, n_classes) if balanced else None
     solutions: list[tuple[np.ndarray, np.ndarray] | None] = [None] * k
-    # Two (N, C) buffers, not one per C: at a million images of 100 classes each is 400 MB.
-    logits = np.empty((n, n_classes), np.float32)
-    best_logits = logits
+    # Two (N, C) buffers, not one per C (at a million images of 100 classes each is 400 MB): the best C's
+    # logits so far, and the one the current C writes.
+    buffers = (np.empty((n, n_classes), np.float32), np.empty((n, n_classes), np.float32))
+    current = held = 0
     accuracy: list[float] = []
     loss: list[float] = []
     best = 0
@@ -424,24 +425,20 @@ def cross_fit_l2(
             init=solutions[f],
         )
         solutions[f] = (W, b)
-        logits[score_idx] = X[score_idx] @ W + b
+        buffers[current][score_idx] = X[score_idx] @ W + b
 
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(_fit_threads(k, n * X.shape[1])) as pool:
         for i, c in enumerate(cs):
             list(pool.map(solve, range(k), [c] * k))  # re-raises
-            accuracy.append(float((logits.argmax(axis=1) == y).mean()))
-            loss.append(_mean_cross_entropy(logits, y))
+            accuracy.append(float((buffers[current].argmax(axis=1) == y).mean()))
+            loss.append(_mean_cross_entropy(buffers[current], y))
             if i == 0 or loss[i] < loss[best] * (1 - tolerance):
-                best = i
-                best_logits, logits = (
-                    logits,
-                    (np.empty_like(logits) if best_logits is logits else best_logits),
-                )
+                best, held, current = i, current, 1 - current
             if best > 0 and i - best >= patience:
                 break
     scored = np.asarray(cs[: len(accuracy)], dtype=np.float64)
     return CrossFit(
-        logits=best_logits,
+        logits=buffers[held],
         fold=fold,
         curve_steps=np.zeros(0, dtype=np.int64),
         curve_accuracy=np.array(accuracy),
