@@ -10,6 +10,8 @@
 2. **Time, synthetic features** at --sizes rows (clustered unit vectors, D = 1280, with planted copies):
    the cell pass in full; the exact pass timed on its first blocks and scaled by N / block (its cost is
    the same for every block).
+3. With --audit N: the whole audit (``runaudit.audit_run``: similarity pass, label issues, near copies,
+   learning curve with solved layers) on N synthetic rows of 20 classes.
 """
 
 from __future__ import annotations
@@ -104,6 +106,40 @@ def timing(n: int) -> None:
     )
 
 
+def whole_audit(n: int, n_classes: int = 20, solved_c: float = 1.0) -> None:
+    """``runaudit.audit_run`` as a default run calls it (L-BFGS layer at ``solved_c``), on ``n`` synthetic rows."""
+    import tempfile
+
+    from retrain.runaudit import RunData, audit_run
+
+    X = synthetic(n)
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, n_classes, n)
+    X += 0.3 * rng.standard_normal((n_classes, X.shape[1])).astype(np.float32)[y]  # a learnable label
+    proba = rng.dirichlet(np.ones(n_classes), n)
+    split = np.where(rng.random(n) < 0.1, "testing", "training")
+    data = RunData(
+        image_dir="/nonexistent",
+        labels=[f"c{c}" for c in range(n_classes)],
+        paths=[f"/nonexistent/c{c}/{i}.jpg" for i, c in enumerate(y)],
+        split=list(split),
+        y=y,
+        keys=[i.to_bytes(20, "big") for i in range(n)],
+        X=X,
+        proba=proba,
+        fold=np.where(split == "testing", -1, np.arange(n) % 5),
+        head_params={"steps": 100},
+        solved_c=solved_c,
+        train_count=int((split == "training").sum()),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        summary = audit_run(data, Path(tmp))
+    print(
+        f"whole audit of {n} rows: {time.perf_counter() - t0:.1f} s; parts {summary['seconds']}", flush=True
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("/work/data"))
@@ -113,6 +149,9 @@ def main() -> None:
     )
     ap.add_argument("--extra_cache", type=Path, default=None)
     ap.add_argument("--sizes", default="100000,400000")
+    ap.add_argument(
+        "--audit", type=int, default=0, help="also time the whole audit on this many synthetic rows"
+    )
     args = ap.parse_args()
     bottleneck_dir = args.bottleneck_dir or args.data / ".cache"
     folders = [args.data / s for s in (*SETS, "unrelated")]
@@ -121,6 +160,8 @@ def main() -> None:
         real(args.extra, args.extra_cache or bottleneck_dir)
     for n in (int(s) for s in args.sizes.split(",") if s):
         timing(n)
+    if args.audit:
+        whole_audit(args.audit)
 
 
 if __name__ == "__main__":
