@@ -158,6 +158,7 @@ def test_cell_pass_finds_the_copies_and_nearly_all_neighbours_of_the_exact_pass(
     groups[11] = groups[10]  # copies by content key: never each other's neighbour
     exact = nearest_neighbours(X, 10, groups=groups, threshold=0.9)
     cells = nearest_neighbours(X, 10, groups=groups, threshold=0.9, exact_max=500)
+    assert exact.exact and not cells.exact
     pairs = list(zip(cells.pair_i.tolist(), cells.pair_j.tolist()))
     assert len(pairs) == len(set(pairs)) and all(i < j for i, j in pairs)  # each pair once, i < j
     assert set(copies) <= set(pairs) <= set(zip(exact.pair_i.tolist(), exact.pair_j.tolist()))

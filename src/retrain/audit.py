@@ -200,13 +200,15 @@ def _neighbour_votes(nearest: Nearest, y: np.ndarray, n_classes: int, k: int):
 class Nearest:
     """Each row's ``k`` most similar other rows, most similar first: ``index`` (N, k) and centred cosine
     ``similarity`` (N, k), -inf (index 0) where a row has fewer than k others outside its group. ``pairs``:
-    the pairs (i < j, similarity) at or above the ``threshold`` the pass was asked for."""
+    the pairs (i < j, similarity) at or above the ``threshold`` the pass was asked for. ``exact``: every row
+    was compared with every other (False: only with those of nearby cells, :func:`_cell_pass`)."""
 
     index: np.ndarray
     similarity: np.ndarray
     pair_i: np.ndarray
     pair_j: np.ndarray
     pair_similarity: np.ndarray
+    exact: bool = True
 
     @property
     def valid(self) -> np.ndarray:
@@ -319,7 +321,7 @@ def _cell_pass(Z: np.ndarray, gid: np.ndarray, k: int, threshold: float | None, 
     if k:  # a pair found only from j's cell is also one of i's neighbours
         index, similarity = _merge_neighbours(index, similarity, np.r_[pi, pj], np.r_[pj, pi], np.r_[ps, ps])
     index[~np.isfinite(similarity)] = 0
-    return Nearest(index, similarity, pi, pj, ps)
+    return Nearest(index, similarity, pi, pj, ps, exact=False)
 
 
 def _cells(Z: np.ndarray, seed: int) -> tuple[list[np.ndarray], np.ndarray]:

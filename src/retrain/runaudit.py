@@ -67,7 +67,7 @@ def audit_run(data: RunData, run_dir: Path, *, learning_curve: bool = True) -> d
         threshold=audit.NEAR_DUPLICATE_FLOOR,
     )
     t_pass = time.perf_counter()
-    if len(data.y) > audit.EXACT_MAX:
+    if not nearest.exact:
         log.info(
             "Audit: %d images, more than %d, so the similarity pass compared each image with the images of "
             "nearby cells only, not with all of them (a neighbour can be missed; docs/report.md measures it)",
